@@ -1,0 +1,5 @@
+"""``python -m pyro_lvae`` runs the command line (:mod:`pyro_lvae.cli`)."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,218 @@
+"""Frozen, validated configuration objects.
+
+A run is described by an :class:`ExperimentConfig`, which holds a
+:class:`ModelConfig` (the generative model and the guide) and a
+:class:`TrainConfig` (data, optimisation, warm-up and evaluation). Both are
+frozen dataclasses that validate themselves in ``__post_init__``, so an invalid
+configuration fails when it is built, before any data is loaded. Checkpoints
+store the configuration as a plain dictionary (:meth:`ExperimentConfig.to_dict`)
+and rebuild it with :meth:`ExperimentConfig.from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ACTIVATIONS = ("leaky_relu", "tanh", "identity")
+LIKELIHOODS = ("bernoulli", "gaussian")
+GUIDES = ("ladder", "vae")
+DATASETS = ("mnist", "binarized_mnist", "fashion_mnist", "omniglot28", "omniglot")
+BINARIZATIONS = ("dynamic", "static", "none")
+
+#: Latent and hidden sizes of the paper's deepest model (§3), bottom to top.
+PAPER_LATENT_SIZES = (64, 32, 16, 8, 4)
+PAPER_HIDDEN_SIZES = (512, 256, 128, 64, 32)
+
+
+def _check_sizes(name: str, sizes: tuple[int, ...]) -> None:
+    if not isinstance(sizes, tuple) or len(sizes) == 0:
+        raise ValueError(f"{name} must be a non-empty tuple of positive integers, got {sizes!r}.")
+    for s in sizes:
+        if isinstance(s, bool) or not isinstance(s, int) or s <= 0:
+            raise ValueError(
+                f"{name} must hold positive integers, got {sizes!r}; fix the entry {s!r}."
+            )
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}; choose one of {', '.join(choices)}.")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the generative model and of the guide.
+
+    :param input_dim: Dimension of a flattened observation (784 for 28×28 images).
+    :param latent_sizes: Units per stochastic layer, bottom (z1) to top (zL).
+        Its length is the depth L.
+    :param hidden_sizes: Width of the two-hidden-layer MLP below each latent layer:
+        ``hidden_sizes[0]`` connects x and z1 (or d1), ``hidden_sizes[i]`` connects
+        z_i and z_{i+1}. Must have the same length as ``latent_sizes``.
+    :param activation: ``"leaky_relu"`` (slope 0.1, the paper's MNIST setting),
+        ``"tanh"`` (its NORB setting) or ``"identity"`` (linear-Gaussian tests).
+    :param batch_norm: Batch normalization after each hidden linear layer.
+    :param likelihood: ``"bernoulli"`` (sigmoid mean) or ``"gaussian"`` (linear mean,
+        softplus variance).
+    :param guide: ``"ladder"`` (:class:`~pyro_lvae.guides.LadderGuide`) or ``"vae"``
+        (:class:`~pyro_lvae.guides.BottomUpGuide`).
+    """
+
+    input_dim: int = 784
+    latent_sizes: tuple[int, ...] = PAPER_LATENT_SIZES
+    hidden_sizes: tuple[int, ...] = PAPER_HIDDEN_SIZES
+    activation: str = "leaky_relu"
+    batch_norm: bool = True
+    likelihood: str = "bernoulli"
+    guide: str = "ladder"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.input_dim, bool) or not isinstance(self.input_dim, int) or self.input_dim <= 0:
+            raise ValueError(f"input_dim must be a positive integer, got {self.input_dim!r}.")
+        _check_sizes("latent_sizes", self.latent_sizes)
+        _check_sizes("hidden_sizes", self.hidden_sizes)
+        if len(self.latent_sizes) != len(self.hidden_sizes):
+            raise ValueError(
+                f"latent_sizes {self.latent_sizes} and hidden_sizes {self.hidden_sizes} must have "
+                "the same length (one MLP width per stochastic layer); make them match."
+            )
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("likelihood", self.likelihood, LIKELIHOODS)
+        _check_choice("guide", self.guide, GUIDES)
+        if not isinstance(self.batch_norm, bool):
+            raise ValueError(f"batch_norm must be True or False, got {self.batch_norm!r}.")
+
+    @property
+    def depth(self) -> int:
+        """Number of stochastic layers L."""
+        return len(self.latent_sizes)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Data, optimisation, warm-up and evaluation settings.
+
+    :param dataset: One of ``mnist``, ``binarized_mnist``, ``fashion_mnist``,
+        ``omniglot28`` (the 28×28 OMNIGLOT in ``shared/data``) or ``omniglot``
+        (the IWAE ``chardata.mat`` file).
+    :param binarization: ``"dynamic"`` (resample x ~ Bernoulli(grey level) every
+        epoch, paper §3), ``"static"`` (data already binary) or ``"none"``
+        (grey levels, for the Gaussian likelihood).
+    :param epochs: Number of training epochs.
+    :param batch_size: Minibatch size (paper: 256).
+    :param learning_rate: Adam learning rate (paper: 1e-3).
+    :param warmup_epochs: N_t of eq. 20: β rises linearly from 0 to 1 over this many
+        epochs. 0 disables warm-up (β = 1 throughout).
+    :param eval_every: Evaluate test ELBO and per-layer KL every this many epochs.
+    :param eval_particles: Particles per example for the periodic test ELBO.
+    :param num_importance_samples: K of the final importance-weighted bound L_K
+        (paper: 5000).
+    :param train_subset: Use only the first this many training examples (0 = all).
+    :param test_subset: Use only the first this many test examples (0 = all).
+    :param seed: Seed of every random number generator.
+    """
+
+    dataset: str = "mnist"
+    binarization: str = "dynamic"
+    epochs: int = 2000
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    warmup_epochs: int = 0
+    eval_every: int = 10
+    eval_particles: int = 1
+    num_importance_samples: int = 5000
+    train_subset: int = 0
+    test_subset: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("binarization", self.binarization, BINARIZATIONS)
+        for name in ("epochs", "batch_size", "eval_every", "eval_particles", "num_importance_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        for name in ("warmup_epochs", "train_subset", "test_subset", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+        if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}.")
+        if self.dataset == "binarized_mnist" and self.binarization != "static":
+            raise ValueError(
+                "binarized_mnist is already binary; set binarization='static' for it."
+            )
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A complete run: model, guide and training.
+
+    :param model: The :class:`ModelConfig`.
+    :param train: The :class:`TrainConfig`.
+    :param name: A label for the run (presets use their own name).
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, ModelConfig) or not isinstance(self.train, TrainConfig):
+            raise ValueError("ExperimentConfig needs a ModelConfig and a TrainConfig.")
+        if self.model.likelihood == "bernoulli" and self.train.binarization == "none":
+            raise ValueError(
+                "A Bernoulli likelihood needs binary data; set binarization to 'dynamic' or "
+                "'static', or use likelihood='gaussian' for grey levels."
+            )
+        if self.model.likelihood == "gaussian" and self.train.binarization != "none":
+            raise ValueError(
+                "A Gaussian likelihood models grey levels; set binarization='none' for it."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python representation, for JSON and checkpoints."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ExperimentConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ValueError`."""
+        try:
+            model = dict(data["model"])
+            for key in ("latent_sizes", "hidden_sizes"):
+                if key in model:
+                    model[key] = tuple(model[key])
+            return cls(
+                model=ModelConfig(**model),
+                train=TrainConfig(**data["train"]),
+                name=data.get("name", "custom"),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"Invalid stored configuration ({exc}); it was not written by this version of pyro-lvae.") from exc
+
+    def replace(self, **overrides: Any) -> "ExperimentConfig":
+        """Return a copy with fields of ``model`` or ``train`` replaced by name.
+
+        Field names are unique across the two sections, so ``replace(epochs=5,
+        batch_norm=False)`` needs no prefixes. An unknown name raises
+        :class:`ValueError`.
+        """
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        model_updates, train_updates = {}, {}
+        name = overrides.pop("name", self.name)
+        for key, value in overrides.items():
+            if key in model_fields:
+                model_updates[key] = value
+            elif key in train_fields:
+                train_updates[key] = value
+            else:
+                known = ", ".join(sorted(model_fields | train_fields))
+                raise ValueError(f"Unknown configuration key {key!r}; known keys are: {known}.")
+        return ExperimentConfig(
+            model=dataclasses.replace(self.model, **model_updates),
+            train=dataclasses.replace(self.train, **train_updates),
+            name=name,
+        )

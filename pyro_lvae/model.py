@@ -1,0 +1,143 @@
+r"""The generative model shared by every guide (paper eqs. 1–3, 10–12).
+
+.. math::
+
+    p(x, z) = p(x | z_1)\, p(z_1 | z_2) \cdots p(z_{L-1} | z_L)\, p(z_L),
+
+with :math:`p(z_L) = \mathcal{N}(0, I)`,
+:math:`p(z_i | z_{i+1}) = \mathcal{N}(\mu_{p,i}(z_{i+1}), \sigma^2_{p,i}(z_{i+1}))`
+and a Bernoulli (sigmoid mean) or Gaussian (linear mean, softplus variance)
+observation model. Sample sites are named ``z{L}``, …, ``z1`` and ``x``, in that
+(top-down) order, all inside one ``pyro.plate("data")`` over the batch.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import nn
+
+from .config import ModelConfig
+from .nn import MLP, GaussianHead
+from .warmup import kl_weight
+
+
+class GenerativeModel(nn.Module):
+    """The LVAE/VAE generative model as a Pyro ``model``.
+
+    Calling the module runs the model: ``model(x, beta=β)`` observes ``x`` of shape
+    ``(batch, input_dim)``. Its parameters are registered in Pyro's param store
+    under ``name`` (see :func:`pyro.module`), so a guide that uses the model's own
+    networks (the :class:`~pyro_lvae.guides.LadderGuide`) shares them rather
+    than copying them. Give two models in one Python session different names, or
+    clear the param store between them.
+
+    :param config: The architecture.
+    :param name: Prefix of the parameters in Pyro's param store.
+
+    >>> import torch
+    >>> from pyro_lvae.config import ModelConfig
+    >>> model = GenerativeModel(ModelConfig(input_dim=6, latent_sizes=(3, 2), hidden_sizes=(8, 4)))
+    >>> model.sample(5).shape
+    torch.Size([5, 6])
+    """
+
+    def __init__(self, config: ModelConfig, *, name: str = "lvae") -> None:
+        super().__init__()
+        self.config = config
+        self.name = name
+        act, bn = config.activation, config.batch_norm
+        sizes = config.latent_sizes
+        # top_down[i] computes p(z_{i+1} | z_{i+2}) in 0-based layer terms: entry i maps
+        # z of layer i+1 (size sizes[i+1]) to the Gaussian over layer i (size sizes[i]),
+        # through an MLP of width hidden_sizes[i + 1] (the connection between the two).
+        self.top_down_mlps = nn.ModuleList(
+            MLP(sizes[i + 1], config.hidden_sizes[i + 1], activation=act, batch_norm=bn)
+            for i in range(config.depth - 1)
+        )
+        self.top_down_heads = nn.ModuleList(
+            GaussianHead(config.hidden_sizes[i + 1], sizes[i]) for i in range(config.depth - 1)
+        )
+        self.decoder_mlp = MLP(sizes[0], config.hidden_sizes[0], activation=act, batch_norm=bn)
+        if config.likelihood == "bernoulli":
+            self.decoder_head: nn.Module = nn.Linear(config.hidden_sizes[0], config.input_dim)
+        else:
+            self.decoder_head = GaussianHead(config.hidden_sizes[0], config.input_dim)
+
+    @property
+    def depth(self) -> int:
+        return self.config.depth
+
+    def prior_params(self, layer: int, z_above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of :math:`p(z_{layer} | z_{layer+1})`.
+
+        :param layer: 1-based index of the lower layer, 1 ≤ layer < L.
+        :param z_above: A sample of :math:`z_{layer+1}`, shape ``(..., latent_sizes[layer])``.
+        :returns: ``(loc, variance)``, each of shape ``(..., latent_sizes[layer - 1])``.
+        """
+        d = self.top_down_mlps[layer - 1](z_above)
+        return self.top_down_heads[layer - 1](d)
+
+    def likelihood(self, z1: torch.Tensor) -> dist.Distribution:
+        """The observation distribution :math:`p(x | z_1)`, with event shape ``(input_dim,)``."""
+        d = self.decoder_mlp(z1)
+        if self.config.likelihood == "bernoulli":
+            return dist.Bernoulli(logits=self.decoder_head(d)).to_event(1)
+        loc, var = self.decoder_head(d)
+        return dist.Normal(loc, var.sqrt()).to_event(1)
+
+    def forward(self, x: torch.Tensor, *, beta: float | torch.Tensor | None = None) -> torch.Tensor:
+        """Run the model, observing ``x``.
+
+        :param x: Data of shape ``(batch, input_dim)``.
+        :param beta: Warm-up KL weight applied to the latent sites only (see
+            :func:`~pyro_lvae.warmup.kl_weight`); ``None`` for the plain model.
+        :returns: The bottom latent sample z1.
+        """
+        pyro.module(self.name, self)
+        cfg = self.config
+        batch = x.shape[0]
+        with pyro.plate("data", batch, dim=-1):
+            with kl_weight(beta):
+                top = x.new_zeros(batch, cfg.latent_sizes[-1])
+                z = pyro.sample(f"z{cfg.depth}", dist.Normal(top, torch.ones_like(top)).to_event(1))
+                for layer in range(cfg.depth - 1, 0, -1):
+                    loc, var = self.prior_params(layer, z)
+                    z = pyro.sample(f"z{layer}", dist.Normal(loc, var.sqrt()).to_event(1))
+            pyro.sample("x", self.likelihood(z), obs=x)
+        return z
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, *, mean: bool = True) -> torch.Tensor:
+        """Ancestral samples from the prior, :math:`z_L \\to \\cdots \\to z_1 \\to x`.
+
+        Call ``model.eval()`` first when the model uses batch normalization.
+
+        :param num_samples: How many samples.
+        :param mean: Return the mean of :math:`p(x|z_1)` (grey levels, as in the
+            paper's Fig. 9) rather than a sample of x.
+        :returns: Tensor of shape ``(num_samples, input_dim)``.
+        """
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}.")
+        device = next(self.parameters()).device
+        dtype = next(self.parameters()).dtype
+        dummy = torch.zeros(num_samples, self.config.input_dim, device=device, dtype=dtype)
+        trace = poutine.trace(poutine.uncondition(self)).get_trace(dummy)
+        if not mean:
+            return trace.nodes["x"]["value"]
+        return trace.nodes["x"]["fn"].mean
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, guide: nn.Module) -> torch.Tensor:
+        """Reconstruct ``x``: z ~ q(z|x) from ``guide``, then the mean of p(x|z1).
+
+        :param x: Data of shape ``(batch, input_dim)``.
+        :param guide: A guide for this model (e.g. :class:`~pyro_lvae.guides.LadderGuide`).
+        :returns: Tensor of the same shape as ``x``.
+        """
+        guide_trace = poutine.trace(guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(self, trace=guide_trace)).get_trace(x)
+        return model_trace.nodes["x"]["fn"].mean

@@ -1,0 +1,80 @@
+"""Named configurations for the paper's MNIST models (§3, Fig. 3).
+
+The four variants of the paper, each at depth 1–5 (shallower models drop the
+top layers of 64-32-16-8-4):
+
+============  =========  ===========  =================  ==============
+preset        guide      batch norm   warm-up N_t        paper label
+============  =========  ===========  =================  ==============
+vae-L         bottom-up  no           none (β = 1)       VAE
+vae-bn-L      bottom-up  yes          none               VAE+BN
+vae-bn-wu-L   bottom-up  yes          200 epochs         VAE+BN+WU
+lvae-bn-wu-L  ladder     yes          200 epochs         LVAE+BN+WU
+============  =========  ===========  =================  ==============
+
+All use MNIST with dynamic binarization, a Bernoulli likelihood, leaky ReLU,
+Adam with learning rate 1e-3, batch size 256, 2000 epochs and L_5000.
+
+>>> from pyro_lvae.presets import get_preset
+>>> cfg = get_preset("lvae-bn-wu-5")
+>>> cfg.model.latent_sizes, cfg.model.guide, cfg.train.warmup_epochs
+((64, 32, 16, 8, 4), 'ladder', 200)
+"""
+
+from __future__ import annotations
+
+from .config import PAPER_HIDDEN_SIZES, PAPER_LATENT_SIZES, ExperimentConfig, ModelConfig, TrainConfig
+
+_VARIANTS = {
+    "vae": dict(guide="vae", batch_norm=False, warmup_epochs=0),
+    "vae-bn": dict(guide="vae", batch_norm=True, warmup_epochs=0),
+    "vae-bn-wu": dict(guide="vae", batch_norm=True, warmup_epochs=200),
+    "lvae-bn-wu": dict(guide="ladder", batch_norm=True, warmup_epochs=200),
+}
+
+
+def _paper_preset(variant: str, depth: int) -> ExperimentConfig:
+    v = _VARIANTS[variant]
+    return ExperimentConfig(
+        model=ModelConfig(
+            latent_sizes=PAPER_LATENT_SIZES[:depth],
+            hidden_sizes=PAPER_HIDDEN_SIZES[:depth],
+            activation="leaky_relu",
+            batch_norm=v["batch_norm"],
+            likelihood="bernoulli",
+            guide=v["guide"],
+        ),
+        train=TrainConfig(
+            dataset="mnist",
+            binarization="dynamic",
+            epochs=2000,
+            batch_size=256,
+            learning_rate=1e-3,
+            warmup_epochs=v["warmup_epochs"],
+            num_importance_samples=5000,
+        ),
+        name=f"{variant}-{depth}",
+    )
+
+
+#: Every named preset, keyed by name (e.g. ``"lvae-bn-wu-5"``).
+PRESETS: dict[str, ExperimentConfig] = {
+    f"{variant}-{depth}": _paper_preset(variant, depth)
+    for variant in _VARIANTS
+    for depth in range(1, len(PAPER_LATENT_SIZES) + 1)
+}
+
+
+def get_preset(name: str) -> ExperimentConfig:
+    """Return the preset called ``name``.
+
+    :param name: A key of :data:`PRESETS`, e.g. ``"vae-bn-wu-3"``.
+    :raises ValueError: if no preset has that name.
+    """
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown preset {name!r}; choose one of {', '.join(PRESETS)} "
+            "(`pyro-lvae presets` lists them)."
+        ) from None
