@@ -76,11 +76,13 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``pyro-lvae``."""
-    parser = argparse.ArgumentParser(prog="pyro-lvae", description="Ladder VAEs in Pyro (Sønderby et al., 2016).")
+    parser = argparse.ArgumentParser(
+        prog="pyro-lvae", description="Ladder VAEs in Pyro (Sønderby et al., 2016).", allow_abbrev=False
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p_train = sub.add_parser("train", help="train a preset and report test ELBO and L_K")
+    p_train = sub.add_parser("train", allow_abbrev=False, help="train a preset and report test ELBO and L_K")
     p_train.add_argument("--preset", default="lvae-bn-wu-5", help="named configuration (default: lvae-bn-wu-5)")
     p_train.add_argument("--out", required=True, help="run directory")
     p_train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -88,12 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(p_train)
     _add_runtime_options(p_train)
 
-    p_eval = sub.add_parser("evaluate", help="evaluate a trained run's test ELBO and L_K")
+    p_eval = sub.add_parser("evaluate", allow_abbrev=False, help="evaluate a trained run's test ELBO and L_K")
     p_eval.add_argument("run_dir", help="run directory written by `pyro-lvae train`")
     p_eval.add_argument("--num-samples", type=int, default=None, help="K of L_K (default: the run's setting)")
     _add_runtime_options(p_eval)
 
-    sub.add_parser("presets", help="list the named presets")
+    sub.add_parser("presets", allow_abbrev=False, help="list the named presets")
     return parser
 
 

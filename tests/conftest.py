@@ -58,3 +58,9 @@ def synthetic_dataset(n_train: int = 64, n_test: int = 32, dim: int = 12, seed: 
     train_x, train_y = draw(n_train)
     test_x, test_y = draw(n_test)
     return Dataset("synthetic", train_x, train_y, test_x, test_y, binary=False)
+
+
+@pytest.fixture
+def make_synthetic():
+    """The :func:`synthetic_dataset` factory."""
+    return synthetic_dataset

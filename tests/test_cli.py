@@ -1,0 +1,61 @@
+"""``pyro-lvae train`` then ``pyro-lvae evaluate`` on a subset of MNIST."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pyro_lvae.cli import main
+
+REQUIRED = {"test_elbo", "test_log_likelihood", "num_importance_samples", "epochs", "config"}
+
+
+def test_train_then_evaluate(tmp_path, shared_data_root, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--preset", "lvae-bn-wu-2", "--epochs", "2", "--warmup-epochs", "1", "--train-subset", "1000",
+            "--test-subset", "100", "--num-importance-samples", "20", "--latent-sizes", "16,8", "--hidden-sizes", "64,32",
+            "--eval-every", "1", "--data-root", str(shared_data_root), "--no-download", "--no-progress", "--out", str(run)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "test ELBO (L1)" in out and "test L_20" in out
+    results = json.loads((run / "results.json").read_text())
+    assert REQUIRED <= set(results)
+    assert results["epochs"] == 2 and results["num_importance_samples"] == 20
+    assert results["config"]["model"]["latent_sizes"] == [16, 8]
+    assert results["test_log_likelihood"] >= results["test_elbo"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+    assert main(["evaluate", str(run), "--num-samples", "30", "--data-root", str(shared_data_root), "--no-progress"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["num_importance_samples"] == 30 and results["epochs"] == 2
+
+    # The same directory again, without --resume or --overwrite: a one-line error, exit code 2.
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["train", "--epoch", "3"], "unrecognized arguments"),
+        (["train", "--batch-norm", "maybe"], "expected true or false"),
+        (["train", "--latent-sizes", "a,b"], "comma-separated integers"),
+        (["train", "--preset", "nope"], "Unknown preset"),
+        (["train", "--activation", "relu6"], "Unknown activation"),
+    ],
+)
+def test_bad_cli_input(args, match, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + ["--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_console_script_entry_point():
+    out = subprocess.run([sys.executable, "-m", "pyro_lvae", "presets"], capture_output=True, text=True, check=True)
+    assert "lvae-bn-wu-5" in out.stdout and len(out.stdout.splitlines()) == 20

@@ -1,0 +1,74 @@
+"""Configs validate themselves; presets and overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyro_lvae import PRESETS, ExperimentConfig, ModelConfig, TrainConfig, get_preset
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(latent_sizes=(64, 32), hidden_sizes=(512,)), "same length"),
+        (dict(latent_sizes=(64, 0), hidden_sizes=(512, 256)), "positive integers"),
+        (dict(latent_sizes=(), hidden_sizes=()), "non-empty"),
+        (dict(activation="relu6"), "Unknown activation"),
+        (dict(likelihood="poisson"), "Unknown likelihood"),
+        (dict(guide="iaf"), "Unknown guide"),
+        (dict(input_dim=-3), "input_dim"),
+        (dict(batch_norm="yes"), "batch_norm"),
+    ],
+)
+def test_invalid_model_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(epochs=0), "epochs"),
+        (dict(batch_size=-1), "batch_size"),
+        (dict(learning_rate=0.0), "learning_rate"),
+        (dict(dataset="cifar"), "Unknown dataset"),
+        (dict(warmup_epochs=-5), "warmup_epochs"),
+        (dict(dataset="binarized_mnist", binarization="dynamic"), "static"),
+    ],
+)
+def test_invalid_train_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_likelihood_and_binarization_must_agree():
+    with pytest.raises(ValueError, match="Bernoulli likelihood needs binary"):
+        ExperimentConfig(model=ModelConfig(likelihood="bernoulli"), train=TrainConfig(binarization="none"))
+    with pytest.raises(ValueError, match="Gaussian likelihood"):
+        ExperimentConfig(model=ModelConfig(likelihood="gaussian"), train=TrainConfig(binarization="dynamic"))
+
+
+def test_presets():
+    assert len(PRESETS) == 20
+    lvae = get_preset("lvae-bn-wu-5")
+    assert lvae.model.latent_sizes == (64, 32, 16, 8, 4)
+    assert lvae.model.hidden_sizes == (512, 256, 128, 64, 32)
+    assert lvae.model.guide == "ladder" and lvae.model.batch_norm and lvae.train.warmup_epochs == 200
+    assert lvae.train.epochs == 2000 and lvae.train.learning_rate == 1e-3 and lvae.train.batch_size == 256
+    vae2 = get_preset("vae-2")
+    assert vae2.model.latent_sizes == (64, 32) and not vae2.model.batch_norm and vae2.train.warmup_epochs == 0
+    assert get_preset("vae-bn-3").model.batch_norm and get_preset("vae-bn-3").train.warmup_epochs == 0
+    with pytest.raises(ValueError, match="Unknown preset"):
+        get_preset("lvae-9")
+
+
+def test_replace_and_round_trip():
+    cfg = get_preset("vae-bn-wu-3").replace(epochs=7, batch_norm=False, latent_sizes=(8, 4, 2))
+    assert cfg.train.epochs == 7 and not cfg.model.batch_norm
+    assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="Unknown configuration key 'epoch'"):
+        cfg.replace(epoch=3)
+    with pytest.raises(ValueError, match="same length"):
+        cfg.replace(latent_sizes=(8, 4))
+    with pytest.raises(ValueError, match="not written by this version"):
+        ExperimentConfig.from_dict({"model": {"bogus": 1}, "train": {}})

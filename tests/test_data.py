@@ -1,0 +1,156 @@
+"""Loaders for every dataset format, the data root, and clear errors on bad data."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_lvae import ExperimentConfig, ModelConfig, TrainConfig
+from pyro_lvae.data import DATA_ENV, Dataset, binarize, check_data, data_root, load_dataset, read_amat, read_chardata
+from pyro_lvae.training import prepare_data
+
+
+def test_mnist_from_shared_data(mnist):
+    assert mnist.train_x.shape == (60000, 784) and mnist.test_x.shape == (10000, 784)
+    assert mnist.train_x.dtype == torch.float32
+    assert 0 <= mnist.train_x.min() and mnist.train_x.max() == 1.0
+    assert set(mnist.test_y.unique().tolist()) == set(range(10))
+    assert not mnist.binary
+
+
+def test_fashion_and_omniglot28_from_shared_data(shared_data_root):
+    fashion = load_dataset("fashion_mnist", root=shared_data_root, download=False)
+    assert fashion.train_x.shape == (60000, 784)
+    omni = load_dataset("omniglot28", root=shared_data_root)
+    assert omni.train_x.shape == (19280, 784) and omni.test_x.shape == (13180, 784)
+    assert 0 <= omni.train_x.min() and omni.train_x.max() <= 1
+
+
+def test_data_root_resolution(monkeypatch, tmp_path):
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    assert data_root() == tmp_path
+    assert data_root("elsewhere").name == "elsewhere"
+    monkeypatch.delenv(DATA_ENV)
+    assert data_root().name == "data"
+
+
+def test_amat_loader(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "binarized_mnist"
+    folder.mkdir()
+    arrays = {}
+    for split, n in (("train", 5), ("valid", 3), ("test", 4)):
+        a = (rng.random((n, 784)) < 0.3).astype(int)
+        arrays[split] = a
+        text = "\n".join(" ".join(map(str, row)) for row in a) + "\n"
+        with gzip.open(folder / f"binarized_mnist_{split}.amat.gz", "wt") as f:
+            f.write(text)
+    ds = load_dataset("binarized_mnist", root=tmp_path)
+    assert ds.binary and ds.train_x.shape == (8, 784) and ds.test_x.shape == (4, 784)
+    np.testing.assert_array_equal(ds.train_x.numpy(), np.concatenate([arrays["train"], arrays["valid"]]))
+    np.testing.assert_array_equal(ds.test_x.numpy(), arrays["test"])
+    (folder / "bad.amat").write_text("0 1 0\n1 0\n")
+    with pytest.raises(ValueError, match="corrupt"):
+        read_amat(folder / "bad.amat")
+
+
+def test_chardata_loader_orientation(tmp_path):
+    """chardata.mat stores 784 × N column-major images; the loader returns them row-major."""
+    from scipy.io import savemat
+
+    n_train, n_test = 4, 2
+    images = np.zeros((n_train + n_test, 28, 28), dtype=np.float64)
+    for i in range(n_train + n_test):
+        images[i, i, 27 - i] = 1.0  # one pixel at row i, column 27 - i
+    columns = images.reshape(-1, 784, order="F").T  # the IWAE file's layout
+    target = np.zeros((50, n_train))
+    target[[3, 1, 4, 1], range(n_train)] = 1
+    folder = tmp_path / "omniglot"
+    folder.mkdir()
+    savemat(folder / "chardata.mat", {"data": columns[:, :n_train], "testdata": columns[:, n_train:], "target": target, "testtarget": np.zeros((50, n_test))})
+    train_x, train_y, test_x, _ = read_chardata(folder / "chardata.mat")
+    assert train_x.shape == (4, 784) and test_x.shape == (2, 784)
+    for i in range(n_train):
+        assert train_x[i].reshape(28, 28)[i, 27 - i] == 1 and train_x[i].sum() == 1
+    assert train_y.tolist() == [3, 1, 4, 1]
+    ds = load_dataset("omniglot", root=tmp_path)
+    assert ds.test_x.shape == (2, 784)
+    savemat(folder / "chardata.mat", {"images": columns})
+    with pytest.raises(ValueError, match="not the IWAE"):
+        read_chardata(folder / "chardata.mat")
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "binarized_mnist", "omniglot28", "omniglot"])
+def test_missing_files_name_the_files_and_the_option(tmp_path, name):
+    with pytest.raises(FileNotFoundError) as err:
+        load_dataset(name, root=tmp_path, download=False)
+    message = str(err.value)
+    assert str(tmp_path) in message and "--data-root" in message and DATA_ENV in message
+    assert "\n" not in message
+
+
+def test_failed_download_is_one_clear_error(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(FileNotFoundError, match="download failed"):
+        load_dataset("mnist", root=tmp_path, download=True)
+
+
+def test_idx_truncated_file(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    header = bytes([0, 0, 8, 3]) + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") + (28).to_bytes(4, "big")
+    for name in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
+        (raw / name).write_bytes(header + bytes(100))
+    for name in ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + bytes(10))
+    with pytest.raises(ValueError, match="truncated"):
+        load_dataset("mnist", root=tmp_path, download=False)
+
+
+@pytest.mark.parametrize(
+    "x, likelihood, match",
+    [
+        (torch.zeros(4, 5), "bernoulli", "shape"),
+        (torch.zeros(4, 6, dtype=torch.int64), "bernoulli", "floating-point"),
+        (torch.zeros(0, 6), "bernoulli", "empty"),
+        (torch.full((4, 6), float("nan")), "gaussian", "NaN"),
+        (torch.full((4, 6), float("inf")), "gaussian", "NaN or Inf"),
+        (torch.full((4, 6), 0.5), "bernoulli", "binarize"),
+    ],
+)
+def test_check_data_errors(x, likelihood, match):
+    with pytest.raises(ValueError, match=match):
+        check_data(x, input_dim=6, likelihood=likelihood)
+
+
+def test_binarize_range():
+    x = torch.rand(100, 6)
+    b = binarize(x)
+    assert set(b.unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="rescale"):
+        binarize(x * 255)
+
+
+def test_prepare_data_checks(make_synthetic):
+    grey = make_synthetic(dim=6)
+    static = ExperimentConfig(
+        model=ModelConfig(input_dim=6, latent_sizes=(2,), hidden_sizes=(4,)),
+        train=TrainConfig(binarization="static", batch_size=8),
+    )
+    with pytest.raises(ValueError, match="values other than 0 and 1"):
+        prepare_data(static, dataset=grey)
+    dynamic = static.replace(binarization="dynamic")
+    scaled = Dataset("x", grey.train_x * 255, grey.train_y, grey.test_x, grey.test_y, False)
+    with pytest.raises(ValueError, match="outside \\[0, 1\\]"):
+        prepare_data(dynamic, dataset=scaled)
+    data = prepare_data(dynamic, dataset=grey)
+    assert set(data.test.unique().tolist()) <= {0.0, 1.0}  # the test set is binarized once
+    assert data.dynamic and not torch.equal(data.epoch_data(), data.epoch_data())
