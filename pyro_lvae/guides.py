@@ -70,7 +70,7 @@ class BottomUpGuide(nn.Module):
             GaussianHead(cfg.hidden_sizes[i], cfg.latent_sizes[i]) for i in range(cfg.depth)
         )
 
-    def forward(self, x: torch.Tensor, *, beta: float | torch.Tensor | None = None) -> None:
+    def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> None:
         """Sample z1, …, zL given ``x`` of shape ``(batch, input_dim)``.
 
         :param beta: Warm-up KL weight, as for the model.
@@ -128,7 +128,7 @@ class LadderGuide(nn.Module):
             estimates.append(head(d))
         return estimates
 
-    def forward(self, x: torch.Tensor, *, beta: float | torch.Tensor | None = None) -> None:
+    def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> None:
         """Sample zL, …, z1 given ``x`` of shape ``(batch, input_dim)``.
 
         :param beta: Warm-up KL weight, as for the model.

@@ -88,12 +88,15 @@ class GenerativeModel(nn.Module):
         loc, var = self.decoder_head(d)
         return dist.Normal(loc, var.sqrt()).to_event(1)
 
-    def forward(self, x: torch.Tensor, *, beta: float | torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> torch.Tensor:
         """Run the model, observing ``x``.
 
         :param x: Data of shape ``(batch, input_dim)``.
         :param beta: Warm-up KL weight applied to the latent sites only (see
-            :func:`~pyro_lvae.warmup.kl_weight`); ``None`` for the plain model.
+            :func:`~pyro_lvae.warmup.kl_weight`); ``None`` for the plain model. It
+            is positional on purpose: a JIT-compiled ELBO traces positional tensor
+            arguments as inputs, so one compiled graph serves every β, whereas a
+            keyword tensor would be baked in as a constant and recompiled.
         :returns: The bottom latent sample z1.
         """
         pyro.module(self.name, self)

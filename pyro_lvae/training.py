@@ -302,7 +302,7 @@ def train(
         seen = 0
         bar = tqdm(batches, disable=not progress, leave=False, desc=f"epoch {epoch + 1}/{tc.epochs}")
         for idx in bar:
-            loss_sum += svi.step(x_epoch[idx], beta=beta_t)
+            loss_sum += svi.step(x_epoch[idx], beta_t)
             seen += len(idx)
             bar.set_postfix(loss=f"{loss_sum / seen:.2f}", beta=f"{beta:.3f}", refresh=False)
         seconds = time.perf_counter() - t0
