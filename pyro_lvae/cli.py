@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from .config import ModelConfig, TrainConfig
 from .evaluation import DEFAULT_MEMORY_BUDGET
 from .presets import PRESETS, get_preset
+from .training import evaluate_run, train
 
 logger = logging.getLogger("pyro_lvae")
 
@@ -121,8 +122,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from .training import evaluate_run, train
-
     try:
         if args.command == "presets":
             for name, cfg in PRESETS.items():

@@ -38,10 +38,21 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .config import ModelConfig
 from .merge import precision_weighted_merge
 from .model import GenerativeModel
 from .nn import MLP, GaussianHead
 from .warmup import kl_weight
+
+
+def _mlps_and_heads(cfg: ModelConfig, inputs: tuple[int, ...]) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """One MLP of width ``hidden_sizes[i]`` reading ``inputs[i]`` and one Gaussian head per layer."""
+    mlps = nn.ModuleList(
+        MLP(inputs[i], cfg.hidden_sizes[i], activation=cfg.activation, batch_norm=cfg.batch_norm)
+        for i in range(cfg.depth)
+    )
+    heads = nn.ModuleList(GaussianHead(cfg.hidden_sizes[i], cfg.latent_sizes[i]) for i in range(cfg.depth))
+    return mlps, heads
 
 
 class BottomUpGuide(nn.Module):
@@ -61,14 +72,8 @@ class BottomUpGuide(nn.Module):
         cfg = model.config
         self.config = cfg
         self.name = f"{model.name}.bottom_up"
-        inputs = (cfg.input_dim,) + cfg.latent_sizes[:-1]
-        self.mlps = nn.ModuleList(
-            MLP(inputs[i], cfg.hidden_sizes[i], activation=cfg.activation, batch_norm=cfg.batch_norm)
-            for i in range(cfg.depth)
-        )
-        self.heads = nn.ModuleList(
-            GaussianHead(cfg.hidden_sizes[i], cfg.latent_sizes[i]) for i in range(cfg.depth)
-        )
+        # q(z_i | z_{i-1}) reads z_{i-1} (x for i = 1).
+        self.mlps, self.heads = _mlps_and_heads(cfg, (cfg.input_dim,) + cfg.latent_sizes[:-1])
 
     def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> None:
         """Sample z1, …, zL given ``x`` of shape ``(batch, input_dim)``.
@@ -102,19 +107,10 @@ class LadderGuide(nn.Module):
         self.config = cfg
         self.name = f"{model.name}.ladder"
         self.model = model
-        inputs = (cfg.input_dim,) + cfg.hidden_sizes[:-1]
-        # The guide's own parameters: the deterministic upward pass and its heads.
-        self.upward_net = nn.ModuleDict(
-            {
-                "mlps": nn.ModuleList(
-                    MLP(inputs[i], cfg.hidden_sizes[i], activation=cfg.activation, batch_norm=cfg.batch_norm)
-                    for i in range(cfg.depth)
-                ),
-                "heads": nn.ModuleList(
-                    GaussianHead(cfg.hidden_sizes[i], cfg.latent_sizes[i]) for i in range(cfg.depth)
-                ),
-            }
-        )
+        # The guide's own parameters: the deterministic upward pass d_n = MLP(d_{n-1}),
+        # which reads d_{n-1} (x for n = 1), and its heads.
+        mlps, heads = _mlps_and_heads(cfg, (cfg.input_dim,) + cfg.hidden_sizes[:-1])
+        self.upward_net = nn.ModuleDict({"mlps": mlps, "heads": heads})
 
     def upward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Deterministic upward pass (eqs. 13–15).

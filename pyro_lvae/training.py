@@ -12,7 +12,12 @@
    minibatch with the warm-up weight β of that epoch
    (:func:`~pyro_lvae.warmup.warmup_beta`) as a tensor;
 4. append one JSON line per epoch to ``metrics.jsonl`` and write an atomic
-   checkpoint (:mod:`pyro_lvae.checkpoint`);
+   checkpoint (:mod:`pyro_lvae.checkpoint`). Every line has ``epoch``, ``beta``,
+   ``seconds`` and ``train_objective`` (the β-weighted bound of eq. 20, running
+   mean over the epoch's steps, which is the running train ELBO once β = 1);
+   every ``eval_every`` epochs (and the last) it also has ``train_elbo`` (the
+   ELBO on the first ``len(test)`` training examples of the epoch),
+   ``test_elbo`` and ``test_kl_per_layer``, all in nats per example;
 5. finally evaluate the test ELBO and L_K and write ``results.json``.
 
 ``resume=True`` restores parameters, batch-norm statistics, optimizer and RNG
@@ -316,7 +321,12 @@ def train(
             "seconds": seconds,
         }
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
+            # The true ELBO (β = 1, batch norm in eval mode) on as many training
+            # examples of this epoch's binarization as the test set has, and on the test set.
+            train_part = x_epoch[: len(data.test)]
+            ev_train = evaluate(model, guide, train_part, num_samples=tc.eval_particles, memory_budget=memory_budget)
             ev = evaluate(model, guide, data.test, num_samples=tc.eval_particles, memory_budget=memory_budget)
+            record["train_elbo"] = ev_train["elbo"]
             record["test_elbo"] = ev["elbo"]
             record["test_kl_per_layer"] = ev["kl_per_layer"]
         metrics.append(record)

@@ -16,8 +16,9 @@ guide; the observation site is never scaled.
 reconstruction-only start of warm-up), and ``poutine.scale`` applies
 ``max(β, tiny)`` with ``tiny = torch.finfo(dtype).tiny`` (1.2e-38 in float32).
 The effective weight is therefore exactly β for β = 0 and for every
-representable β ≥ tiny. β is kept as a tensor so that a JIT-compiled ELBO does
-not recompile for every new value.
+representable β ≥ tiny. Pass β to the model and guide as a positional tensor
+argument (``svi.step(x, beta)``): a JIT-compiled ELBO then traces it as an input
+and one compiled graph serves every β, instead of recompiling for each value.
 """
 
 from __future__ import annotations

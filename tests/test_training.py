@@ -34,6 +34,10 @@ def test_both_guides_train_on_mnist_subset(mnist, guide):
     assert result.results["test_log_likelihood"] >= after
     assert len(result.metrics) == 10
     assert "test_elbo" in result.metrics[4] and "test_elbo" not in result.metrics[3]
+    assert {"epoch", "beta", "seconds", "train_objective"} <= set(result.metrics[3])
+    last = result.metrics[-1]
+    assert {"train_elbo", "test_elbo", "test_kl_per_layer"} <= set(last) and len(last["test_kl_per_layer"]) == 2
+    assert last["train_elbo"] > before + 150
 
 
 def test_resume_gives_identical_parameters(tmp_path, make_synthetic):
