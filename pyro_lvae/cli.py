@@ -6,6 +6,8 @@
     and write the test ELBO and L_K to ``DIR/results.json``.
 ``pyro-lvae evaluate RUN_DIR [--num-samples K]``
     Re-evaluate a trained run (e.g. with K = 5000) and rewrite its ``results.json``.
+``pyro-lvae report RUN_DIR [RUN_DIR ...] --out DIR [--num-samples K]``
+    Every analysis figure, PSIS k̂ diagnostics and ``report.md`` (:mod:`pyro_lvae.report`).
 ``pyro-lvae presets``
     List the presets.
 """
@@ -22,6 +24,7 @@ from typing import Any, Sequence
 from .config import ModelConfig, TrainConfig
 from .evaluation import DEFAULT_MEMORY_BUDGET
 from .presets import PRESETS, get_preset
+from .report import write_report
 from .training import evaluate_run, train
 
 logger = logging.getLogger("pyro_lvae")
@@ -96,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--num-samples", type=int, default=None, help="K of L_K (default: the run's setting)")
     _add_runtime_options(p_eval)
 
+    p_report = sub.add_parser(
+        "report", allow_abbrev=False, help="figures, PSIS diagnostics and a report.md for one or more runs"
+    )
+    p_report.add_argument("run_dirs", nargs="+", help="run directories written by `pyro-lvae train`")
+    p_report.add_argument("--out", required=True, help="folder for the PNGs, netCDF files and report.md")
+    p_report.add_argument("--num-samples", type=int, default=1000, help="K of L_K and of PSIS (default: 1000)")
+    _add_runtime_options(p_report)
+
     sub.add_parser("presets", allow_abbrev=False, help="list the named presets")
     return parser
 
@@ -132,6 +143,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             return 0
         budget = int(args.memory_budget_gib * 2**30)
+        if args.command == "report":
+            report = write_report(
+                args.run_dirs,
+                args.out,
+                num_samples=args.num_samples,
+                data_root=args.data_root,
+                download=not args.no_download,
+                device=args.device,
+                memory_budget=budget,
+            )
+            sys.stdout.write(report.read_text().split("\n## Comparisons")[0] + f"\nwritten: {report}\n")
+            return 0
         if args.command == "train":
             config = get_preset(args.preset).replace(**_overrides(args))
             logger.info("Training %s: %s", config.name, json.dumps(config.to_dict()))

@@ -55,6 +55,23 @@ def _site_log_prob(site: dict, shape: torch.Size) -> torch.Tensor:
     return site["fn"].log_prob(site["value"]).expand(shape)
 
 
+def particle_traces(model: GenerativeModel, guide: nn.Module, x: torch.Tensor, num_particles: int):
+    """Trace ``guide`` and the replayed ``model`` with ``num_particles`` draws per example.
+
+    Every site is broadcast to ``(num_particles, batch)`` by a
+    ``pyro.plate("particles", num_particles, dim=-2)``; ``poutine.block`` keeps these
+    internal traces from any handler the caller has installed.
+
+    :returns: ``(guide_trace, model_trace)``.
+    """
+    if num_particles <= 0:
+        raise ValueError(f"num_particles must be positive, got {num_particles}.")
+    with poutine.block(), pyro.plate("particles", num_particles, dim=-2):
+        guide_trace = poutine.trace(guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    return guide_trace, model_trace
+
+
 @torch.no_grad()
 def log_importance_weights(model: GenerativeModel, guide: nn.Module, x: torch.Tensor, num_particles: int) -> LogWeights:
     """Draw ``num_particles`` samples per example from ``guide`` and weight them.
@@ -66,13 +83,7 @@ def log_importance_weights(model: GenerativeModel, guide: nn.Module, x: torch.Te
     :param x: Data, shape ``(batch, input_dim)``.
     :param num_particles: Particles per example.
     """
-    if num_particles <= 0:
-        raise ValueError(f"num_particles must be positive, got {num_particles}.")
-    # The particle plate broadcasts every site to (num_particles, batch); block keeps
-    # these internal traces from any handler the caller has installed.
-    with poutine.block(), pyro.plate("particles", num_particles, dim=-2):
-        guide_trace = poutine.trace(guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    guide_trace, model_trace = particle_traces(model, guide, x, num_particles)
     shape = torch.Size((num_particles, x.shape[0]))
     depth = model.config.depth
     recon = _site_log_prob(model_trace.nodes["x"], shape)
@@ -157,6 +168,7 @@ def evaluate(
     chunk_size: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = False,
+    return_log_weights: bool = False,
 ) -> dict[str, object]:
     """Test ELBO (L1) and L_K over a dataset, in nats per example.
 
@@ -168,6 +180,8 @@ def evaluate(
     :param num_samples: K of L_K (paper: 5000).
     :param batch_size: Examples per evaluation batch.
     :param progress: Show a tqdm progress bar.
+    :param return_log_weights: Also return the ``(num_samples, N)`` log-weights
+        (on the CPU) under ``log_weights``, e.g. for PSIS diagnostics.
     :returns: ``elbo`` and ``log_likelihood`` (means, floats), ``kl_per_layer``
         (list of floats, z1 first), ``reconstruction`` (float), and the
         per-example tensors ``elbo_per_example`` and ``log_likelihood_per_example``.
@@ -182,7 +196,7 @@ def evaluate(
     model.eval()
     guide.eval()
     try:
-        elbo, ll, recon, kl = [], [], [], []
+        elbo, ll, recon, kl, log_w = [], [], [], [], []
         for xb in tqdm(data.split(batch_size), disable=not progress, desc=f"L_{num_samples}", leave=False):
             out = importance_sampled_bounds(
                 model, guide, xb, num_samples=num_samples, chunk_size=chunk_size, memory_budget=memory_budget
@@ -191,11 +205,13 @@ def evaluate(
             ll.append(out["log_likelihood"])
             recon.append(out["reconstruction"])
             kl.append(out["layer_kl"])
+            if return_log_weights:
+                log_w.append(out["log_weights"].cpu())
     finally:
         model.train(modes[0])
         guide.train(modes[1])
     elbo_t, ll_t = torch.cat(elbo), torch.cat(ll)
-    return {
+    result: dict[str, object] = {
         "elbo": elbo_t.mean().item(),
         "log_likelihood": ll_t.mean().item(),
         "reconstruction": torch.cat(recon).mean().item(),
@@ -205,3 +221,6 @@ def evaluate(
         "elbo_per_example": elbo_t.cpu(),
         "log_likelihood_per_example": ll_t.cpu(),
     }
+    if return_log_weights:
+        result["log_weights"] = torch.cat(log_w, dim=1)
+    return result

@@ -17,7 +17,8 @@
    mean over the epoch's steps, which is the running train ELBO once β = 1);
    every ``eval_every`` epochs (and the last) it also has ``train_elbo`` (the
    ELBO on the first ``len(test)`` training examples of the epoch),
-   ``test_elbo`` and ``test_kl_per_layer``, all in nats per example;
+   ``test_elbo``, ``test_kl_per_layer`` and ``test_kl_per_unit`` (one list per
+   layer, see :func:`~pyro_lvae.analysis.kl_per_unit`), all in nats per example;
 5. finally evaluate the test ELBO and L_K and write ``results.json``.
 
 ``resume=True`` restores parameters, batch-norm statistics, optimizer and RNG
@@ -45,6 +46,7 @@ from pyro.infer import SVI
 from pyro.optim import Adam
 from tqdm.auto import tqdm
 
+from .analysis import kl_per_unit
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config import ExperimentConfig
 from .data import Dataset, binarize, check_data, load_dataset
@@ -329,6 +331,9 @@ def train(
             record["train_elbo"] = ev_train["elbo"]
             record["test_elbo"] = ev["elbo"]
             record["test_kl_per_layer"] = ev["kl_per_layer"]
+            record["test_kl_per_unit"] = [
+                k.tolist() for k in kl_per_unit(model, guide, data.test, num_samples=tc.eval_particles)
+            ]
         metrics.append(record)
         logger.info(
             "epoch %d/%d  beta %.3f  train objective %.3f  %s%.1fs",

@@ -1,0 +1,185 @@
+"""``pyro-lvae report``: every analysis figure and a summary table for one or more runs.
+
+For each run directory it reloads the newest checkpoint and the run's test set, then
+computes the test ELBO and L_K with the per-example PSIS k̂, the KL per layer, the
+active units and the latent codes, and writes into ``out_dir``:
+
+* ``{run}_kl_units.png`` (KL per unit over epochs), ``{run}_pca.png``,
+  ``{run}_samples.png``, ``{run}_reconstructions.png``;
+* ``{run}_importance.nc``: an :class:`arviz.InferenceData` with the per-example
+  log-weights, L_K, k̂ and latent codes (see
+  :func:`~pyro_lvae.analysis.importance_inference_data`);
+* ``layer_kl.png`` and ``elbo_curves.png`` comparing all runs;
+* ``report.md``: the table and links to every figure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+
+from . import plots
+from .analysis import (
+    KHAT_THRESHOLD,
+    active_units,
+    importance_inference_data,
+    kl_per_layer,
+    latent_codes,
+    psis_khat,
+    training_curves,
+)
+from .evaluation import DEFAULT_MEMORY_BUDGET, evaluate
+from .training import load_run, prepare_data
+
+logger = logging.getLogger(__name__)
+
+
+def analyse_run(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    name: str,
+    num_samples: int = 1000,
+    data_root: str | os.PathLike | None = None,
+    download: bool = True,
+    device: str | torch.device = "cpu",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    max_codes: int = 2000,
+    active_samples: int = 20,
+) -> dict[str, Any]:
+    """Compute one run's diagnostics and write its figures and netCDF file.
+
+    :param name: Prefix of the files written for this run.
+    :param num_samples: K of L_K and of the PSIS diagnostics.
+    :param max_codes: Test examples in the PCA plot and in the stored latent codes.
+    :param active_samples: Draws per example for E_q[u] in :func:`~pyro_lvae.analysis.active_units`.
+    :returns: The run's row of the report table, plus its figure file names.
+    """
+    out = Path(out_dir)
+    model, guide, config, ckpt = load_run(run_dir, device=device)
+    pyro.set_rng_seed(config.train.seed)
+    data = prepare_data(config, data_root=data_root, download=download, device=device)
+    test = data.test
+    ev = evaluate(model, guide, test, num_samples=num_samples, memory_budget=memory_budget, return_log_weights=True)
+    khat = psis_khat(ev["log_weights"])
+    n_codes = min(max_codes, len(test))
+    codes = latent_codes(model, guide, test[:n_codes], data.test_labels[:n_codes])
+    importance_inference_data(ev["log_weights"], ev["log_likelihood_per_example"], khat, codes).to_netcdf(
+        str(out / f"{name}_importance.nc")
+    )
+    layers = kl_per_layer(model, guide, test)
+    active = active_units(model, guide, test, num_samples=active_samples)
+    curves = training_curves(run_dir)
+
+    figures = {
+        "kl_units": f"{name}_kl_units.png",
+        "pca": f"{name}_pca.png",
+        "samples": f"{name}_samples.png",
+        "reconstructions": f"{name}_reconstructions.png",
+    }
+    plots.kl_heatmap(curves, title=f"{name}: log KL per unit", path=out / figures["kl_units"])
+    plots.pca_scatter(codes, title=f"{name}: PCA of q(z_i|·)", path=out / figures["pca"])
+    plots.samples_grid(model, title=f"{name}: prior samples", path=out / figures["samples"])
+    plots.reconstructions(model, guide, test[:20], title=name, path=out / figures["reconstructions"])
+    return {
+        "name": name,
+        "run_dir": str(run_dir),
+        "epochs": int(ckpt["epoch"]),
+        "guide": config.model.guide,
+        "test_elbo": ev["elbo"],
+        "test_log_likelihood": ev["log_likelihood"],
+        "num_samples": num_samples,
+        "num_test_examples": ev["num_examples"],
+        "khat_share_above": float((khat > KHAT_THRESHOLD).mean()),
+        "khat_median": float(np.median(khat)),
+        "active_units": active["counts"].tolist(),
+        "latent_sizes": list(config.model.latent_sizes),
+        "kl_per_layer": layers.tolist(),
+        "figures": figures,
+        "netcdf": f"{name}_importance.nc",
+        "_curves": curves,
+    }
+
+
+def _unique_names(run_dirs: list[Path]) -> list[str]:
+    names: list[str] = []
+    for path in run_dirs:
+        base = path.resolve().name or "run"
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+def write_report(
+    run_dirs: list[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    num_samples: int = 1000,
+    data_root: str | os.PathLike | None = None,
+    download: bool = True,
+    device: str | torch.device = "cpu",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Path:
+    """Analyse every run in ``run_dirs`` and write figures and ``report.md`` into ``out_dir``.
+
+    :returns: The path of ``report.md``.
+    """
+    if not run_dirs:
+        raise ValueError("Name at least one run directory to report on.")
+    paths = [Path(r) for r in run_dirs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for path, name in zip(paths, _unique_names(paths)):
+        logger.info("Analysing %s", path)
+        rows.append(
+            analyse_run(
+                path,
+                out,
+                name=name,
+                num_samples=num_samples,
+                data_root=data_root,
+                download=download,
+                device=device,
+                memory_budget=memory_budget,
+            )
+        )
+    plots.layer_kl_bars({r["name"]: np.array(r["kl_per_layer"]) for r in rows}, path=out / "layer_kl.png")
+    plots.elbo_curves({r["name"]: r["_curves"] for r in rows}, path=out / "elbo_curves.png")
+
+    k = num_samples
+    lines = [
+        "# pyro-lvae report",
+        "",
+        f"Test-set diagnostics, in nats per example. L_{k} uses K = {k} importance samples per example; "
+        f"k̂ is the Pareto-smoothed importance-sampling shape of each example's {k} log-weights (arviz): "
+        f"where k̂ > {KHAT_THRESHOLD} the estimate of log p(x) is unreliable. Active units: "
+        "Cov_x(E_q[u]) > 0.01. KL per layer: E_q[log q(z_i|·) − log p(z_i|·)], z1 first.",
+        "",
+        f"| run | guide | epochs | test ELBO | test L_{k} | share k̂ > {KHAT_THRESHOLD} | median k̂ "
+        "| active units per layer | KL per layer |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        active = " / ".join(f"{a}/{s}" for a, s in zip(r["active_units"], r["latent_sizes"]))
+        kl = " / ".join(f"{v:.2f}" for v in r["kl_per_layer"])
+        lines.append(
+            f"| {r['name']} | {r['guide']} | {r['epochs']} | {r['test_elbo']:.2f} | {r['test_log_likelihood']:.2f} "
+            f"| {r['khat_share_above']:.3f} | {r['khat_median']:.2f} | {active} | {kl} |"
+        )
+    lines += ["", "## Comparisons", "", "![layer-wise KL](layer_kl.png)", "", "![ELBO curves](elbo_curves.png)", ""]
+    for r in rows:
+        lines += [f"## {r['name']}", "", f"Per-example log-weights, L_K, k̂ and latent codes: `{r['netcdf']}`.", ""]
+        lines += [f"![{key}]({file})" for key, file in r["figures"].items()]
+        lines.append("")
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
