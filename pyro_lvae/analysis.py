@@ -35,7 +35,7 @@ import xarray as xr
 from torch import nn
 from torch.distributions import kl_divergence
 
-from .evaluation import particle_traces
+from .evaluation import eval_mode, particle_traces
 from .model import GenerativeModel
 
 #: Burda et al.'s threshold on Cov_x(E_q[u]) for an active unit.
@@ -53,10 +53,7 @@ def _posterior_passes(model: GenerativeModel, guide: nn.Module, data: torch.Tens
     """Yield, per batch, ``{site: (q, p, value)}`` with base Normal distributions of shape (K, B, D)."""
     if data.dim() != 2 or data.shape[0] == 0:
         raise ValueError(f"data must have shape (N, input_dim) with N > 0, got {tuple(data.shape)}.")
-    modes = (model.training, guide.training)
-    model.eval()
-    guide.eval()
-    try:
+    with eval_mode(model, guide):
         for xb in data.split(batch_size):
             guide_trace, model_trace = particle_traces(model, guide, xb, num_samples)
             shape = (num_samples, xb.shape[0])
@@ -68,9 +65,6 @@ def _posterior_passes(model: GenerativeModel, guide: nn.Module, data: torch.Tens
                 event = value.shape[-1:]
                 out[name] = (q.expand(shape + event), p.expand(shape + event), value.expand(shape + event))
             yield out
-    finally:
-        model.train(modes[0])
-        guide.train(modes[1])
 
 
 def kl_per_unit(

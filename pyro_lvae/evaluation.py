@@ -21,8 +21,10 @@ estimates the same quantity as
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import pyro
 import torch
@@ -53,6 +55,22 @@ class LogWeights:
 
 def _site_log_prob(site: dict, shape: torch.Size) -> torch.Tensor:
     return site["fn"].log_prob(site["value"]).expand(shape)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: object) -> Iterator[None]:
+    """Put every :class:`torch.nn.Module` among ``modules`` in evaluation mode (batch norm
+    uses its running statistics) and restore each one's mode on exit. Other callables,
+    such as a guide written as a plain function, are left alone."""
+    nets = [m for m in modules if isinstance(m, nn.Module)]
+    modes = [m.training for m in nets]
+    for m in nets:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(nets, modes):
+            m.train(mode)
 
 
 def particle_traces(model: GenerativeModel, guide: nn.Module, x: torch.Tensor, num_particles: int):
@@ -192,11 +210,8 @@ def evaluate(
         raise ValueError(f"data must have shape (N, input_dim) with N > 0, got {tuple(data.shape)}.")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    modes = (model.training, guide.training)
-    model.eval()
-    guide.eval()
-    try:
-        elbo, ll, recon, kl, log_w = [], [], [], [], []
+    elbo, ll, recon, kl, log_w = [], [], [], [], []
+    with eval_mode(model, guide):
         for xb in tqdm(data.split(batch_size), disable=not progress, desc=f"L_{num_samples}", leave=False):
             out = importance_sampled_bounds(
                 model, guide, xb, num_samples=num_samples, chunk_size=chunk_size, memory_budget=memory_budget
@@ -207,9 +222,6 @@ def evaluate(
             kl.append(out["layer_kl"])
             if return_log_weights:
                 log_w.append(out["log_weights"].cpu())
-    finally:
-        model.train(modes[0])
-        guide.train(modes[1])
     elbo_t, ll_t = torch.cat(elbo), torch.cat(ll)
     result: dict[str, object] = {
         "elbo": elbo_t.mean().item(),

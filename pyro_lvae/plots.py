@@ -21,6 +21,8 @@ import torch  # noqa: E402
 import xarray as xr  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from .evaluation import eval_mode  # noqa: E402
+
 DPI = 100
 
 
@@ -100,12 +102,8 @@ def _image_grid(images: torch.Tensor, rows: int, cols: int, ax) -> None:
 
 def samples_grid(model, *, num: int = 100, title: str = "", path: str | os.PathLike | None = None) -> Figure:
     """A grid of means of p(x | z1) for z drawn from the prior (Fig. 9c)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         images = model.sample(num)
-    finally:
-        model.train(was_training)
     cols = int(np.ceil(np.sqrt(num)))
     fig, ax = plt.subplots(figsize=(5, 5))
     _image_grid(images, int(np.ceil(num / cols)), cols, ax)
@@ -115,14 +113,8 @@ def samples_grid(model, *, num: int = 100, title: str = "", path: str | os.PathL
 
 def reconstructions(model, guide, x: torch.Tensor, *, title: str = "", path: str | os.PathLike | None = None) -> Figure:
     """Data (top rows) beside its reconstructions (bottom rows) (Fig. 9a–b)."""
-    modes = (model.training, guide.training)
-    model.eval()
-    guide.eval()
-    try:
+    with eval_mode(model, guide):
         recon = model.reconstruct(x, guide)
-    finally:
-        model.train(modes[0])
-        guide.train(modes[1])
     fig, axes = plt.subplots(2, 1, figsize=(8, 4))
     cols = min(len(x), 20)
     rows = max(1, len(x) // cols)

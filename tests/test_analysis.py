@@ -66,9 +66,6 @@ def _prior_guide(model):
                 loc, var = model.prior_params(layer, z)
                 z = pyro.sample(f"z{layer}", pyro.distributions.Normal(loc, var.sqrt()).to_event(1))
 
-    guide.training = False  # evaluation helpers switch modes on modules
-    guide.train = lambda mode=True: None
-    guide.eval = lambda: None
     return guide
 
 
