@@ -35,7 +35,7 @@ import xarray as xr
 from torch import nn
 from torch.distributions import kl_divergence
 
-from .evaluation import eval_mode, particle_traces
+from .evaluation import eval_mode, evaluate, particle_traces
 from .model import GenerativeModel
 
 #: Burda et al.'s threshold on Cov_x(E_q[u]) for an active unit.
@@ -112,14 +112,7 @@ def kl_per_layer(
 
     :returns: Array of shape ``(depth,)``, z1 first.
     """
-    sums = np.zeros(model.config.depth)
-    n = 0
-    for out in _posterior_passes(model, guide, data, num_samples=num_samples, batch_size=batch_size):
-        for i, name in enumerate(_layers(model)):
-            q, p, z = out[name]
-            sums[i] += (q.log_prob(z) - p.log_prob(z)).sum().item()
-        n += out["z1"][2].shape[1]
-    return sums / (n * num_samples)
+    return np.array(evaluate(model, guide, data, num_samples=num_samples, batch_size=batch_size)["kl_per_layer"])
 
 
 def active_units(

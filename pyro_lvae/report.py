@@ -29,7 +29,6 @@ from .analysis import (
     KHAT_THRESHOLD,
     active_units,
     importance_inference_data,
-    kl_per_layer,
     kl_per_unit,
     latent_codes,
     psis_khat,
@@ -77,7 +76,7 @@ def analyse_run(
     importance_inference_data(ev["log_weights"], ev["log_likelihood_per_example"], khat, codes).to_netcdf(
         str(out / f"{name}_importance.nc")
     )
-    layers = kl_per_layer(model, guide, test)
+    layers = np.array(ev["kl_per_layer"])  # the Monte Carlo split over the same K draws
     active = active_units(model, guide, test, num_samples=active_samples)
     units_kl = kl_per_unit(model, guide, test)
     curves = training_curves(run_dir)
