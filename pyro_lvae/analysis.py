@@ -35,7 +35,7 @@ import xarray as xr
 from torch import nn
 from torch.distributions import kl_divergence
 
-from .evaluation import eval_mode, evaluate, particle_traces
+from .evaluation import check_examples, eval_mode, evaluate, particle_traces
 from .model import GenerativeModel
 
 #: Burda et al.'s threshold on Cov_x(E_q[u]) for an active unit.
@@ -51,8 +51,7 @@ def _layers(model: GenerativeModel) -> list[str]:
 @torch.no_grad()
 def _posterior_passes(model: GenerativeModel, guide: nn.Module, data: torch.Tensor, *, num_samples: int, batch_size: int):
     """Yield, per batch, ``{site: (q, p, value)}`` with base Normal distributions of shape (K, B, D)."""
-    if data.dim() != 2 or data.shape[0] == 0:
-        raise ValueError(f"data must have shape (N, input_dim) with N > 0, got {tuple(data.shape)}.")
+    check_examples(data)
     with eval_mode(model, guide):
         for xb in data.split(batch_size):
             guide_trace, model_trace = particle_traces(model, guide, xb, num_samples)

@@ -57,6 +57,12 @@ def _site_log_prob(site: dict, shape: torch.Size) -> torch.Tensor:
     return site["fn"].log_prob(site["value"]).expand(shape)
 
 
+def check_examples(data: torch.Tensor) -> None:
+    """Raise :class:`ValueError` unless ``data`` is a non-empty ``(N, input_dim)`` batch of examples."""
+    if data.dim() != 2 or data.shape[0] == 0:
+        raise ValueError(f"data must have shape (N, input_dim) with N > 0, got {tuple(data.shape)}.")
+
+
 @contextlib.contextmanager
 def eval_mode(*modules: object) -> Iterator[None]:
     """Put every :class:`torch.nn.Module` among ``modules`` in evaluation mode (batch norm
@@ -206,8 +212,7 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    if data.dim() != 2 or data.shape[0] == 0:
-        raise ValueError(f"data must have shape (N, input_dim) with N > 0, got {tuple(data.shape)}.")
+    check_examples(data)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     elbo, ll, recon, kl, log_w = [], [], [], [], []
