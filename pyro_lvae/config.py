@@ -20,6 +20,7 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 GUIDES = ("ladder", "vae")
 DATASETS = ("mnist", "binarized_mnist", "fashion_mnist", "omniglot28", "omniglot")
 BINARIZATIONS = ("dynamic", "static", "none")
+ENGINES = ("fast", "svi")
 
 #: Latent and hidden sizes of the paper's deepest model (§3), bottom to top.
 PAPER_LATENT_SIZES = (64, 32, 16, 8, 4)
@@ -112,6 +113,10 @@ class TrainConfig:
     :param train_subset: Use only the first this many training examples (0 = all).
     :param test_subset: Use only the first this many test examples (0 = all).
     :param seed: Seed of every random number generator.
+    :param engine: How a training step is taken: ``"fast"`` (one fused
+        ``torch.optim.Adam``, no per-step host sync; the default) or ``"svi"``
+        (``pyro.infer.SVI`` with ``pyro.optim.Adam``, the textbook loop). Both give
+        the same updates; see :mod:`pyro_lvae.engine`.
     """
 
     dataset: str = "mnist"
@@ -126,9 +131,11 @@ class TrainConfig:
     train_subset: int = 0
     test_subset: int = 0
     seed: int = 0
+    engine: str = "fast"
 
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("engine", self.engine, ENGINES)
         _check_choice("binarization", self.binarization, BINARIZATIONS)
         for name in ("epochs", "batch_size", "eval_every", "eval_particles", "num_importance_samples"):
             value = getattr(self, name)

@@ -84,13 +84,15 @@ def particle_traces(model: GenerativeModel, guide: nn.Module, x: torch.Tensor, n
 
     Every site is broadcast to ``(num_particles, batch)`` by a
     ``pyro.plate("particles", num_particles, dim=-2)``; ``poutine.block`` keeps these
-    internal traces from any handler the caller has installed.
+    internal traces from any handler the caller has installed. The ladder guide's
+    top-down priors are computed once and reused by the model
+    (:meth:`~pyro_lvae.model.GenerativeModel.shared_priors`).
 
     :returns: ``(guide_trace, model_trace)``.
     """
     if num_particles <= 0:
         raise ValueError(f"num_particles must be positive, got {num_particles}.")
-    with poutine.block(), pyro.plate("particles", num_particles, dim=-2):
+    with poutine.block(), model.shared_priors(), pyro.plate("particles", num_particles, dim=-2):
         guide_trace = poutine.trace(guide).get_trace(x)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
     return guide_trace, model_trace

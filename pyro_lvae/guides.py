@@ -66,6 +66,8 @@ class BottomUpGuide(nn.Module):
 
     #: Site order differs from the model's; use Trace_ELBO (see module docstring).
     mean_field_compatible = False
+    #: Whether :meth:`forward` calls :func:`pyro.module` (see ``GenerativeModel.register_params``).
+    register_params: bool = True
 
     def __init__(self, model: GenerativeModel) -> None:
         super().__init__()
@@ -75,12 +77,17 @@ class BottomUpGuide(nn.Module):
         # q(z_i | z_{i-1}) reads z_{i-1} (x for i = 1).
         self.mlps, self.heads = _mlps_and_heads(cfg, (cfg.input_dim,) + cfg.latent_sizes[:-1])
 
+    def register(self) -> None:
+        """Register the guide's parameters in Pyro's param store under :attr:`name`."""
+        pyro.module(self.name, self)
+
     def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> None:
         """Sample z1, …, zL given ``x`` of shape ``(batch, input_dim)``.
 
         :param beta: Warm-up KL weight, as for the model.
         """
-        pyro.module(self.name, self)
+        if self.register_params:
+            self.register()
         with pyro.plate("data", x.shape[0], dim=-1), kl_weight(beta):
             h = x
             for i in range(self.config.depth):
@@ -100,6 +107,8 @@ class LadderGuide(nn.Module):
 
     #: Sites come in the model's order, conditioned like the model's: TraceMeanField_ELBO is valid.
     mean_field_compatible = True
+    #: Whether :meth:`forward` calls :func:`pyro.module` (see ``GenerativeModel.register_params``).
+    register_params: bool = True
 
     def __init__(self, model: GenerativeModel) -> None:
         super().__init__()
@@ -124,13 +133,19 @@ class LadderGuide(nn.Module):
             estimates.append(head(d))
         return estimates
 
+    def register(self) -> None:
+        """Register the model's parameters (used here by the top-down pass) and the
+        guide's own upward networks in Pyro's param store."""
+        self.model.register()
+        pyro.module(self.name, self.upward_net)
+
     def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> None:
         """Sample zL, …, z1 given ``x`` of shape ``(batch, input_dim)``.
 
         :param beta: Warm-up KL weight, as for the model.
         """
-        pyro.module(self.model.name, self.model)
-        pyro.module(self.name, self.upward_net)
+        if self.register_params:
+            self.register()
         depth = self.config.depth
         estimates = self.upward(x)
         with pyro.plate("data", x.shape[0], dim=-1), kl_weight(beta):

@@ -13,6 +13,9 @@ observation model. Sample sites are named ``z{L}``, …, ``z1`` and ``x``, in th
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -44,6 +47,12 @@ class GenerativeModel(nn.Module):
     torch.Size([5, 6])
     """
 
+    #: Whether :meth:`forward` registers the parameters with :func:`pyro.module`, as
+    #: a Pyro model must for ``SVI`` to find them. The fast training engine
+    #: (:mod:`pyro_lvae.engine`) registers them once and switches this off inside its
+    #: own steps only.
+    register_params: bool = True
+
     def __init__(self, config: ModelConfig, *, name: str = "lvae") -> None:
         super().__init__()
         self.config = config
@@ -65,6 +74,12 @@ class GenerativeModel(nn.Module):
             self.decoder_head: nn.Module = nn.Linear(config.hidden_sizes[0], config.input_dim)
         else:
             self.decoder_head = GaussianHead(config.hidden_sizes[0], config.input_dim)
+        # Memo of prior_params, live only inside shared_priors() (see there).
+        self._prior_memo: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] | None = None
+
+    def register(self) -> None:
+        """Register the parameters in Pyro's param store under :attr:`name`."""
+        pyro.module(self.name, self)
 
     @property
     def depth(self) -> int:
@@ -77,8 +92,38 @@ class GenerativeModel(nn.Module):
         :param z_above: A sample of :math:`z_{layer+1}`, shape ``(..., latent_sizes[layer])``.
         :returns: ``(loc, variance)``, each of shape ``(..., latent_sizes[layer - 1])``.
         """
+        memo = self._prior_memo
+        if memo is not None and layer in memo and memo[layer][0] is z_above:
+            return memo[layer][1]
         d = self.top_down_mlps[layer - 1](z_above)
-        return self.top_down_heads[layer - 1](d)
+        params = self.top_down_heads[layer - 1](d)
+        if memo is not None:
+            memo[layer] = (z_above, params)
+        return params
+
+    @contextlib.contextmanager
+    def shared_priors(self) -> Iterator[None]:
+        """Compute each top-down prior once per sample inside this context.
+
+        The :class:`~pyro_lvae.guides.LadderGuide` evaluates
+        :math:`p(z_i | z_{i+1})` on its own sample of :math:`z_{i+1}` to merge it
+        with the bottom-up estimate; the model, replayed on the guide's trace, then
+        evaluates the same networks on the same tensor. Inside this context
+        :meth:`prior_params` remembers its last result per layer and returns it when
+        called again with the *same tensor object*, so the top-down networks run (and
+        back-propagate, and update their batch-norm statistics) once per step instead
+        of twice. The values and gradients are unchanged. The memo is dropped on exit,
+        so parameter updates between two loss evaluations can never see a stale entry:
+        wrap one loss evaluation, not a training loop.
+        """
+        if self._prior_memo is not None:  # nested: the outer context owns the memo
+            yield
+            return
+        self._prior_memo = {}
+        try:
+            yield
+        finally:
+            self._prior_memo = None
 
     def likelihood(self, z1: torch.Tensor) -> dist.Distribution:
         """The observation distribution :math:`p(x | z_1)`, with event shape ``(input_dim,)``."""
@@ -99,7 +144,8 @@ class GenerativeModel(nn.Module):
             keyword tensor would be baked in as a constant and recompiled.
         :returns: The bottom latent sample z1.
         """
-        pyro.module(self.name, self)
+        if self.register_params:
+            self.register()
         cfg = self.config
         batch = x.shape[0]
         with pyro.plate("data", batch, dim=-1):

@@ -6,9 +6,10 @@
    when it is binarized dynamically, the test set binarized once with the run's
    seed);
 2. build the model, the guide named by the config and the ELBO valid for that
-   guide (:func:`~pyro_lvae.objectives.elbo_for`);
+   guide (:func:`~pyro_lvae.objectives.elbo_for`), and the training step of the
+   configured engine (:class:`~pyro_lvae.engine.TrainingStep`);
 3. for every epoch: draw a fresh binarization x ~ Bernoulli(grey) (paper §3),
-   shuffle by an index permutation on the device, and take one SVI step per
+   shuffle by an index permutation on the device, and take one step per
    minibatch with the warm-up weight β of that epoch
    (:func:`~pyro_lvae.warmup.warmup_beta`) as a tensor;
 4. append one JSON line per epoch to ``metrics.jsonl`` and write an atomic
@@ -42,18 +43,16 @@ from typing import Any
 
 import pyro
 import torch
-from pyro.infer import SVI
-from pyro.optim import Adam
 from tqdm.auto import tqdm
 
 from .analysis import kl_per_unit
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config import ExperimentConfig
 from .data import Dataset, binarize, check_data, load_dataset
+from .engine import TrainingStep
 from .evaluation import DEFAULT_MEMORY_BUDGET, evaluate
 from .guides import make_guide
 from .model import GenerativeModel
-from .objectives import elbo_for
 from .warmup import warmup_beta
 
 logger = logging.getLogger(__name__)
@@ -267,8 +266,7 @@ def train(
 
     model = GenerativeModel(config.model).to(device)
     guide = make_guide(model).to(device)
-    optimizer = Adam({"lr": tc.learning_rate})
-    svi = SVI(model, guide, optimizer, loss=elbo_for(guide))
+    step = TrainingStep(model, guide, learning_rate=tc.learning_rate, engine=tc.engine)
 
     start_epoch = 0
     metrics: list[dict[str, Any]] = []
@@ -284,7 +282,7 @@ def train(
             )
         model.load_state_dict(ckpt["model"])
         guide.load_state_dict(ckpt["guide"])
-        optimizer.set_state(ckpt["optimizer"])
+        step.load_state_dict(ckpt["optimizer"])
         _set_rng_state(ckpt["rng"])
         start_epoch = ckpt["epoch"]
         metrics = _read_metrics(out_path / METRICS_NAME, start_epoch)
@@ -305,13 +303,17 @@ def train(
         batches = torch.randperm(n, device=device).split(tc.batch_size)
         if config.model.batch_norm and len(batches) > 1 and len(batches[-1]) == 1:
             batches = batches[:-1]  # batch norm cannot normalize a single example
-        loss_sum = 0.0
+        # The loss is summed on the device; reading it (a host sync on a GPU) happens
+        # only for the progress bar, every 25 steps, and once at the end of the epoch.
+        loss_sum = torch.zeros((), device=device)
         seen = 0
         bar = tqdm(batches, disable=not progress, leave=False, desc=f"epoch {epoch + 1}/{tc.epochs}")
-        for idx in bar:
-            loss_sum += svi.step(x_epoch[idx], beta_t)
+        for i, idx in enumerate(bar):
+            loss_sum += step(x_epoch[idx], beta_t)
             seen += len(idx)
-            bar.set_postfix(loss=f"{loss_sum / seen:.2f}", beta=f"{beta:.3f}", refresh=False)
+            if progress and i % 25 == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.2f}", beta=f"{beta:.3f}", refresh=False)
+        loss_mean = loss_sum.item() / seen
         seconds = time.perf_counter() - t0
         train_seconds += seconds
         record: dict[str, Any] = {
@@ -319,7 +321,7 @@ def train(
             "beta": beta,
             # The β-weighted objective of eq. 20, running mean over the epoch's steps;
             # it equals the running train ELBO once β = 1.
-            "train_objective": -loss_sum / seen,
+            "train_objective": -loss_mean,
             "seconds": seconds,
         }
         if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
@@ -354,7 +356,7 @@ def train(
                     "epoch": epoch + 1,
                     "model": model.state_dict(),
                     "guide": guide.state_dict(),
-                    "optimizer": optimizer.get_state(),
+                    "optimizer": step.state_dict(),
                     "rng": _rng_state(),
                 },
             )

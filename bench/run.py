@@ -1,0 +1,290 @@
+"""pyro-lvae benchmark: the library against a plain-PyTorch baseline, in one run.
+
+Measures, for the ladder and the bottom-up guide of one preset (default
+``lvae-bn-wu-5``, the paper's 5-layer model, batch 256):
+
+* training-step time of the library's engines (``fast``, the default, and
+  ``svi``, the textbook ``pyro.infer.SVI`` loop), of the intermediate stages
+  between them (an ablation), and of the plain-PyTorch baseline in
+  ``bench/baseline.py``; each divided by the baseline's time;
+* seconds per MNIST epoch with :func:`pyro_lvae.training.train`;
+* L_K evaluation throughput, in (examples × samples)/s, and its peak memory;
+* FLOPs per step (counted by ``torch.utils.flop_counter``) and the achieved
+  FLOP/s, against a matmul of the model's largest layer shape timed in the same
+  run (the practical roofline).
+
+Every time is the median over interleaved rounds after warm-up steps; on CUDA
+each timed block ends with ``torch.cuda.synchronize()``. The baseline's loss is
+checked against the library's on the same seed before anything is timed.
+
+    python bench/run.py --data-root ../shared/data            # full run
+    python bench/run.py --quick --data-root ../shared/data    # smoke test (CI)
+
+It prints a table and writes the same numbers as JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pyro
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baseline import plain_loss  # noqa: E402
+
+from pyro_lvae import get_preset  # noqa: E402
+from pyro_lvae.data import load_dataset  # noqa: E402
+from pyro_lvae.engine import TrainingStep, registered_once, trainable_parameters  # noqa: E402
+from pyro_lvae.evaluation import evaluate  # noqa: E402
+from pyro_lvae.guides import make_guide  # noqa: E402
+from pyro_lvae.model import GenerativeModel  # noqa: E402
+from pyro_lvae.objectives import elbo_for  # noqa: E402
+from pyro_lvae.training import train  # noqa: E402
+
+GUIDES = ("ladder", "vae")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fns: dict[str, Callable[[], Any]], *, device: torch.device, rounds: int, per_round: int, warmup: int) -> dict[str, float]:
+    """Median milliseconds per call of each function, timed in interleaved rounds."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) / per_round * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def _fused_adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
+def _build(config, device: torch.device, name: str):
+    model = GenerativeModel(config.model, name=name).to(device)
+    guide = make_guide(model).to(device)
+    return model, guide
+
+
+def step_functions(config, x: torch.Tensor, beta: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """The step variants to time, each on its own copy of the networks.
+
+    From the textbook loop to the library's fast engine, one change at a time:
+    ``svi engine`` (``pyro.infer.SVI`` + ``pyro.optim.Adam``); ``+torch Adam`` (the
+    same ELBO's ``differentiable_loss`` with one fused ``torch.optim.Adam``);
+    ``+no validation`` (Pyro's argument checks off); ``+registered once`` (no
+    per-call ``pyro.module``); ``fast engine`` (the library's engine, which also
+    shares the top-down priors between the ladder guide and the model);
+    ``baseline`` (plain PyTorch).
+    """
+    device, lr = x.device, config.train.learning_rate
+    fns: dict[str, Callable[[], Any]] = {}
+
+    model, guide = _build(config, device, "svi")
+    svi = TrainingStep(model, guide, learning_rate=lr, engine="svi")
+    fns["svi engine"] = lambda: svi(x, beta)
+
+    for label, validate, once in (("+torch Adam", True, False), ("+no validation", False, False), ("+registered once", False, True)):
+        model, guide = _build(config, device, label)
+        elbo, opt = elbo_for(guide), _fused_adam(trainable_parameters(model, guide), lr)
+
+        def stage(model=model, guide=guide, elbo=elbo, opt=opt, validate=validate, once=once):
+            with pyro.validation_enabled(validate), registered_once(*((model, guide) if once else ())):
+                loss = elbo.differentiable_loss(model, guide, x, beta)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        fns[label] = stage
+
+    model, guide = _build(config, device, "fast")
+    fast = TrainingStep(model, guide, learning_rate=lr, engine="fast")
+    fns["fast engine"] = lambda: fast(x, beta)
+
+    model, guide = _build(config, device, "baseline")
+    opt = _fused_adam(trainable_parameters(model, guide), lr)
+
+    def baseline(model=model, guide=guide, opt=opt):
+        loss = plain_loss(model, guide, x, beta)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    fns["baseline"] = baseline
+    return fns
+
+
+def check_baseline(config, x: torch.Tensor, beta: torch.Tensor) -> float:
+    """Relative difference between the baseline's loss and the library's on the same draws."""
+    model, guide = _build(config, x.device, "check")
+    step = TrainingStep(model, guide, learning_rate=config.train.learning_rate)
+    pyro.set_rng_seed(7)
+    library = step.loss(x, beta).item()
+    pyro.set_rng_seed(7)
+    base = plain_loss(model, guide, x, beta).item()
+    rel = abs(library - base) / abs(library)
+    if rel > 1e-4:
+        raise RuntimeError(f"The baseline computes a different loss ({base} vs {library}); the comparison is invalid.")
+    return rel
+
+
+def step_flops(config, x: torch.Tensor, beta: torch.Tensor) -> int:
+    """FLOPs of one baseline step (forward and backward), as counted by PyTorch."""
+    model, guide = _build(config, x.device, "flops")
+    with FlopCounterMode(display=False) as counter:
+        plain_loss(model, guide, x, beta).backward()
+    return counter.get_total_flops()
+
+
+def matmul_roofline(config, batch: int, device: torch.device, *, rounds: int) -> float:
+    """FLOP/s of a matmul with the model's largest layer shape, (batch × input_dim) @ (input_dim × hidden_0)."""
+    m, k, n = batch, config.model.input_dim, config.model.hidden_sizes[0]
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    ms = _median_ms({"mm": lambda: a @ b}, device=device, rounds=rounds, per_round=20, warmup=10)["mm"]
+    return 2 * m * k * n / (ms / 1e3)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    # ru_maxrss is the process's peak resident set in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
+    parser.add_argument("--preset", default="lvae-bn-wu-5")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data-root", default=None, help="data root (default $PYRO_LVAE_DATA)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
+    parser.add_argument("--num-samples", type=int, default=5000, help="K of the L_K throughput measurement")
+    parser.add_argument("--lk-examples", type=int, default=None, help="test examples for the L_K measurement")
+    parser.add_argument("--epoch-subset", type=int, default=0, help="train examples for the epoch time (0 = all)")
+    parser.add_argument("--json", default=None, help="where to write the results (default bench/results/<device>.json)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    quick = args.quick
+    rounds = args.rounds or (2 if quick else 10)
+    per_round = 2 if quick else 10
+    num_samples = 50 if quick else args.num_samples
+    lk_examples = args.lk_examples or (16 if quick else 200)
+    epoch_subset = 1024 if quick else args.epoch_subset
+    base = get_preset(args.preset)
+    if quick:
+        base = base.replace(latent_sizes=(8, 4), hidden_sizes=(32, 16), batch_size=64)
+    batch = base.train.batch_size
+
+    pyro.set_rng_seed(0)
+    mnist = load_dataset("mnist", root=args.data_root, download=False)
+    x = torch.bernoulli(mnist.train_x[:batch]).to(device)
+    beta = torch.tensor(0.5, device=device)
+    roofline = matmul_roofline(base, batch, device, rounds=rounds)
+
+    results: dict[str, Any] = {
+        "preset": args.preset,
+        "quick": quick,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "batch_size": batch,
+        "matmul_roofline_flops": roofline,
+        "guides": {},
+    }
+    for guide_name in GUIDES:
+        config = base.replace(guide=guide_name)
+        pyro.clear_param_store()
+        rel = check_baseline(config, x, beta)
+        flops = step_flops(config, x, beta)
+        ms = _median_ms(step_functions(config, x, beta), device=device, rounds=rounds, per_round=per_round, warmup=3)
+
+        epoch_cfg = config.replace(epochs=1, train_subset=epoch_subset)
+        epoch = train(epoch_cfg, dataset=mnist, device=device, progress=False, final_evaluation=False)
+        epoch_seconds = epoch.metrics[0]["seconds"]
+        steps_per_epoch = -(-len(epoch.data.train) // batch)
+
+        test = epoch.data.test[:lk_examples]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        evaluate(epoch.model, epoch.guide, test, num_samples=num_samples)
+        _sync(device)
+        lk_seconds = time.perf_counter() - t0
+        results["guides"][guide_name] = {
+            "step_ms": ms,
+            "ratio_to_baseline": {k: v / ms["baseline"] for k, v in ms.items()},
+            "baseline_loss_rel_diff": rel,
+            "step_flops": flops,
+            "achieved_flops": {k: flops / (v / 1e3) for k, v in ms.items() if k in ("fast engine", "baseline")},
+            "epoch_seconds": epoch_seconds,
+            "epoch_steps": steps_per_epoch,
+            "lk_num_samples": num_samples,
+            "lk_examples": len(test),
+            "lk_seconds": lk_seconds,
+            "lk_pairs_per_second": len(test) * num_samples / lk_seconds,
+            "peak_memory_bytes": peak_memory_bytes(device),
+        }
+
+    print(format_table(results))
+    out = Path(args.json) if args.json else Path(__file__).resolve().parent / "results" / f"{device.type}{'-quick' if quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The results as a Markdown table, one row per guide and step variant."""
+    lines = [
+        f"device: {results['device']}; torch {results['torch']}, pyro {results['pyro']}; {results['date']}",
+        f"preset {results['preset']}{' (quick sizes)' if results['quick'] else ''}, batch {results['batch_size']}; "
+        f"matmul roofline {results['matmul_roofline_flops'] / 1e9:.1f} GFLOP/s",
+        "",
+        "| guide | step variant | ms/step | × baseline |",
+        "|---|---|---|---|",
+    ]
+    for guide, r in results["guides"].items():
+        for variant, ms in r["step_ms"].items():
+            lines.append(f"| {guide} | {variant} | {ms:.2f} | {r['ratio_to_baseline'][variant]:.2f} |")
+    lines += [
+        "",
+        "| guide | s/epoch (steps) | L_K: K, examples, s, pairs/s | peak memory | GFLOP/step | GFLOP/s fast (baseline) | of roofline |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for guide, r in results["guides"].items():
+        fast, base = r["achieved_flops"]["fast engine"], r["achieved_flops"]["baseline"]
+        lines.append(
+            f"| {guide} | {r['epoch_seconds']:.2f} ({r['epoch_steps']}) | {r['lk_num_samples']}, {r['lk_examples']}, "
+            f"{r['lk_seconds']:.1f}, {r['lk_pairs_per_second']:,.0f} | {r['peak_memory_bytes'] / 2**20:,.0f} MiB | "
+            f"{r['step_flops'] / 1e9:.3f} | {fast / 1e9:.1f} ({base / 1e9:.1f}) | {fast / results['matmul_roofline_flops']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
