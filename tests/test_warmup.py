@@ -131,6 +131,8 @@ def test_jit_elbo_with_beta_as_positional_tensor(guide_cls):
     # random draws differently from the uncompiled one, so compare it with itself).
     assert losses[0.5] == pytest.approx((losses[0.0] + losses[1.0]) / 2, rel=1e-5)
     assert losses[0.0] != pytest.approx(losses[1.0], rel=1e-3)
-    for elbo in (jit_mc, jit_mf):
-        compiled = getattr(elbo, "_differentiable_loss", None) or elbo._loss_and_surrogate_loss
-        assert len(compiled.compiled) == 1  # compiled once for all three β
+    # JitTrace_ELBO compiled once for all three β. (Pyro 1.9's JitTraceMeanField_ELBO
+    # cannot show this: it caches its compiled function under a different attribute
+    # from the one it checks, so it rebuilds and recompiles it on every call whatever
+    # β is; docs/performance.md.)
+    assert len(jit_mc._loss_and_surrogate_loss.compiled) == 1
