@@ -47,7 +47,7 @@ from pyro_lvae import get_preset  # noqa: E402
 from pyro_lvae.data import load_dataset  # noqa: E402
 from pyro_lvae.engine import TrainingStep, registered_once, trainable_parameters  # noqa: E402
 from pyro_lvae.evaluation import evaluate  # noqa: E402
-from pyro_lvae.guides import make_guide  # noqa: E402
+from pyro_lvae.families import make_guide  # noqa: E402
 from pyro_lvae.model import GenerativeModel  # noqa: E402
 from pyro_lvae.objectives import elbo_for  # noqa: E402
 from pyro_lvae.training import train  # noqa: E402

@@ -2,7 +2,8 @@
 
 from .config import ExperimentConfig, ModelConfig, TrainConfig
 from .evaluation import evaluate, importance_sampled_bounds, log_importance_weights
-from .guides import BottomUpGuide, LadderGuide, make_guide
+from .families import make_guide, make_model
+from .guides import BottomUpGuide, LadderGuide
 from .merge import precision_weighted_merge
 from .model import GenerativeModel
 from .objectives import elbo_for
@@ -26,6 +27,7 @@ __all__ = [
     "kl_weight",
     "log_importance_weights",
     "make_guide",
+    "make_model",
     "precision_weighted_merge",
     "warmup_beta",
 ]

@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, cfg in PRESETS.items():
                 m = cfg.model
                 sys.stdout.write(
-                    f"{name:14s} guide={m.guide:6s} latents={'-'.join(map(str, m.latent_sizes)):14s} "
+                    f"{name:14s} family={m.family:5s} guide={m.guide:6s} latents={'-'.join(map(str, m.latent_sizes)):14s} "
                     f"bn={m.batch_norm!s:5s} warmup={cfg.train.warmup_epochs}\n"
                 )
             return 0

@@ -18,6 +18,7 @@ from typing import Any
 ACTIVATIONS = ("leaky_relu", "tanh", "identity")
 LIKELIHOODS = ("bernoulli", "gaussian")
 GUIDES = ("ladder", "vae")
+FAMILIES = ("lvae", "vlae", "vqvae")
 DATASETS = ("mnist", "binarized_mnist", "fashion_mnist", "omniglot28", "omniglot")
 BINARIZATIONS = ("dynamic", "static", "none")
 ENGINES = ("fast", "svi")
@@ -58,7 +59,18 @@ class ModelConfig:
     :param likelihood: ``"bernoulli"`` (sigmoid mean) or ``"gaussian"`` (linear mean,
         softplus variance).
     :param guide: ``"ladder"`` (:class:`~pyro_lvae.guides.LadderGuide`) or ``"vae"``
-        (:class:`~pyro_lvae.guides.BottomUpGuide`).
+        (:class:`~pyro_lvae.guides.BottomUpGuide`). The VLAE and the VQ-VAE have one
+        (bottom-up) inference network each and need ``"vae"``.
+    :param family: The model family: ``"lvae"`` (the hierarchical model of the LVAE
+        paper, with either guide), ``"vlae"`` (the Variational Ladder Autoencoder,
+        :mod:`pyro_lvae.vlae`) or ``"vqvae"`` (:mod:`pyro_lvae.vqvae`, one layer of
+        ``latent_sizes[0]`` code positions).
+    :param codebook_size: VQ-VAE: number K of codebook vectors.
+    :param code_dim: VQ-VAE: dimension D of each codebook vector.
+    :param commitment_cost: VQ-VAE: weight β of the commitment term (0.25 in the paper).
+    :param codebook_ema: VQ-VAE: update the codebook by exponential moving averages
+        instead of by the gradient of the codebook term.
+    :param ema_decay: VQ-VAE: decay γ of those moving averages.
     """
 
     input_dim: int = 784
@@ -68,6 +80,12 @@ class ModelConfig:
     batch_norm: bool = True
     likelihood: str = "bernoulli"
     guide: str = "ladder"
+    family: str = "lvae"
+    codebook_size: int = 64
+    code_dim: int = 16
+    commitment_cost: float = 0.25
+    codebook_ema: bool = False
+    ema_decay: float = 0.99
 
     def __post_init__(self) -> None:
         if isinstance(self.input_dim, bool) or not isinstance(self.input_dim, int) or self.input_dim <= 0:
@@ -84,6 +102,28 @@ class ModelConfig:
         _check_choice("guide", self.guide, GUIDES)
         if not isinstance(self.batch_norm, bool):
             raise ValueError(f"batch_norm must be True or False, got {self.batch_norm!r}.")
+        _check_choice("family", self.family, FAMILIES)
+        if self.family != "lvae" and self.guide != "vae":
+            raise ValueError(
+                f"The {self.family} has a single bottom-up inference network; set guide='vae' for it."
+            )
+        for name in ("codebook_size", "code_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.codebook_size < 2:
+            raise ValueError(f"codebook_size must be at least 2, got {self.codebook_size}.")
+        if not isinstance(self.commitment_cost, (int, float)) or not self.commitment_cost > 0:
+            raise ValueError(f"commitment_cost must be a positive number, got {self.commitment_cost!r}.")
+        if not isinstance(self.codebook_ema, bool):
+            raise ValueError(f"codebook_ema must be True or False, got {self.codebook_ema!r}.")
+        if not isinstance(self.ema_decay, (int, float)) or not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie strictly between 0 and 1, got {self.ema_decay!r}.")
+        if self.family == "vqvae" and self.depth != 1:
+            raise ValueError(
+                f"A VQ-VAE has one latent layer: set latent_sizes to (number of code positions,) "
+                f"and hidden_sizes to one width, got {self.latent_sizes} and {self.hidden_sizes}."
+            )
 
     @property
     def depth(self) -> int:

@@ -155,10 +155,3 @@ class LadderGuide(nn.Module):
                 prior_loc, prior_var = self.model.prior_params(layer, z)
                 loc, var = precision_weighted_merge(*estimates[layer - 1], prior_loc, prior_var)
                 z = pyro.sample(f"z{layer}", dist.Normal(loc, var.sqrt()).to_event(1))
-
-
-def make_guide(model: GenerativeModel) -> BottomUpGuide | LadderGuide:
-    """The guide named by ``model.config.guide`` (``"ladder"`` or ``"vae"``)."""
-    if model.config.guide == "ladder":
-        return LadderGuide(model)
-    return BottomUpGuide(model)

@@ -15,6 +15,11 @@ lvae-bn-wu-L  ladder     yes          200 epochs         LVAE+BN+WU
 All use MNIST with dynamic binarization, a Bernoulli likelihood, leaky ReLU,
 Adam with learning rate 1e-3, batch size 256, 2000 epochs and L_5000.
 
+Two more presets hold the other model families of the source documents:
+``vlae-3`` (the Variational Ladder Autoencoder, three 2-unit layers, 200 epochs)
+and ``vqvae`` (an MLP VQ-VAE with 16 code positions, K = 64 codes of dimension 16,
+β = 0.25, 100 epochs).
+
 >>> from pyro_lvae.presets import get_preset
 >>> cfg = get_preset("lvae-bn-wu-5")
 >>> cfg.model.latent_sizes, cfg.model.guide, cfg.train.warmup_epochs
@@ -63,6 +68,42 @@ PRESETS: dict[str, ExperimentConfig] = {
     for variant in _VARIANTS
     for depth in range(1, len(PAPER_LATENT_SIZES) + 1)
 }
+
+
+#: The other model families of the source documents (see :mod:`pyro_lvae.families`).
+PRESETS["vlae-3"] = ExperimentConfig(
+    # Zhao et al.'s MNIST setting: three layers of two units each, so that each
+    # layer's code can be shown as a 2-D grid with the others fixed.
+    model=ModelConfig(
+        family="vlae",
+        guide="vae",
+        latent_sizes=(2, 2, 2),
+        hidden_sizes=(512, 512, 512),
+        activation="leaky_relu",
+        batch_norm=True,
+        likelihood="bernoulli",
+    ),
+    train=TrainConfig(dataset="mnist", binarization="dynamic", epochs=200, warmup_epochs=0, num_importance_samples=5000),
+    name="vlae-3",
+)
+PRESETS["vqvae"] = ExperimentConfig(
+    # An MLP VQ-VAE for 28×28 images: 16 positions of 16-dimensional codes, K = 64,
+    # β = 0.25 (paper). The Delta guide makes L_K equal to the ELBO for every K.
+    model=ModelConfig(
+        family="vqvae",
+        guide="vae",
+        latent_sizes=(16,),
+        hidden_sizes=(512,),
+        activation="leaky_relu",
+        batch_norm=False,
+        likelihood="bernoulli",
+        codebook_size=64,
+        code_dim=16,
+        commitment_cost=0.25,
+    ),
+    train=TrainConfig(dataset="mnist", binarization="dynamic", epochs=100, warmup_epochs=0, num_importance_samples=1),
+    name="vqvae",
+)
 
 
 def get_preset(name: str) -> ExperimentConfig:

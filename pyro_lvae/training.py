@@ -51,8 +51,9 @@ from .config import ExperimentConfig
 from .data import Dataset, binarize, check_data, load_dataset
 from .engine import TrainingStep
 from .evaluation import DEFAULT_MEMORY_BUDGET, evaluate
-from .guides import make_guide
+from .families import make_guide, make_model
 from .model import GenerativeModel
+from .vqvae import vq_statistics
 from .warmup import warmup_beta
 
 logger = logging.getLogger(__name__)
@@ -264,7 +265,7 @@ def train(
     pyro.set_rng_seed(tc.seed)
     data = prepare_data(config, dataset=dataset, data_root=data_root, download=download, device=device)
 
-    model = GenerativeModel(config.model).to(device)
+    model = make_model(config.model).to(device)
     guide = make_guide(model).to(device)
     step = TrainingStep(model, guide, learning_rate=tc.learning_rate, engine=tc.engine)
 
@@ -333,9 +334,10 @@ def train(
             record["train_elbo"] = ev_train["elbo"]
             record["test_elbo"] = ev["elbo"]
             record["test_kl_per_layer"] = ev["kl_per_layer"]
-            record["test_kl_per_unit"] = [
-                k.tolist() for k in kl_per_unit(model, guide, data.test, num_samples=tc.eval_particles)
-            ]
+            if config.model.family != "vqvae":  # per-unit KL needs Gaussian latents
+                record["test_kl_per_unit"] = [
+                    k.tolist() for k in kl_per_unit(model, guide, data.test, num_samples=tc.eval_particles)
+                ]
         metrics.append(record)
         logger.info(
             "epoch %d/%d  beta %.3f  train objective %.3f  %s%.1fs",
@@ -401,7 +403,10 @@ def final_results(
     t0 = time.perf_counter()
     ev = evaluate(model, guide, test, num_samples=num_samples, memory_budget=memory_budget, progress=progress)
     device = next(model.parameters()).device
-    return {
+    extra = {}
+    if config.model.family == "vqvae":
+        extra["vq"] = vq_statistics(model, guide, test)
+    return extra | {
         "test_elbo": ev["elbo"],
         "test_log_likelihood": ev["log_likelihood"],
         "num_importance_samples": num_samples,
@@ -430,7 +435,7 @@ def load_run(
     ckpt = load_checkpoint(run_dir)
     config = ExperimentConfig.from_dict(ckpt["config"])
     pyro.clear_param_store()
-    model = GenerativeModel(config.model)
+    model = make_model(config.model)
     guide = make_guide(model)
     try:
         model.load_state_dict(ckpt["model"])

@@ -58,4 +58,4 @@ def test_bad_cli_input(args, match, capsys, tmp_path):
 
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "pyro_lvae", "presets"], capture_output=True, text=True, check=True)
-    assert "lvae-bn-wu-5" in out.stdout and len(out.stdout.splitlines()) == 20
+    assert "lvae-bn-wu-5" in out.stdout and "vlae-3" in out.stdout and len(out.stdout.splitlines()) == 22

@@ -49,7 +49,8 @@ def test_likelihood_and_binarization_must_agree():
 
 
 def test_presets():
-    assert len(PRESETS) == 20
+    assert len(PRESETS) == 22  # 4 variants × 5 depths, vlae-3 and vqvae
+    assert get_preset("vlae-3").model.family == "vlae" and get_preset("vqvae").model.family == "vqvae"
     lvae = get_preset("lvae-bn-wu-5")
     assert lvae.model.latent_sizes == (64, 32, 16, 8, 4)
     assert lvae.model.hidden_sizes == (512, 256, 128, 64, 32)

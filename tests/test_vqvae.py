@@ -1,0 +1,103 @@
+"""The VQ-VAE: nearest-code quantization, straight-through gradients, the VQ terms and the ELBO."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+
+from pyro_lvae import evaluate, get_preset, make_guide, make_model
+from pyro_lvae.config import ModelConfig
+from pyro_lvae.training import train
+from pyro_lvae.vqvae import VQVAEGuide, VQVAEModel, vq_statistics
+
+
+def _small(**overrides) -> tuple[VQVAEModel, VQVAEGuide]:
+    kwargs = dict(family="vqvae", guide="vae", input_dim=12, latent_sizes=(3,), hidden_sizes=(16,), codebook_size=5, code_dim=4, batch_norm=False)
+    kwargs.update(overrides)
+    model = make_model(ModelConfig(**kwargs))
+    with torch.no_grad():
+        model.codebook.normal_()  # codes far apart, so that the nearest one is unambiguous
+    return model, make_guide(model)
+
+
+def test_quantize_returns_the_nearest_codebook_vector():
+    model, guide = _small()
+    z_e = torch.randn(7, 3, 4)
+    indices, e, z_st = guide.quantize(z_e)
+    brute = torch.cdist(z_e.reshape(-1, 4), model.codebook).argmin(-1).reshape(7, 3)
+    assert torch.equal(indices, brute)
+    torch.testing.assert_close(e, model.codebook[brute])
+    torch.testing.assert_close(z_st, e)  # the straight-through value is the code, numerically
+
+
+def test_straight_through_gradient_reaches_the_encoder():
+    model, guide = _small()
+    x = torch.bernoulli(torch.full((6, 12), 0.5))
+    z_e = guide.encode(x)
+    _, _, z_st = guide.quantize(z_e)
+    z_q = z_st.detach().requires_grad_(True)
+    grad_q, = torch.autograd.grad(model.likelihood(z_q).log_prob(x).sum(), z_q)
+    grad_e, = torch.autograd.grad(model.likelihood(z_st).log_prob(x).sum(), z_e)
+    torch.testing.assert_close(grad_e, grad_q)  # the decoder-input gradient, copied to z_e
+    assert grad_e.abs().sum() > 0
+    loss = Trace_ELBO().differentiable_loss(model, guide, x)
+    loss.backward()
+    assert guide.encoder.net[0].weight.grad.abs().sum() > 0
+    assert model.codebook.grad.abs().sum() > 0
+
+
+def test_commitment_term_pulls_encoder_outputs_toward_their_codes():
+    model, guide = _small()
+    model.codebook.requires_grad_(False)
+    x = torch.bernoulli(torch.full((32, 12), 0.5))
+    opt = torch.optim.SGD(guide.parameters(), lr=0.05)
+
+    def distance() -> float:
+        z_e = guide.encode(x)
+        return (z_e - guide.quantize(z_e)[1]).pow(2).sum((-2, -1)).mean().item()
+
+    before = distance()
+    for _ in range(30):
+        # The guide's vq_loss factor: its only encoder gradient is the commitment term's.
+        vq = poutine.trace(guide).get_trace(x).nodes["vq_loss"]["fn"].log_factor.sum()
+        opt.zero_grad()
+        vq.backward()
+        opt.step()
+    assert distance() < 0.5 * before
+
+
+def test_loss_is_reconstruction_plus_constant_kl_plus_vq_terms():
+    model, guide = _small()
+    x = torch.bernoulli(torch.full((9, 12), 0.5))
+    loss = Trace_ELBO().loss(model, guide, x)
+    z_e = guide.encode(x)
+    _, e, z_q = guide.quantize(z_e)
+    nll = -model.likelihood(z_q).log_prob(x).sum().item()
+    kl = 9 * 3 * math.log(5)
+    vq = ((z_e - e).pow(2).sum((-2, -1)) * (1 + 0.25)).sum().item()
+    assert loss == pytest.approx(nll + kl + vq, rel=1e-5)
+    # The evaluation reads only z1 and x: the ELBO under the uniform prior, and L_K = ELBO.
+    model.eval()
+    guide.eval()
+    ev = evaluate(model, guide, x, num_samples=7)
+    assert ev["elbo"] == pytest.approx(-(nll + kl) / 9, rel=1e-5)
+    assert ev["log_likelihood"] == pytest.approx(ev["elbo"], rel=1e-6)
+    stats = vq_statistics(model, guide, x)
+    assert stats["elbo"] == pytest.approx(ev["elbo"], rel=1e-5) and stats["kl"] == pytest.approx(3 * math.log(5))
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_vqvae_trains_from_its_preset_and_uses_several_codes(mnist, ema):
+    config = get_preset("vqvae").replace(
+        epochs=2, train_subset=2000, test_subset=300, hidden_sizes=(128,), batch_size=100, codebook_ema=ema,
+    )
+    result = train(config, dataset=mnist, progress=False)
+    vq = result.results["vq"]
+    assert vq["codes_used"] > 1 and vq["perplexity"] > 1
+    assert result.results["test_log_likelihood"] == pytest.approx(result.results["test_elbo"], rel=1e-6)
+    assert result.results["test_elbo"] == pytest.approx(vq["elbo"], rel=1e-4)
+    assert result.metrics[-1]["test_elbo"] > -545  # better than an untrained Bernoulli(0.5) decoder
