@@ -135,3 +135,39 @@ def elbo_curves(curves_by_run: Mapping[str, xr.Dataset], *, path: str | os.PathL
     ax.legend(fontsize=7)
     fig.tight_layout()
     return _finish(fig, path)
+
+
+def vlae_traversals(
+    model: torch.nn.Module,
+    *,
+    steps: int = 7,
+    span: float = 2.0,
+    image_shape: tuple[int, int] = (28, 28),
+    seed: int = 0,
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """One panel per VLAE layer: a grid over that layer's code, the other layers fixed.
+
+    The other layers keep one draw from the prior (the same for every panel, set by
+    ``seed``), so each panel shows what its layer alone changes in x: in Zhao et
+    al.'s MNIST figure, stroke width for z1, width and tilt for z2, digit identity for z3.
+
+    :param model: A trained :class:`~pyro_lvae.vlae.VLAEModel`.
+    :param steps: Grid points per axis (each layer's first two units).
+    :param span: The grid covers ``[-span, span]`` in prior standard deviations.
+    """
+    depth = model.config.depth
+    param = next(model.parameters())
+    gen = torch.Generator().manual_seed(seed)
+    fixed = [torch.randn(s, generator=gen).to(param) for s in model.config.latent_sizes]
+    fig, axes = plt.subplots(1, depth, figsize=(3.2 * depth, 3.5), squeeze=False)
+    with eval_mode(model):
+        for layer, ax in zip(range(1, depth + 1), axes[0]):
+            grid = model.traverse(layer, steps=steps, span=span, fixed=fixed).cpu()
+            rows, cols = grid.shape[:2]
+            h, w = image_shape
+            mosaic = grid.reshape(rows, cols, h, w).permute(0, 2, 1, 3).reshape(rows * h, cols * w)
+            ax.imshow(mosaic.numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set(title=f"vary z{layer}, others fixed", xticks=[], yticks=[])
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.88, wspace=0.08)
+    return _finish(fig, path)

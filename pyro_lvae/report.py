@@ -66,6 +66,11 @@ def analyse_run(
     """
     out = Path(out_dir)
     model, guide, config, ckpt = load_run(run_dir, device=device)
+    if config.model.family == "vqvae":
+        raise ValueError(
+            f"{run_dir} is a VQ-VAE run, whose latents are discrete: the report's per-unit KL, active units "
+            "and PSIS analyses do not apply; see results.json's 'vq' entry (pyro_lvae.vqvae.vq_statistics) instead."
+        )
     pyro.set_rng_seed(config.train.seed)
     data = prepare_data(config, data_root=data_root, download=download, device=device)
     test = data.test

@@ -59,3 +59,21 @@ def test_bad_cli_input(args, match, capsys, tmp_path):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "pyro_lvae", "presets"], capture_output=True, text=True, check=True)
     assert "lvae-bn-wu-5" in out.stdout and "vlae-3" in out.stdout and len(out.stdout.splitlines()) == 22
+
+
+@pytest.mark.parametrize("preset,extra", [("vlae-3", ["--hidden-sizes", "32,32,32"]), ("vqvae", ["--hidden-sizes", "32", "--codebook-ema", "true"])])
+def test_other_families_train_from_the_cli(preset, extra, tmp_path, shared_data_root, capsys):
+    run = tmp_path / preset
+    args = ["train", "--preset", preset, "--epochs", "1", "--train-subset", "500", "--test-subset", "100",
+            "--num-importance-samples", "5", *extra, "--data-root", str(shared_data_root), "--no-download",
+            "--no-progress", "--out", str(run)]
+    assert main(args) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["config"]["model"]["family"] == preset.split("-")[0]
+    assert results["test_log_likelihood"] >= results["test_elbo"] - 1e-4
+    if preset == "vqvae":
+        assert results["config"]["model"]["codebook_ema"] is True and results["vq"]["codes_used"] >= 1
+        # The analysis report refuses discrete latents with a one-line reason.
+        with pytest.raises(SystemExit) as exit_info:
+            main(["report", str(run), "--out", str(tmp_path / "report"), "--data-root", str(shared_data_root)])
+        assert exit_info.value.code == 2 and "VQ-VAE" in capsys.readouterr().err

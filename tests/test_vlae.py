@@ -83,3 +83,14 @@ def test_vlae_trains_from_its_preset_and_its_elbo_improves(mnist):
     assert result.results["test_log_likelihood"] >= result.results["test_elbo"]
     assert len(result.metrics[-1]["test_kl_per_unit"]) == 3
     assert pyro.get_param_store().keys()  # registered under the vlae prefix
+
+
+def test_traversal_figure_has_one_panel_per_layer(tmp_path):
+    from PIL import Image
+
+    from pyro_lvae.plots import vlae_traversals
+
+    cfg = ModelConfig(family="vlae", guide="vae", input_dim=16, latent_sizes=(2, 1), hidden_sizes=(8, 8))
+    fig = vlae_traversals(make_model(cfg), steps=3, image_shape=(4, 4), path=tmp_path / "t.png")
+    assert len(fig.axes) == 2
+    assert Image.open(tmp_path / "t.png").size == (640, 350)
