@@ -33,6 +33,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -315,6 +316,14 @@ def train(
             if progress and i % 25 == 0:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.2f}", beta=f"{beta:.3f}", refresh=False)
         loss_mean = loss_sum.item() / seen
+        if not math.isfinite(loss_mean):
+            # The fast engine runs without Pyro's validation, so a diverging run is caught
+            # here, before this epoch's checkpoint could overwrite the last good one.
+            kept = f"; the checkpoint of epoch {epoch} in {out_path} is intact" if out_path is not None and epoch > 0 else ""
+            raise FloatingPointError(
+                f"The training loss became non-finite in epoch {epoch + 1}{kept}; lower learning_rate "
+                "or check the data and the configuration."
+            )
         seconds = time.perf_counter() - t0
         train_seconds += seconds
         record: dict[str, Any] = {

@@ -104,3 +104,19 @@ def test_batch_size_larger_than_data(make_synthetic):
     )
     with pytest.raises(ValueError, match="lower batch_size"):
         train(config, dataset=make_synthetic(), progress=False)
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path, make_synthetic, monkeypatch):
+    from pyro_lvae import engine
+
+    config = ExperimentConfig(
+        model=ModelConfig(input_dim=12, latent_sizes=(3,), hidden_sizes=(8,)),
+        train=TrainConfig(epochs=3, batch_size=16, num_importance_samples=2),
+    )
+    train(config, out_dir=tmp_path, dataset=make_synthetic(), progress=False, final_evaluation=False)
+    config = config.replace(epochs=4)
+    original = engine.TrainingStep.__call__
+    monkeypatch.setattr(engine.TrainingStep, "__call__", lambda self, x, beta: original(self, x, beta) * float("nan"))
+    with pytest.raises(FloatingPointError, match="epoch 4; the checkpoint of epoch 3 .* is intact; lower learning_rate"):
+        train(config, out_dir=tmp_path, dataset=make_synthetic(), progress=False, resume=True)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 3
