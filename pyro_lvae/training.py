@@ -53,7 +53,6 @@ from .data import Dataset, binarize, check_data, load_dataset
 from .engine import TrainingStep
 from .evaluation import DEFAULT_MEMORY_BUDGET, evaluate
 from .families import make_guide, make_model
-from .model import GenerativeModel
 from .vqvae import vq_statistics
 from .warmup import warmup_beta
 
@@ -99,7 +98,7 @@ class TrainResult:
         ``None`` when ``final_evaluation=False``.
     """
 
-    model: GenerativeModel
+    model: torch.nn.Module
     guide: torch.nn.Module
     config: ExperimentConfig
     data: PreparedData
@@ -391,7 +390,7 @@ def train(
 
 
 def final_results(
-    model: GenerativeModel,
+    model: torch.nn.Module,
     guide: torch.nn.Module,
     config: ExperimentConfig,
     test: torch.Tensor,
@@ -436,7 +435,7 @@ def load_run(
     run_dir: str | os.PathLike,
     *,
     device: str | torch.device = "cpu",
-) -> tuple[GenerativeModel, torch.nn.Module, ExperimentConfig, dict[str, Any]]:
+) -> tuple[torch.nn.Module, torch.nn.Module, ExperimentConfig, dict[str, Any]]:
     """Rebuild the model and guide of a run from its newest checkpoint.
 
     :returns: ``(model, guide, config, checkpoint)``, in evaluation mode.
