@@ -109,6 +109,11 @@ def kl_per_layer(
     Monte Carlo :math:`\mathbb E_q[\log q(z_i|\cdot) - \log p(z_i|z_{i+1})]`, valid for every
     guide; the layers sum to the KL term of the ELBO.
 
+    :param model: The generative model.
+    :param guide: A guide for it.
+    :param data: Examples of shape ``(N, input_dim)`` on the model's device.
+    :param num_samples: Draws per example.
+    :param batch_size: Examples per evaluation batch.
     :returns: Array of shape ``(depth,)``, z1 first.
     """
     return np.array(evaluate(model, guide, data, num_samples=num_samples, batch_size=batch_size)["kl_per_layer"])
@@ -128,6 +133,12 @@ def active_units(
     :math:`\mathbb E_q[u]` is the mean over ``num_samples`` draws of the guide's mean for u
     (exact for the top layer; for lower layers it averages over the upper layers' draws).
 
+    :param model: The generative model.
+    :param guide: A guide for it.
+    :param data: Examples of shape ``(N, input_dim)`` on the model's device.
+    :param threshold: A unit is active when its variance across examples exceeds this.
+    :param num_samples: Draws per example for :math:`\mathbb E_q[u]`.
+    :param batch_size: Examples per evaluation batch.
     :returns: ``{"counts": (depth,) int array, "variances": list of per-unit arrays}``.
     """
     means: list[list[torch.Tensor]] = [[] for _ in model.config.latent_sizes]
@@ -176,6 +187,8 @@ def training_curves(run_dir: str | os.PathLike) -> xr.Dataset:
     ``test_elbo``) become variables, NaN in epochs where they were not evaluated;
     ``test_kl_per_layer`` becomes ``(epoch, layer)`` and ``test_kl_per_unit`` one
     ``test_kl_z{i}`` of dims ``(epoch, z{i}_unit)`` per layer.
+
+    :param run_dir: A run directory written by :func:`~pyro_lvae.training.train`.
     """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
@@ -242,6 +255,11 @@ def importance_inference_data(
     (one chain, K draws); ``observed_data`` holds the per-example ``log_likelihood``
     (L_K) and ``khat``; ``constant_data`` holds the latent codes, if given. Save it with
     ``.to_netcdf(path)`` and read it back with :func:`arviz.from_netcdf`.
+
+    :param log_weights: Log importance weights, shape ``(K, N)``.
+    :param log_likelihood: L_K per example, shape ``(N,)``.
+    :param khat: PSIS k̂ per example (:func:`psis_khat`), shape ``(N,)``.
+    :param codes: Latent codes of the examples (:func:`latent_codes`), or ``None``.
     """
     import arviz as az
 

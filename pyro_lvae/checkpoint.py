@@ -71,6 +71,8 @@ def _read(path: Path) -> dict[str, Any]:
 def load_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Read the newest complete checkpoint of ``run_dir``.
 
+    :param run_dir: The run directory; its ``checkpoint.pt`` is read, or the
+        previous one if that is unreadable.
     :raises FileNotFoundError: if the run has no checkpoint.
     :raises ValueError: if no checkpoint in it is readable.
     """

@@ -125,7 +125,11 @@ def _report(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``pyro-lvae`` console script."""
+    """Entry point of the ``pyro-lvae`` console script.
+
+    :param argv: The arguments, without the program name (default: ``sys.argv[1:]``).
+    :returns: The exit status: 0 on success; invalid input exits with status 2 and one line on stderr.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -64,7 +64,10 @@ class Dataset:
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
-    """Resolve the data root: ``root``, else ``$PYRO_LVAE_DATA``, else ``./data``."""
+    """Resolve the data root: ``root``, else ``$PYRO_LVAE_DATA``, else ``./data``.
+
+    :param root: An explicit data root, or ``None``.
+    """
     if root is not None:
         return Path(root)
     return Path(os.environ.get(DATA_ENV, "data"))
@@ -88,7 +91,11 @@ def _open_maybe_gz(path: Path):
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST format), plain or gzipped, into a uint8 array."""
+    """Read an IDX file (the MNIST format), plain or gzipped, into a uint8 array.
+
+    :param path: The file, e.g. ``MNIST/raw/train-images-idx3-ubyte.gz``.
+    :raises ValueError: if the file is not an unsigned-byte IDX file or is truncated.
+    """
     with _open_maybe_gz(Path(path)) as f:
         raw = f.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
@@ -102,7 +109,11 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def read_amat(path: Path) -> np.ndarray:
-    """Read a Larochelle–Murray ``.amat`` file (rows of 784 space-separated 0/1), plain or gzipped."""
+    """Read a Larochelle–Murray ``.amat`` file (rows of 784 space-separated 0/1), plain or gzipped.
+
+    :param path: The file, e.g. ``binarized_mnist_train.amat``.
+    :raises ValueError: if its rows have different lengths.
+    """
     with _open_maybe_gz(Path(path)) as f:
         text = f.read().decode("ascii")
     rows = [line.split() for line in text.strip().splitlines()]
@@ -119,6 +130,7 @@ def read_chardata(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     levels in column-major 28×28 layout, and one-hot alphabet ``target`` /
     ``testtarget`` (50 × N). Images are returned row-major, as the IWAE code does.
 
+    :param path: The ``chardata.mat`` file.
     :returns: ``(train_x, train_y, test_x, test_y)``.
     """
     from scipy.io import loadmat
@@ -267,6 +279,8 @@ def check_data(x: torch.Tensor, *, input_dim: int, likelihood: str, what: str = 
 def binarize(x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample binary data x_b ~ Bernoulli(x) from grey levels ``x`` in [0, 1].
 
+    :param x: Grey levels, any shape.
+    :param generator: Random generator (default: torch's global one).
     :raises ValueError: if ``x`` has values outside [0, 1].
     """
     if not ((x >= 0) & (x <= 1)).all():

@@ -54,7 +54,11 @@ from .objectives import elbo_for
 
 
 def trainable_parameters(model: GenerativeModel, guide: nn.Module) -> list[nn.Parameter]:
-    """Every parameter of ``model`` and ``guide``, each once (the ladder guide holds the model)."""
+    """Every parameter of ``model`` and ``guide``, each once (the ladder guide holds the model).
+
+    :param model: The generative model.
+    :param guide: A guide for it.
+    """
     seen: dict[int, nn.Parameter] = {}
     for p in list(model.parameters()) + list(guide.parameters()):
         seen.setdefault(id(p), p)
@@ -64,7 +68,10 @@ def trainable_parameters(model: GenerativeModel, guide: nn.Module) -> list[nn.Pa
 @contextlib.contextmanager
 def registered_once(*modules: nn.Module) -> Iterator[None]:
     """Switch off the per-call ``pyro.module`` registration of ``modules`` (objects
-    with a ``register_params`` attribute) and restore each one's setting on exit."""
+    with a ``register_params`` attribute) and restore each one's setting on exit.
+
+    :param modules: Models and guides; objects without ``register_params`` are ignored.
+    """
     saved = [(m, m.register_params) for m in modules if hasattr(m, "register_params")]
     for m, _ in saved:
         m.register_params = False
@@ -144,6 +151,9 @@ class TrainingStep:
         It is ``elbo.differentiable_loss(model, guide, x, beta)`` with validation off,
         the parameters registered once and the top-down priors shared; its value and gradients equal the reference
         ELBO's on the same random draws.
+
+        :param x: A minibatch, shape ``(batch, input_dim)``.
+        :param beta: The warm-up weight, a 0-dim tensor.
         """
         with pyro.validation_enabled(False), self.model.shared_priors(), registered_once(self.model, self.guide):
             return self.elbo.differentiable_loss(self.model, self.guide, x, beta)
@@ -155,7 +165,11 @@ class TrainingStep:
         return {"engine": "fast", "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the engines' states are not interchangeable."""
+        """Restore :meth:`state_dict`; the engines' states are not interchangeable.
+
+        :param state: A dict from :meth:`state_dict`.
+        :raises ValueError: if it was written by the other engine.
+        """
         if state.get("engine") != self.engine:
             raise ValueError(
                 f"The checkpoint's optimizer state is for engine {state.get('engine')!r}, not "

@@ -58,7 +58,10 @@ def _site_log_prob(site: dict, shape: torch.Size) -> torch.Tensor:
 
 
 def check_examples(data: torch.Tensor) -> None:
-    """Raise :class:`ValueError` unless ``data`` is a non-empty ``(N, input_dim)`` batch of examples."""
+    """Raise :class:`ValueError` unless ``data`` is a non-empty ``(N, input_dim)`` batch of examples.
+
+    :param data: The tensor to check.
+    """
     if data.dim() != 2 or data.shape[0] == 0:
         raise ValueError(f"data must have shape (N, input_dim) with N > 0, got {tuple(data.shape)}.")
 
@@ -67,7 +70,10 @@ def check_examples(data: torch.Tensor) -> None:
 def eval_mode(*modules: object) -> Iterator[None]:
     """Put every :class:`torch.nn.Module` among ``modules`` in evaluation mode (batch norm
     uses its running statistics) and restore each one's mode on exit. Other callables,
-    such as a guide written as a plain function, are left alone."""
+    such as a guide written as a plain function, are left alone.
+
+    :param modules: Models, guides or any other objects.
+    """
     nets = [m for m in modules if isinstance(m, nn.Module)]
     modes = [m.training for m in nets]
     for m in nets:
@@ -88,6 +94,10 @@ def particle_traces(model: GenerativeModel, guide: nn.Module, x: torch.Tensor, n
     top-down priors are computed once and reused by the model
     (:meth:`~pyro_lvae.model.GenerativeModel.shared_priors`).
 
+    :param model: The generative model.
+    :param guide: A guide for it.
+    :param x: Data, shape ``(batch, input_dim)``.
+    :param num_particles: Draws per example.
     :returns: ``(guide_trace, model_trace)``.
     """
     if num_particles <= 0:
@@ -129,6 +139,10 @@ def particle_chunk_size(model: GenerativeModel, batch_size: int, *, memory_budge
     model and guide networks that is alive during a no-grad forward pass (all
     hidden layers, latent means/variances/samples and the observation
     parameters), times a safety factor of 3 for temporaries.
+
+    :param model: The generative model (its configuration and dtype set the sizes).
+    :param batch_size: Examples per evaluation batch.
+    :param memory_budget: Bytes one chunk may use.
     """
     cfg = model.config
     floats = 3 * cfg.input_dim + 4 * sum(cfg.hidden_sizes) + 8 * sum(cfg.latent_sizes)

@@ -35,6 +35,7 @@ from .vqvae import VQVAEGuide, VQVAEModel
 def make_model(config: ModelConfig, *, name: str | None = None) -> nn.Module:
     """The generative model of ``config.family``.
 
+    :param config: The architecture; ``config.family`` selects the class.
     :param name: Param-store prefix (default: the family's name).
     """
     if config.family == "vlae":
@@ -45,7 +46,10 @@ def make_model(config: ModelConfig, *, name: str | None = None) -> nn.Module:
 
 
 def make_guide(model: nn.Module) -> nn.Module:
-    """The guide for ``model`` named by its configuration."""
+    """The guide for ``model`` named by its configuration.
+
+    :param model: A model built by :func:`make_model` (or one of the model classes).
+    """
     if isinstance(model, VLAEModel):
         return VLAEGuide(model)
     if isinstance(model, VQVAEModel):

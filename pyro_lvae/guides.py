@@ -1,4 +1,4 @@
-r"""The two inference models of the paper, as Pyro guides for one :class:`GenerativeModel`.
+r"""The two inference models of the paper, as Pyro guides for one :class:`~pyro_lvae.model.GenerativeModel`.
 
 Both guides are built from a model instance, ``BottomUpGuide(model)`` or
 ``LadderGuide(model)``, and can be swapped on it without touching the model.
@@ -78,7 +78,7 @@ class BottomUpGuide(nn.Module):
         self.mlps, self.heads = _mlps_and_heads(cfg, (cfg.input_dim,) + cfg.latent_sizes[:-1])
 
     def register(self) -> None:
-        """Register the guide's parameters in Pyro's param store under :attr:`name`."""
+        """Register the guide's parameters in Pyro's param store under its ``name``."""
         pyro.module(self.name, self)
 
     def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> None:

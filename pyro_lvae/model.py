@@ -78,7 +78,7 @@ class GenerativeModel(nn.Module):
         self._prior_memo: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def register(self) -> None:
-        """Register the parameters in Pyro's param store under :attr:`name`."""
+        """Register the parameters in Pyro's param store under its ``name``."""
         pyro.module(self.name, self)
 
     @property

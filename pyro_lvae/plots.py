@@ -32,8 +32,9 @@ def _finish(fig: Figure, path: str | os.PathLike | None) -> Figure:
 def kl_heatmap(curves: xr.Dataset, *, title: str = "", path: str | os.PathLike | None = None) -> Figure:
     """log KL per unit over training epochs, one panel per layer (Fig. 4).
 
-    :param curves: From :func:`~pyro_lvae.analysis.training_curves`; needs ``test_kl_z{i}``.
     Units are sorted by their final KL; white is an inactive unit.
+
+    :param curves: From :func:`~pyro_lvae.analysis.training_curves`; needs ``test_kl_z{i}``.
     """
     layers = sorted((v for v in curves.data_vars if v.startswith("test_kl_z")), key=lambda v: int(v[9:]))
     if not layers:
@@ -53,7 +54,11 @@ def kl_heatmap(curves: xr.Dataset, *, title: str = "", path: str | os.PathLike |
 
 
 def layer_kl_bars(kl_by_run: Mapping[str, np.ndarray], *, path: str | os.PathLike | None = None) -> Figure:
-    """Layer-wise KL of several runs side by side (Fig. 5)."""
+    """Layer-wise KL of several runs side by side (Fig. 5).
+
+    :param kl_by_run: KL per layer (z1 first) for each run, keyed by the run's label.
+    :param path: Save the figure here as a PNG, if given.
+    """
     fig, ax = plt.subplots(figsize=(6, 3.5))
     depth = max(len(v) for v in kl_by_run.values())
     width = 0.8 / max(1, len(kl_by_run))
@@ -67,7 +72,12 @@ def layer_kl_bars(kl_by_run: Mapping[str, np.ndarray], *, path: str | os.PathLik
 
 
 def pca_scatter(codes: xr.Dataset, *, title: str = "", path: str | os.PathLike | None = None) -> Figure:
-    """First two principal components of each layer's posterior samples, coloured by class (Fig. 6)."""
+    """First two principal components of each layer's posterior samples, coloured by class (Fig. 6).
+
+    :param codes: From :func:`~pyro_lvae.analysis.latent_codes` (with labels, for the colours).
+    :param title: Figure title.
+    :param path: Save the figure here as a PNG, if given.
+    """
     layers = sorted((v[7:] for v in codes.data_vars if v.startswith("sample_")), key=lambda n: int(n[1:]))
     fig, axes = plt.subplots(1, len(layers), figsize=(3 * len(layers), 3), squeeze=False)
     labels = codes["label"].values if "label" in codes.coords else np.zeros(codes.sizes["example"])
@@ -97,7 +107,13 @@ def _image_grid(images: torch.Tensor, rows: int, cols: int, ax) -> None:
 
 
 def samples_grid(model, *, num: int = 100, title: str = "", path: str | os.PathLike | None = None) -> Figure:
-    """A grid of means of p(x | z1) for z drawn from the prior (Fig. 9c)."""
+    """A grid of means of p(x | z1) for z drawn from the prior (Fig. 9c).
+
+    :param model: The generative model (put in evaluation mode while sampling).
+    :param num: Number of samples.
+    :param title: Figure title.
+    :param path: Save the figure here as a PNG, if given.
+    """
     with eval_mode(model):
         images = model.sample(num)
     cols = int(np.ceil(np.sqrt(num)))
@@ -108,7 +124,14 @@ def samples_grid(model, *, num: int = 100, title: str = "", path: str | os.PathL
 
 
 def reconstructions(model, guide, x: torch.Tensor, *, title: str = "", path: str | os.PathLike | None = None) -> Figure:
-    """Data (top rows) beside its reconstructions (bottom rows) (Fig. 9a–b)."""
+    """Data (top rows) beside its reconstructions (bottom rows) (Fig. 9a–b).
+
+    :param model: The generative model.
+    :param guide: Its guide.
+    :param x: Examples to reconstruct, shape ``(N, 784)``.
+    :param title: Figure title.
+    :param path: Save the figure here as a PNG, if given.
+    """
     with eval_mode(model, guide):
         recon = model.reconstruct(x, guide)
     fig, axes = plt.subplots(2, 1, figsize=(8, 4))
@@ -123,7 +146,11 @@ def reconstructions(model, guide, x: torch.Tensor, *, title: str = "", path: str
 
 
 def elbo_curves(curves_by_run: Mapping[str, xr.Dataset], *, path: str | os.PathLike | None = None) -> Figure:
-    """Train (solid) and test (dashed) ELBO over epochs for several runs (Fig. 2)."""
+    """Train (solid) and test (dashed) ELBO over epochs for several runs (Fig. 2).
+
+    :param curves_by_run: :func:`~pyro_lvae.analysis.training_curves` of each run, keyed by label.
+    :param path: Save the figure here as a PNG, if given.
+    """
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for j, (name, curves) in enumerate(curves_by_run.items()):
         color = f"C{j}"

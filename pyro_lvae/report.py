@@ -140,6 +140,13 @@ def write_report(
 ) -> Path:
     """Analyse every run in ``run_dirs`` and write figures and ``report.md`` into ``out_dir``.
 
+    :param run_dirs: Run directories written by :func:`~pyro_lvae.training.train`.
+    :param out_dir: Where the figures, netCDF files and ``report.md`` go.
+    :param num_samples: K of L_K and of the PSIS diagnostics.
+    :param data_root: Data root (default ``$PYRO_LVAE_DATA`` or ``./data``).
+    :param download: Allow torchvision to download missing MNIST files.
+    :param device: Where to evaluate.
+    :param memory_budget: Bytes per particle chunk of the L_K evaluation.
     :returns: The path of ``report.md``.
     """
     if not run_dirs:

@@ -403,6 +403,16 @@ def final_results(
 ) -> dict[str, Any]:
     """Evaluate test ELBO and L_K and describe the run, in nats per example.
 
+    :param model: The trained model.
+    :param guide: Its guide.
+    :param config: The run's configuration (stored in the results).
+    :param test: Test data on the model's device.
+    :param epochs: Epochs trained.
+    :param num_samples: K of L_K.
+    :param train_seconds: Training time, stored in the results.
+    :param memory_budget: Bytes per particle chunk of the L_K evaluation.
+    :param progress: Show a progress bar.
+
     :returns: The contents of ``results.json``: ``test_elbo``,
         ``test_log_likelihood``, ``num_importance_samples``, ``epochs``,
         ``config``, ``test_kl_per_layer``, ``num_test_examples``, the hardware,
@@ -437,6 +447,9 @@ def load_run(
     device: str | torch.device = "cpu",
 ) -> tuple[torch.nn.Module, torch.nn.Module, ExperimentConfig, dict[str, Any]]:
     """Rebuild the model and guide of a run from its newest checkpoint.
+
+    :param run_dir: The run directory.
+    :param device: Where to put the model and guide.
 
     :returns: ``(model, guide, config, checkpoint)``, in evaluation mode.
     """

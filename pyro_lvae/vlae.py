@@ -82,7 +82,7 @@ class VLAEModel(nn.Module):
         return self.config.depth
 
     def register(self) -> None:
-        """Register the parameters in Pyro's param store under :attr:`name`."""
+        """Register the parameters in Pyro's param store under its ``name``."""
         pyro.module(self.name, self)
 
     def shared_priors(self) -> contextlib.AbstractContextManager:
@@ -119,7 +119,7 @@ class VLAEModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, num_samples: int, *, mean: bool = True) -> torch.Tensor:
-        """Samples from the prior; the mean of p(x|z) when ``mean`` (see :meth:`GenerativeModel.sample`)."""
+        """Samples from the prior; the mean of p(x|z) when ``mean`` (see :meth:`pyro_lvae.model.GenerativeModel.sample`)."""
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}.")
         param = next(self.parameters())
@@ -182,7 +182,7 @@ class VLAEGuide(nn.Module):
         self.heads = nn.ModuleList(GaussianHead(cfg.hidden_sizes[i], cfg.latent_sizes[i]) for i in range(cfg.depth))
 
     def register(self) -> None:
-        """Register the guide's parameters in Pyro's param store under :attr:`name`."""
+        """Register the guide's parameters in Pyro's param store under its ``name``."""
         pyro.module(self.name, self)
 
     def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> None:

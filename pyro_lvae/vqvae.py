@@ -72,14 +72,17 @@ class UniformCodebook(dist.TorchDistribution):
         super().__init__(torch.Size(batch_shape), torch.Size((positions, codebook.shape[-1])), validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
+        """The same prior with batch shape ``batch_shape``."""
         return UniformCodebook(self.codebook, self.positions, torch.Size(batch_shape))
 
     def sample(self, sample_shape=torch.Size()):
+        """Codebook vectors drawn uniformly and independently at every position."""
         shape = torch.Size(sample_shape) + self.batch_shape + (self.positions,)
         idx = torch.randint(self.codebook.shape[0], shape, device=self.codebook.device)
         return self.codebook[idx]
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """:math:`-P \\log K` for every value (see the class docstring)."""
         batch = value.shape[:-2]
         return value.new_full(batch, -self.positions * math.log(self.codebook.shape[0]))
 
@@ -128,7 +131,7 @@ class VQVAEModel(nn.Module):
         return 1
 
     def register(self) -> None:
-        """Register the parameters in Pyro's param store under :attr:`name`."""
+        """Register the parameters in Pyro's param store under its ``name``."""
         pyro.module(self.name, self)
 
     def shared_priors(self) -> contextlib.AbstractContextManager:
