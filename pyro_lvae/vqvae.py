@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import ModelConfig
+from .evaluation import check_examples, eval_mode
 from .nn import MLP, GaussianHead
 from .warmup import kl_weight
 
@@ -194,7 +195,8 @@ class VQVAEGuide(nn.Module):
     def register(self) -> None:
         """Register the encoder's parameters and the model's (the codebook) in Pyro's param store."""
         self.model.register()
-        pyro.module(self.name, nn.ModuleDict({"encoder": self.encoder, "project": self.project}))
+        pyro.module(f"{self.name}.mlp", self.encoder)
+        pyro.module(f"{self.name}.project", self.project)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder outputs z_e, shape ``(batch, P, D)``."""
@@ -230,14 +232,13 @@ class VQVAEGuide(nn.Module):
             self.register()
         z_e = self.encode(x)
         indices, e, z_st = self.quantize(z_e)
-        codebook_term = (z_e.detach() - e).pow(2).sum((-2, -1))
         commitment = (z_e - e.detach()).pow(2).sum((-2, -1))
         vq_loss = self.config.commitment_cost * commitment
         if self.config.codebook_ema:
             if self.training and torch.is_grad_enabled():
                 self._ema_update(z_e.detach(), indices)
         else:
-            vq_loss = vq_loss + codebook_term
+            vq_loss = vq_loss + (z_e.detach() - e).pow(2).sum((-2, -1))  # the codebook term
         with pyro.plate("data", x.shape[0], dim=-1):
             with kl_weight(beta):
                 pyro.sample("z1", dist.Delta(z_st, event_dim=2))
@@ -257,8 +258,6 @@ def vq_statistics(model: VQVAEModel, guide: VQVAEGuide, data: torch.Tensor, *, b
         one code is used), ``codes_used`` (codes chosen at least once) and
         ``kl`` (P log K).
     """
-    from .evaluation import check_examples, eval_mode
-
     check_examples(data)
     counts = torch.zeros(model.config.codebook_size, dtype=torch.float64, device=data.device)
     nll = mse = 0.0
