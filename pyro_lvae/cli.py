@@ -8,6 +8,12 @@
     Re-evaluate a trained run (e.g. with K = 5000) and rewrite its ``results.json``.
 ``pyro-lvae report RUN_DIR [RUN_DIR ...] --out DIR [--num-samples K]``
     Every analysis figure, PSIS k̂ diagnostics and ``report.md`` (:mod:`pyro_lvae.report`).
+``pyro-lvae sweep GRID --out DIR [--workers N] [--set KEY=VALUE ...]``
+    Run a grid of presets × depths × seeds as parallel, resumable processes and
+    aggregate their results (:mod:`pyro_lvae.sweep`).
+``pyro-lvae results-page SWEEP_DIR [...] --out docs/results.md``
+    The results page, paper beside measured numbers, from the sweeps' ``results.json``
+    (:mod:`pyro_lvae.results_page`).
 ``pyro-lvae presets``
     List the presets.
 """
@@ -16,16 +22,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from .config import ModelConfig, TrainConfig
 from .evaluation import DEFAULT_MEMORY_BUDGET
 from .presets import PRESETS, get_preset
 from .report import write_report
-from .training import evaluate_run, train
+from .results_page import write_results_page
+from .sweep import SUMMARY_MD, load_grid, parse_override, run_sweep, shipped_grids
+from .training import TrainingInterrupted, evaluate_run, train
 
 logger = logging.getLogger("pyro_lvae")
 
@@ -107,8 +117,49 @@ def build_parser() -> argparse.ArgumentParser:
     p_report.add_argument("--num-samples", type=int, default=1000, help="K of L_K and of PSIS (default: 1000)")
     _add_runtime_options(p_report)
 
+    p_sweep = sub.add_parser(
+        "sweep", allow_abbrev=False, help="run a grid of presets x depths x seeds as parallel, resumable processes"
+    )
+    p_sweep.add_argument("grid", help="grid file (TOML) or the name of a shipped grid: " + ", ".join(shipped_grids()))
+    p_sweep.add_argument("--out", required=True, help="sweep directory (one run directory per grid point)")
+    p_sweep.add_argument("--workers", type=int, default=1, help="runs in parallel (default: 1)")
+    p_sweep.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="shorten the paper's schedule to this many epochs, scaling warm-up and fine-tuning alike",
+    )
+    p_sweep.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a configuration field in every run, e.g. --set epochs=10 (repeatable)",
+    )
+    p_sweep.add_argument("--threads-per-worker", type=int, default=None, help="CPU threads per run (default: cores / workers)")
+    p_sweep.add_argument("--data-root", default=None, help="data folder (default: $PYRO_LVAE_DATA or ./data)")
+    p_sweep.add_argument("--device", default="cpu", help="cpu or cuda; on cuda the workers share the GPU")
+
+    p_page = sub.add_parser(
+        "results-page", allow_abbrev=False, help="write docs/results.md and its figures from sweep directories"
+    )
+    p_page.add_argument("sweeps", nargs="+", help="sweep directories (each with its runs' results.json)")
+    p_page.add_argument("--out", required=True, help="the Markdown file to write, e.g. docs/results.md")
+
     sub.add_parser("presets", allow_abbrev=False, help="list the named presets")
     return parser
+
+
+def _unknown_option_message(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
+    """One sentence naming the first unknown argument and the closest known option."""
+    # argparse keeps each subcommand's parser in its subparsers action; there is no
+    # public accessor for a subparser's option strings.
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    options = [o for o in sub._option_string_actions if o.startswith("--")]
+    first = next((u for u in unknown if u.startswith("-")), unknown[0])
+    close = difflib.get_close_matches(first.split("=")[0], options, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"unknown argument {first!r} for `pyro-lvae {command}`; {hint}`pyro-lvae {command} --help` lists the options."
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -131,7 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     :returns: The exit status: 0 on success; invalid input exits with status 2 and one line on stderr.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.exit(2, f"pyro-lvae: error: {_unknown_option_message(parser, args.command, unknown)}\n")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -140,11 +193,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "presets":
             for name, cfg in PRESETS.items():
-                m = cfg.model
+                m, t = cfg.model, cfg.train
                 sys.stdout.write(
-                    f"{name:14s} family={m.family:5s} guide={m.guide:6s} latents={'-'.join(map(str, m.latent_sizes)):14s} "
-                    f"bn={m.batch_norm!s:5s} warmup={cfg.train.warmup_epochs}\n"
+                    f"{name:30s} family={m.family:5s} guide={m.guide:6s} latents={'-'.join(map(str, m.latent_sizes)):14s} "
+                    f"bn={m.batch_norm!s:5s} warmup={t.warmup_epochs:<3d} data={t.dataset:13s} "
+                    f"likelihood={m.likelihood:9s} epochs={t.epochs}+{t.finetune_epochs}\n"
                 )
+            return 0
+        if args.command == "sweep":
+            grid = load_grid(args.grid, overrides=dict(parse_override(s) for s in args.set), epochs=args.epochs)
+            rows = run_sweep(
+                grid,
+                args.out,
+                workers=args.workers,
+                device=args.device,
+                data_root=args.data_root,
+                threads_per_worker=args.threads_per_worker,
+            )
+            sys.stdout.write((Path(args.out) / SUMMARY_MD).read_text())
+            return 0 if all(r["status"] == "done" for r in rows) else 1
+        if args.command == "results-page":
+            page = write_results_page(args.sweeps, args.out)
+            sys.stdout.write(f"written: {page}\n")
             return 0
         budget = int(args.memory_budget_gib * 2**30)
         if args.command == "report":
@@ -186,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         parser.exit(2, f"pyro-lvae: error: {exc}\n")
+    except TrainingInterrupted as exc:
+        parser.exit(128 + exc.signum, f"pyro-lvae: {exc}\n")
     assert results is not None
     sys.stdout.write(_report(results) + "\n")
     return 0

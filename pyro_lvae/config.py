@@ -19,7 +19,7 @@ ACTIVATIONS = ("leaky_relu", "tanh", "identity")
 LIKELIHOODS = ("bernoulli", "gaussian")
 GUIDES = ("ladder", "vae")
 FAMILIES = ("lvae", "vlae", "vqvae")
-DATASETS = ("mnist", "binarized_mnist", "fashion_mnist", "omniglot28", "omniglot")
+DATASETS = ("mnist", "binarized_mnist", "fashion_mnist", "omniglot28", "omniglot", "norb")
 BINARIZATIONS = ("dynamic", "static", "none")
 ENGINES = ("fast", "svi")
 
@@ -157,6 +157,19 @@ class TrainConfig:
         ``torch.optim.Adam``, no per-step host sync; the default) or ``"svi"``
         (``pyro.infer.SVI`` with ``pyro.optim.Adam``, the textbook loop). Both give
         the same updates; see :mod:`pyro_lvae.engine`.
+    :param finetune_epochs: Fine-tuning epochs after the ``epochs`` of ordinary
+        training (paper §3: 2000; 0 = none). Fine-tuning trains with β = 1 on the
+        importance-weighted bound (:func:`~pyro_lvae.objectives.importance_weighted_loss`)
+        and an annealed learning rate.
+    :param finetune_mc_samples: Monte Carlo samples M of the fine-tuning objective (paper: 10).
+    :param finetune_iw_samples: Importance-weighted samples K per Monte Carlo sample
+        (paper: 1 for "finetuning", 10 for "finetuning + IW=10" in Table 1).
+    :param finetune_lr_decay: Factor applied to the learning rate every
+        ``finetune_decay_every`` fine-tuning epochs (paper: 0.75 every 200).
+    :param finetune_decay_every: Fine-tuning epochs between learning-rate decays.
+    :param max_consecutive_skips: A training step whose loss or gradients are not
+        finite is skipped (logged, and counted in ``metrics.jsonl``); after this many
+        in a row training stops with the last good checkpoint intact.
     """
 
     dataset: str = "mnist"
@@ -172,21 +185,39 @@ class TrainConfig:
     test_subset: int = 0
     seed: int = 0
     engine: str = "fast"
+    finetune_epochs: int = 0
+    finetune_mc_samples: int = 10
+    finetune_iw_samples: int = 1
+    finetune_lr_decay: float = 0.75
+    finetune_decay_every: int = 200
+    max_consecutive_skips: int = 20
 
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("engine", self.engine, ENGINES)
         _check_choice("binarization", self.binarization, BINARIZATIONS)
-        for name in ("epochs", "batch_size", "eval_every", "eval_particles", "num_importance_samples"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "eval_every",
+            "eval_particles",
+            "num_importance_samples",
+            "finetune_mc_samples",
+            "finetune_iw_samples",
+            "finetune_decay_every",
+            "max_consecutive_skips",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        for name in ("warmup_epochs", "train_subset", "test_subset", "seed"):
+        for name in ("warmup_epochs", "train_subset", "test_subset", "seed", "finetune_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
         if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}.")
+        if not isinstance(self.finetune_lr_decay, (int, float)) or not 0 < self.finetune_lr_decay <= 1:
+            raise ValueError(f"finetune_lr_decay must lie in (0, 1], got {self.finetune_lr_decay!r}.")
         if self.dataset == "binarized_mnist" and self.binarization != "static":
             raise ValueError(
                 "binarized_mnist is already binary; set binarization='static' for it."
@@ -217,6 +248,11 @@ class ExperimentConfig:
         if self.model.likelihood == "gaussian" and self.train.binarization != "none":
             raise ValueError(
                 "A Gaussian likelihood models grey levels; set binarization='none' for it."
+            )
+        if self.train.finetune_epochs and self.model.family == "vqvae":
+            raise ValueError(
+                "Fine-tuning with the importance-weighted bound needs a stochastic guide; the "
+                "VQ-VAE's is deterministic, so set finetune_epochs=0 for it."
             )
 
     def to_dict(self) -> dict[str, Any]:

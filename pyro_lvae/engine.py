@@ -34,7 +34,12 @@ with these changes, each measured in ``docs/performance.md``:
   optimizes the modules' parameters directly);
 * the model's top-down priors are shared with the ladder guide
   (:meth:`~pyro_lvae.model.GenerativeModel.shared_priors`);
-* the loss stays a tensor: no ``.item()`` per step, the caller sums it on the device.
+* the loss stays a tensor; the caller sums it on the device.
+
+Both engines skip an update whose loss or gradients are not finite (a NaN in a
+batch, an overflow): the parameters and the optimizer state are left as they were,
+and :attr:`TrainingStep.skipped` says so. The check reads one flag per step from the
+device (one host synchronization per step on a GPU).
 """
 
 from __future__ import annotations
@@ -44,11 +49,14 @@ from typing import Any, Iterator
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import SVI
+from pyro.infer.util import zero_grads
 from pyro.optim import Adam as PyroAdam
 from torch import nn
 
 from .config import ENGINES
+from .distributed import SINGLE_PROCESS, DistributedContext, all_true
 from .model import GenerativeModel
 from .objectives import elbo_for
 
@@ -82,6 +90,30 @@ def registered_once(*modules: nn.Module) -> Iterator[None]:
             m.register_params = value
 
 
+class _ScaledLoss(nn.Module):
+    """The fast engine's loss as a module for DDP: ``world_size × loss(x, beta)``."""
+
+    def __init__(self, step: "TrainingStep") -> None:
+        super().__init__()
+        self.model = step.model
+        self.guide = step.guide
+        self._step = [step]  # a list, so that the step is not registered as a submodule
+
+    def forward(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        step = self._step[0]
+        return step.loss(x, beta) * step.distributed.world_size
+
+
+def _all_finite(loss: torch.Tensor, grads: list[torch.Tensor | None]) -> bool:
+    """Whether ``loss`` and every gradient are finite (one host synchronization)."""
+    grads = [g for g in grads if g is not None]
+    total = loss.detach().float()
+    if grads:
+        # The 2-norm of all gradients is finite exactly when every entry is.
+        total = total + torch.nn.utils.get_total_norm(grads).to(total.device)
+    return bool(torch.isfinite(total))
+
+
 def _fused_available(params: list[nn.Parameter]) -> bool:
     # torch ships fused Adam kernels for CPU and CUDA floating-point tensors.
     return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
@@ -94,10 +126,16 @@ class TrainingStep:
     :param guide: A guide for it.
     :param learning_rate: Adam's learning rate.
     :param engine: ``"fast"`` or ``"svi"`` (see the module docstring).
+    :param distributed: In a data-parallel run (:mod:`pyro_lvae.distributed`), the
+        fast engine's loss goes through
+        :class:`~torch.nn.parallel.DistributedDataParallel`, which averages the
+        gradients across processes; the loss is multiplied by the number of processes
+        so that the average is the gradient of the whole global batch.
 
     Call it as ``step(x, beta)``; it returns the minibatch loss (the negative
     β-weighted ELBO summed over the batch) as a 0-dim tensor on the
-    parameters' device.
+    parameters' device. When that loss or any gradient is not finite the update is
+    skipped and :attr:`skipped` is ``True`` until the next call.
 
     >>> import torch
     >>> from pyro_lvae import GenerativeModel, LadderGuide, ModelConfig
@@ -114,15 +152,21 @@ class TrainingStep:
         *,
         learning_rate: float,
         engine: str = "fast",
+        distributed: DistributedContext = SINGLE_PROCESS,
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
+        if distributed.enabled and engine != "fast":
+            raise ValueError("Distributed training runs on the fast engine; set engine='fast'.")
         if not learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {learning_rate!r}.")
         self.model = model
         self.guide = guide
         self.engine = engine
+        self.distributed = distributed
         self.elbo = elbo_for(guide)
+        #: Whether the last call skipped its update (non-finite loss or gradient).
+        self.skipped = False
         if engine == "svi":
             self.optimizer: Any = PyroAdam({"lr": learning_rate})
             self.svi = SVI(model, guide, self.optimizer, loss=self.elbo)
@@ -134,14 +178,63 @@ class TrainingStep:
                 guide.register()
             params = trainable_parameters(model, guide)
             self.optimizer = torch.optim.Adam(params, lr=learning_rate, fused=_fused_available(params) or None)
+            self._ddp: nn.Module | None = None
+            if distributed.enabled:
+                from torch.nn.parallel import DistributedDataParallel
+
+                # DDP broadcasts rank 0's parameters and buffers now and its buffers
+                # before every forward pass; the backward pass all-reduces the gradients.
+                self._ddp = DistributedDataParallel(_ScaledLoss(self))
 
     def __call__(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         """Take one step on ``x`` with warm-up weight ``beta`` (a 0-dim tensor)."""
+        # Batch-norm statistics change in the forward pass; a skipped step restores them.
+        buffers = [b.clone() for b in self._buffers()]
+        loss = self._step(x, beta)
+        if self.skipped:
+            with torch.no_grad():
+                for b, saved in zip(self._buffers(), buffers):
+                    b.copy_(saved)
+        return loss
+
+    def _buffers(self) -> list[torch.Tensor]:
+        seen: dict[int, torch.Tensor] = {}
+        for b in list(self.model.buffers()) + list(self.guide.buffers()):
+            seen.setdefault(id(b), b)
+        return list(seen.values())
+
+    def _step(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         if self.engine == "svi":
-            return torch.tensor(self.svi.step(x, beta), dtype=x.dtype, device=x.device)
-        loss = self.loss(x, beta)
+            # The body of SVI.step, with the finiteness check between gradients and update.
+            try:
+                with poutine.trace(param_only=True) as param_capture:
+                    loss = self.svi.loss_and_grads(self.model, self.guide, x, beta)
+            except ValueError:
+                # With Pyro's validation on, a NaN reaching a distribution raises here
+                # instead of giving a NaN loss: skip the step when that is the cause.
+                if torch.isfinite(x).all() and all(torch.isfinite(p).all() for p in trainable_parameters(self.model, self.guide)):
+                    raise
+                zero_grads(set(trainable_parameters(self.model, self.guide)))
+                self.skipped = True
+                return torch.tensor(float("nan"), dtype=x.dtype, device=x.device)
+            params = {site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
+            loss = torch.as_tensor(loss, dtype=x.dtype, device=x.device).detach()
+            self.skipped = not _all_finite(loss, [p.grad for p in params])
+            if not self.skipped:
+                self.optimizer(params)
+            zero_grads(params)
+            return loss
+        if self._ddp is not None:
+            loss = self._ddp(x, beta) / self.distributed.world_size
+        else:
+            loss = self.loss(x, beta)
         loss.backward()
-        self.optimizer.step()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        finite = _all_finite(loss, [p.grad for p in params])
+        # Every process must take the same decision, or their parameters would drift apart.
+        self.skipped = not all_true(finite, self.distributed, loss.device)
+        if not self.skipped:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
@@ -157,6 +250,35 @@ class TrainingStep:
         """
         with pyro.validation_enabled(False), self.model.shared_priors(), registered_once(self.model, self.guide):
             return self.elbo.differentiable_loss(self.model, self.guide, x, beta)
+
+    def use_objective(self, objective: Any) -> None:
+        """Minimize ``objective`` from now on, with the same optimizer and its state.
+
+        :param objective: A Pyro ELBO or a loss with the same interface, such as
+            :class:`~pyro_lvae.objectives.ImportanceWeightedLoss` for fine-tuning.
+        """
+        self.elbo = objective
+        if self.engine == "svi":
+            self.svi = SVI(self.model, self.guide, self.optimizer, loss=objective)
+
+    def set_learning_rate(self, learning_rate: float) -> None:
+        """Set Adam's learning rate for every parameter (fine-tuning anneals it).
+
+        :param learning_rate: The new rate, positive.
+        """
+        if not learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {learning_rate!r}.")
+        optimizers = self.optimizer.optim_objs.values() if self.engine == "svi" else [self.optimizer]
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate
+        if self.engine == "svi":
+            # pyro.optim builds each parameter's optimizer when SVI first sees it, from
+            # these defaults and, after a resume, from the saved state that waits for it.
+            self.optimizer.pt_optim_args["lr"] = learning_rate
+            for state in self.optimizer._state_waiting_to_be_consumed.values():
+                for group in state["param_groups"]:
+                    group["lr"] = learning_rate
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state, for checkpoints."""

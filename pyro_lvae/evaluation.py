@@ -22,6 +22,7 @@ estimates the same quantity as
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -32,6 +33,8 @@ from pyro import poutine
 from torch import nn
 
 from .model import GenerativeModel
+
+logger = logging.getLogger(__name__)
 
 #: Default memory budget for one particle chunk of L_K evaluation, in bytes.
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
@@ -51,6 +54,15 @@ class LogWeights:
     total: torch.Tensor
     reconstruction: torch.Tensor
     layer_kl: torch.Tensor
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure (CUDA's OutOfMemoryError, or the CPU
+    allocator's RuntimeError)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "failed to allocate" in text
 
 
 def _site_log_prob(site: dict, shape: torch.Size) -> torch.Tensor:
@@ -108,9 +120,10 @@ def particle_traces(model: GenerativeModel, guide: nn.Module, x: torch.Tensor, n
     return guide_trace, model_trace
 
 
-@torch.no_grad()
-def log_importance_weights(model: GenerativeModel, guide: nn.Module, x: torch.Tensor, num_particles: int) -> LogWeights:
-    """Draw ``num_particles`` samples per example from ``guide`` and weight them.
+def particle_log_weights(model: GenerativeModel, guide: nn.Module, x: torch.Tensor, num_particles: int) -> LogWeights:
+    """Draw ``num_particles`` samples per example from ``guide`` and weight them,
+    keeping the autograd graph (the training objective of fine-tuning differentiates
+    these; :func:`log_importance_weights` is the no-grad version for evaluation).
 
     No warm-up scaling is applied: these are the weights of the true bound.
 
@@ -130,6 +143,18 @@ def log_importance_weights(model: GenerativeModel, guide: nn.Module, x: torch.Te
         ]
     )
     return LogWeights(total=recon - layer_kl.sum(0), reconstruction=recon, layer_kl=layer_kl)
+
+
+@torch.no_grad()
+def log_importance_weights(model: GenerativeModel, guide: nn.Module, x: torch.Tensor, num_particles: int) -> LogWeights:
+    """:func:`particle_log_weights` without autograd, for evaluation.
+
+    :param model: The generative model.
+    :param guide: A guide for it.
+    :param x: Data, shape ``(batch, input_dim)``.
+    :param num_particles: Particles per example.
+    """
+    return particle_log_weights(model, guide, x, num_particles)
 
 
 def particle_chunk_size(model: GenerativeModel, batch_size: int, *, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
@@ -166,7 +191,8 @@ def importance_sampled_bounds(
     :param x: Data, shape ``(batch, input_dim)``.
     :param num_samples: K.
     :param chunk_size: Particles per chunk; by default from ``memory_budget``
-        (see :func:`particle_chunk_size`).
+        (see :func:`particle_chunk_size`). When a chunk runs out of memory it is
+        drawn again in chunks of half the size, with the same random draws.
     :returns: A dict of per-example tensors: ``elbo`` (mean of the K log-weights),
         ``log_likelihood`` (L_K), ``reconstruction`` (mean log p(x|z1)) and
         ``layer_kl`` (shape ``(depth, batch)``), plus ``log_weights`` of shape
@@ -182,7 +208,20 @@ def importance_sampled_bounds(
     done = 0
     while done < num_samples:
         k = min(chunk_size, num_samples - done)
-        lw = log_importance_weights(model, guide, x, k)
+        rng = pyro.util.get_rng_state()
+        try:
+            lw = log_importance_weights(model, guide, x, k)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_out_of_memory(exc) or k == 1:
+                raise
+            # Retry the same draws in half-size chunks: the RNG is rewound, so the result
+            # equals that of a run started with the smaller chunk size.
+            pyro.util.set_rng_state(rng)
+            chunk_size = max(1, k // 2)
+            logger.warning("Out of memory with %d particles per chunk; retrying with %d.", k, chunk_size)
+            if x.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         chunks.append(lw.total)
         recon_sum += lw.reconstruction.sum(0)
         kl_sum += lw.layer_kl.sum(1)
@@ -197,6 +236,15 @@ def importance_sampled_bounds(
     }
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """Seed of evaluation batch ``batch`` when :func:`evaluate` is given ``seed``.
+
+    :param seed: The evaluation's seed.
+    :param batch: The batch's index.
+    """
+    return (seed * 1_000_033 + batch) % 2**63
+
+
 @torch.no_grad()
 def evaluate(
     model: GenerativeModel,
@@ -209,11 +257,16 @@ def evaluate(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = False,
     return_log_weights: bool = False,
+    seed: int | None = None,
 ) -> dict[str, object]:
     """Test ELBO (L1) and L_K over a dataset, in nats per example.
 
     Puts model and guide in evaluation mode (batch norm uses running statistics)
     and restores their previous mode afterwards.
+
+    In a distributed run (an initialized ``torch.distributed`` process group) the
+    evaluation batches are divided among the processes and the per-example results
+    gathered, so every process returns the whole result.
 
     :param data: Binary (or grey-level, for the Gaussian likelihood) data,
         shape ``(N, input_dim)``, on the model's device.
@@ -222,38 +275,51 @@ def evaluate(
     :param progress: Show a tqdm progress bar.
     :param return_log_weights: Also return the ``(num_samples, N)`` log-weights
         (on the CPU) under ``log_weights``, e.g. for PSIS diagnostics.
+    :param seed: Draw each batch's particles from a generator seeded by (``seed``,
+        batch index) (:func:`batch_seed`), leaving the global random state as it was:
+        the result is then reproducible and independent of how the batches are
+        divided among processes. ``None`` draws from the global random state.
     :returns: ``elbo`` and ``log_likelihood`` (means, floats), ``kl_per_layer``
         (list of floats, z1 first), ``reconstruction`` (float), and the
         per-example tensors ``elbo_per_example`` and ``log_likelihood_per_example``.
     """
     from tqdm.auto import tqdm
 
+    from .distributed import current_context, gather_batches
+
     check_examples(data)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    elbo, ll, recon, kl, log_w = [], [], [], [], []
+    ctx = current_context()
+    batches = data.split(batch_size)
+    mine: dict[int, dict[str, torch.Tensor]] = {}
     with eval_mode(model, guide):
-        for xb in tqdm(data.split(batch_size), disable=not progress, desc=f"L_{num_samples}", leave=False):
-            out = importance_sampled_bounds(
-                model, guide, xb, num_samples=num_samples, chunk_size=chunk_size, memory_budget=memory_budget
-            )
-            elbo.append(out["elbo"])
-            ll.append(out["log_likelihood"])
-            recon.append(out["reconstruction"])
-            kl.append(out["layer_kl"])
-            if return_log_weights:
-                log_w.append(out["log_weights"].cpu())
-    elbo_t, ll_t = torch.cat(elbo), torch.cat(ll)
+        for b in tqdm(range(len(batches)), disable=not progress, desc=f"L_{num_samples}", leave=False):
+            if b % ctx.world_size != ctx.rank:
+                continue
+            with contextlib.ExitStack() as stack:
+                if seed is not None:
+                    stack.enter_context(torch.random.fork_rng(devices=[data.device] if data.device.type == "cuda" else []))
+                    torch.manual_seed(batch_seed(seed, b))
+                out = importance_sampled_bounds(
+                    model, guide, batches[b], num_samples=num_samples, chunk_size=chunk_size, memory_budget=memory_budget
+                )
+            keys = ("elbo", "log_likelihood", "reconstruction", "layer_kl") + (("log_weights",) if return_log_weights else ())
+            mine[b] = {k: out[k].cpu() if ctx.enabled or k == "log_weights" else out[k] for k in keys}
+    results = gather_batches(mine, ctx)
+    ordered = [results[b] for b in range(len(batches))]
+    elbo_t = torch.cat([r["elbo"] for r in ordered])
+    ll_t = torch.cat([r["log_likelihood"] for r in ordered])
     result: dict[str, object] = {
         "elbo": elbo_t.mean().item(),
         "log_likelihood": ll_t.mean().item(),
-        "reconstruction": torch.cat(recon).mean().item(),
-        "kl_per_layer": torch.cat(kl, dim=1).mean(1).tolist(),
+        "reconstruction": torch.cat([r["reconstruction"] for r in ordered]).mean().item(),
+        "kl_per_layer": torch.cat([r["layer_kl"] for r in ordered], dim=1).mean(1).tolist(),
         "num_samples": num_samples,
         "num_examples": data.shape[0],
         "elbo_per_example": elbo_t.cpu(),
         "log_likelihood_per_example": ll_t.cpu(),
     }
     if return_log_weights:
-        result["log_weights"] = torch.cat(log_w, dim=1)
+        result["log_weights"] = torch.cat([r["log_weights"] for r in ordered], dim=1)
     return result

@@ -1,4 +1,5 @@
-"""Choosing the ELBO estimator that is valid for a guide.
+"""The training objectives: the ELBO estimator valid for a guide, and the
+importance-weighted bound used for fine-tuning.
 
 :class:`~pyro.infer.TraceMeanField_ELBO` replaces each latent site's
 ``log q - log p`` by its analytic KL divergence. That is unbiased only when every
@@ -12,8 +13,10 @@ attribute; any guide without it gets the always-valid
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
+import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 
@@ -33,3 +36,84 @@ def elbo_for(guide: Callable[..., Any], **kwargs: Any) -> ELBO:
     if getattr(guide, "mean_field_compatible", False):
         return TraceMeanField_ELBO(**kwargs)
     return Trace_ELBO(**kwargs)
+
+
+def importance_weighted_loss(
+    model: torch.nn.Module,
+    guide: torch.nn.Module,
+    x: torch.Tensor,
+    *,
+    mc_samples: int,
+    iw_samples: int,
+) -> torch.Tensor:
+    r"""The fine-tuning objective of paper §3: the importance-weighted bound (eq. 6)
+    with ``iw_samples`` samples, averaged over ``mc_samples`` Monte Carlo draws, per
+    example, negated and summed over the batch:
+
+    .. math::
+
+        \text{loss}(x) = -\frac{1}{M} \sum_{m=1}^{M}
+            \log \frac{1}{K} \sum_{k=1}^{K} \frac{p(x, z^{(m,k)})}{q(z^{(m,k)} | x)},
+        \qquad z^{(m,k)} \sim q(z|x).
+
+    With K = 1 this is the Monte Carlo ELBO averaged over M samples; with M = 1 it
+    is the IWAE bound of Burda et al. Its value equals the vectorized L_K estimator
+    (:func:`~pyro_lvae.evaluation.importance_sampled_bounds`) on the same draws.
+
+    Why not ``pyro.infer.RenyiELBO(alpha=0)``: it takes the logsumexp over particles
+    of log-weights summed over the whole minibatch, which bounds log p(batch) and is
+    not the sum of per-example bounds (they agree for a batch of one example, which
+    ``tests/test_objectives.py`` checks). Here the logsumexp is per example.
+
+    :param model: The generative model.
+    :param guide: A guide for it.
+    :param x: A minibatch, shape ``(batch, input_dim)``.
+    :param mc_samples: M, Monte Carlo samples (paper: 10).
+    :param iw_samples: K, importance-weighted samples per Monte Carlo sample.
+    :returns: A 0-dim tensor, differentiable with respect to every parameter
+        (reparameterized draws).
+    """
+    from .evaluation import particle_log_weights
+
+    for name, value in (("mc_samples", mc_samples), ("iw_samples", iw_samples)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    log_w = particle_log_weights(model, guide, x, mc_samples * iw_samples).total
+    log_w = log_w.reshape(mc_samples, iw_samples, x.shape[0])
+    bound = torch.logsumexp(log_w, dim=1) - math.log(iw_samples)
+    return -bound.mean(0).sum()
+
+
+class ImportanceWeightedLoss:
+    """:func:`importance_weighted_loss` as a Pyro loss callable, ``loss(model, guide, x, beta)``,
+    usable as ``SVI(model, guide, optim, loss=ImportanceWeightedLoss(...))``.
+
+    The particle traces run inside ``poutine.block``, so the parameters are registered
+    (:func:`pyro.module`) before them, where ``SVI`` records which parameters to update.
+    ``beta`` is accepted for the trainer's calling convention and must be 1: fine-tuning
+    optimizes the true bound.
+
+    :param mc_samples: M.
+    :param iw_samples: K.
+    """
+
+    def __init__(self, *, mc_samples: int, iw_samples: int) -> None:
+        self.mc_samples = mc_samples
+        self.iw_samples = iw_samples
+
+    def differentiable_loss(self, model: Any, guide: Any, x: torch.Tensor, beta: Any = None) -> torch.Tensor:
+        """The loss as a tensor (see :func:`importance_weighted_loss`).
+
+        :param model: The generative model.
+        :param guide: A guide for it.
+        :param x: A minibatch.
+        :param beta: Ignored unless it differs from 1, which raises :class:`ValueError`.
+        """
+        if beta is not None and float(beta) != 1.0:
+            raise ValueError(f"The importance-weighted objective has no warm-up weight; got beta={float(beta)}, pass 1.")
+        for module in (model, guide):
+            if hasattr(module, "register") and getattr(module, "register_params", True):
+                module.register()
+        return importance_weighted_loss(model, guide, x, mc_samples=self.mc_samples, iw_samples=self.iw_samples)
+
+    __call__ = differentiable_loss

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from pyro_lvae.cli import main
+from pyro_lvae.presets import PRESETS
 
 REQUIRED = {"test_elbo", "test_log_likelihood", "num_importance_samples", "epochs", "config"}
 
@@ -42,7 +43,7 @@ def test_train_then_evaluate(tmp_path, shared_data_root, capsys):
 @pytest.mark.parametrize(
     "args, match",
     [
-        (["train", "--epoch", "3"], "unrecognized arguments"),
+        (["train", "--epoch", "3"], "unknown argument '--epoch' for `pyro-lvae train`; did you mean --epochs?"),
         (["train", "--batch-norm", "maybe"], "expected true or false"),
         (["train", "--latent-sizes", "a,b"], "comma-separated integers"),
         (["train", "--preset", "nope"], "Unknown preset"),
@@ -58,7 +59,7 @@ def test_bad_cli_input(args, match, capsys, tmp_path):
 
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "pyro_lvae", "presets"], capture_output=True, text=True, check=True)
-    assert "lvae-bn-wu-5" in out.stdout and "vlae-3" in out.stdout and len(out.stdout.splitlines()) == 22
+    assert "lvae-bn-wu-5" in out.stdout and "vlae-3" in out.stdout and len(out.stdout.splitlines()) == len(PRESETS)
 
 
 @pytest.mark.parametrize("preset,extra", [("vlae-3", ["--hidden-sizes", "32,32,32"]), ("vqvae", ["--hidden-sizes", "32", "--codebook-ema", "true"])])

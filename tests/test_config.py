@@ -34,6 +34,10 @@ def test_invalid_model_config(kwargs, match):
         (dict(dataset="cifar"), "Unknown dataset"),
         (dict(warmup_epochs=-5), "warmup_epochs"),
         (dict(dataset="binarized_mnist", binarization="dynamic"), "static"),
+        (dict(finetune_epochs=-1), "finetune_epochs"),
+        (dict(finetune_iw_samples=0), "finetune_iw_samples"),
+        (dict(finetune_lr_decay=1.5), "finetune_lr_decay"),
+        (dict(finetune_decay_every=0), "finetune_decay_every"),
     ],
 )
 def test_invalid_train_config(kwargs, match):
@@ -49,7 +53,20 @@ def test_likelihood_and_binarization_must_agree():
 
 
 def test_presets():
-    assert len(PRESETS) == 22  # 4 variants × 5 depths, vlae-3 and vqvae
+    # 4 variants × 5 depths × 4 settings, two fine-tuning presets, vlae-3 and vqvae
+    assert len(PRESETS) == 84
+    omniglot = get_preset("omniglot-lvae-bn-wu-3")
+    assert omniglot.train.dataset == "omniglot28" and omniglot.train.epochs == 1500
+    assert omniglot.model.likelihood == "bernoulli" and omniglot.train.binarization == "dynamic"
+    for name, dataset, dim in (("norb-gauss-vae-bn-2", "norb", 1024), ("fashion-gauss-vae-bn-2", "fashion_mnist", 784)):
+        cfg = get_preset(name)
+        assert (cfg.train.dataset, cfg.model.input_dim) == (dataset, dim)
+        assert cfg.model.likelihood == "gaussian" and cfg.model.activation == "tanh" and cfg.train.binarization == "none"
+        assert cfg.train.epochs == 2000
+    ft = get_preset("lvae-bn-wu-5-ft-iw10").train
+    assert (ft.epochs, ft.finetune_epochs, ft.finetune_mc_samples, ft.finetune_iw_samples) == (2000, 2000, 10, 10)
+    assert (ft.finetune_lr_decay, ft.finetune_decay_every) == (0.75, 200)
+    assert get_preset("lvae-bn-wu-5-ft").train.finetune_iw_samples == 1
     assert get_preset("vlae-3").model.family == "vlae" and get_preset("vqvae").model.family == "vqvae"
     lvae = get_preset("lvae-bn-wu-5")
     assert lvae.model.latent_sizes == (64, 32, 16, 8, 4)

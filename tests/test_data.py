@@ -10,7 +10,8 @@ import torch
 
 from pyro_lvae import ExperimentConfig, ModelConfig, TrainConfig
 from pyro_lvae.data import DATA_ENV, Dataset, binarize, check_data, data_root, load_dataset, read_amat, read_chardata
-from pyro_lvae.training import prepare_data
+from pyro_lvae import data as data_module
+from pyro_lvae.training import epoch_batches, prepare_data
 
 
 def test_mnist_from_shared_data(mnist):
@@ -37,7 +38,8 @@ def test_data_root_resolution(monkeypatch, tmp_path):
     assert data_root().name == "data"
 
 
-def test_amat_loader(tmp_path):
+def test_amat_loader(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "SHA256", {})  # small files in the official format
     rng = np.random.default_rng(0)
     folder = tmp_path / "binarized_mnist"
     folder.mkdir()
@@ -83,7 +85,7 @@ def test_chardata_loader_orientation(tmp_path):
         read_chardata(folder / "chardata.mat")
 
 
-@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "binarized_mnist", "omniglot28", "omniglot"])
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "binarized_mnist", "omniglot28", "omniglot", "norb"])
 def test_missing_files_name_the_files_and_the_option(tmp_path, name):
     with pytest.raises(FileNotFoundError) as err:
         load_dataset(name, root=tmp_path, download=False)
@@ -103,7 +105,8 @@ def test_failed_download_is_one_clear_error(tmp_path, monkeypatch):
         load_dataset("mnist", root=tmp_path, download=True)
 
 
-def test_idx_truncated_file(tmp_path):
+def test_idx_truncated_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "SHA256", {})  # the format check, without the checksum
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     header = bytes([0, 0, 8, 3]) + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") + (28).to_bytes(4, "big")
@@ -153,4 +156,71 @@ def test_prepare_data_checks(make_synthetic):
         prepare_data(dynamic, dataset=scaled)
     data = prepare_data(dynamic, dataset=grey)
     assert set(data.test.unique().tolist()) <= {0.0, 1.0}  # the test set is binarized once
-    assert data.dynamic and not torch.equal(data.epoch_data(), data.epoch_data())
+    # A fresh binarization every epoch, the same one when an epoch is rebuilt (resume).
+    x0, b0 = epoch_batches(data, dynamic, 0)
+    x1, _ = epoch_batches(data, dynamic, 1)
+    assert data.dynamic and not torch.equal(x0, x1) and set(x0.unique().tolist()) <= {0.0, 1.0}
+    x0_again, b0_again = epoch_batches(data, dynamic, 0)
+    assert torch.equal(x0, x0_again) and all(torch.equal(a, b) for a, b in zip(b0, b0_again))
+
+
+def _write_norb(path, array, magic):
+    header = np.array([magic, array.ndim] + list(array.shape) + [1] * max(0, 3 - array.ndim), dtype="<i4")
+    with gzip.open(path, "wb") if str(path).endswith(".gz") else open(path, "wb") as f:
+        f.write(header.tobytes() + array.astype(array.dtype.newbyteorder("<")).tobytes())
+
+
+def test_norb_loader_reads_small_norb_files_and_reduces_to_32x32(tmp_path):
+    """Small files in the small-NORB binary format: the first camera, 3×3 block means, /255."""
+    from pyro_lvae.data import NORB_FILES, norb_to_32, read_norb
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "norb"
+    folder.mkdir()
+    images = {s: rng.integers(0, 256, size=(n, 2, 96, 96), dtype=np.uint8) for s, n in (("train", 3), ("test", 2))}
+    labels = {"train": np.array([0, 4, 2], dtype=np.int32), "test": np.array([1, 3], dtype=np.int32)}
+    for split in ("train", "test"):
+        _write_norb(folder / NORB_FILES[f"{split}_x"], images[split], 0x1E3D4C55)
+        _write_norb(folder / (NORB_FILES[f"{split}_y"] + ".gz"), labels[split], 0x1E3D4C54)  # 1-D, gzipped
+    ds = load_dataset("norb", root=tmp_path)
+    assert ds.train_x.shape == (3, 1024) and ds.test_x.shape == (2, 1024)
+    assert ds.train_y.tolist() == [0, 4, 2] and ds.test_y.tolist() == [1, 3]
+    # Pixel (row 5, column 7) of the 32×32 image is the mean of rows 15-17, columns 21-23 of camera 0.
+    block = images["train"][1, 0, 15:18, 21:24].astype(np.float64)
+    assert ds.train_x[1, 5 * 32 + 7].item() == pytest.approx(block.mean() / 255, abs=1e-6)
+    assert 0 <= ds.train_x.min() and ds.train_x.max() <= 1
+    assert read_norb(folder / NORB_FILES["train_x"]).shape == (3, 2, 96, 96)
+    with pytest.raises(ValueError, match=r"\(N, 2, 96, 96\)"):
+        norb_to_32(np.zeros((2, 96, 96), dtype=np.uint8))
+    # A truncated file and a foreign file are named, with the fix.
+    raw = (folder / NORB_FILES["test_x"]).read_bytes()
+    (folder / NORB_FILES["test_x"]).write_bytes(raw[:-100])
+    with pytest.raises(ValueError, match="truncated.*re-download"):
+        load_dataset("norb", root=tmp_path)
+    (folder / NORB_FILES["test_x"]).write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="magic number"):
+        load_dataset("norb", root=tmp_path)
+
+
+@pytest.mark.parametrize("name, rel", [("mnist", "MNIST/raw/t10k-labels-idx1-ubyte"), ("omniglot28", "omniglot28/omniglot28_uint8.npz")])
+def test_a_corrupt_data_file_fails_its_checksum(tmp_path, shared_data_root, name, rel):
+    """A copy of the shared data with one byte changed in one file is refused, naming the file."""
+    import shutil
+
+    folder = rel.split("/")[0]
+    shutil.copytree(shared_data_root / folder, tmp_path / folder)
+    target = tmp_path / rel
+    if not target.exists():  # MNIST is stored gzipped: corrupt the uncompressed contents
+        gz = target.with_name(target.name + ".gz")
+        raw = bytearray(gzip.open(gz).read())
+        raw[-1] ^= 1
+        gz.chmod(0o644)
+        gz.write_bytes(gzip.compress(bytes(raw)))
+    else:
+        raw = bytearray(target.read_bytes())
+        raw[len(raw) // 2] ^= 1
+        target.chmod(0o644)
+        target.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"fails its checksum .*delete it and download or copy it again") as err:
+        load_dataset(name, root=tmp_path, download=False)
+    assert rel.split("/")[-1] in str(err.value)

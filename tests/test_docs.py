@@ -25,7 +25,7 @@ def _sphinx(src: Path, out: Path) -> subprocess.CompletedProcess:
 def test_docs_build_strictly(tmp_path):
     proc = _sphinx(REPO / "docs", tmp_path / "html")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for page in ("index", "quickstart", "concepts", "cli", "api", "results", "performance", "faq", "families"):
+    for page in ("index", "quickstart", "concepts", "cli", "api", "results", "performance", "faq", "families", "reproduce", "reliability", "distributed", "short-runs"):
         assert (tmp_path / "html" / f"{page}.html").exists()
     # The CLI reference comes from the real parser: every config field is an option.
     cli = (tmp_path / "html" / "cli.html").read_text()

@@ -78,3 +78,42 @@ def test_evaluate_restores_training_mode_and_validates():
     assert out["log_likelihood_per_example"].shape == (9,)
     with pytest.raises(ValueError, match="shape"):
         evaluate(model, guide, x[0], num_samples=4)
+
+
+def test_out_of_memory_in_l_k_retries_with_smaller_chunks(monkeypatch, caplog):
+    """A chunk that runs out of memory is redrawn in half-size chunks from the same RNG
+    state: the result equals a run that used the smaller chunk size from the start."""
+    import pyro
+
+    from pyro_lvae import evaluation
+
+    model = _model()
+    guide = LadderGuide(model).eval()
+    x = torch.bernoulli(torch.full((7, 6), 0.5))
+    original = evaluation.log_importance_weights
+    sizes = []
+
+    def limited(model, guide, x, k):
+        sizes.append(k)
+        if k > 6:
+            torch.randn(3)  # a failed attempt may consume random numbers before failing
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(model, guide, x, k)
+
+    monkeypatch.setattr(evaluation, "log_importance_weights", limited)
+    pyro.set_rng_seed(5)
+    retried = evaluation.importance_sampled_bounds(model, guide, x, num_samples=40, chunk_size=40)
+    assert sizes[:4] == [40, 20, 10, 5] and "retrying with 20" in caplog.text
+    monkeypatch.setattr(evaluation, "log_importance_weights", original)
+    pyro.set_rng_seed(5)
+    direct = evaluation.importance_sampled_bounds(model, guide, x, num_samples=40, chunk_size=5)
+    assert torch.equal(retried["log_weights"], direct["log_weights"])
+    # Other errors, and a failure at one particle per chunk, are raised.
+    monkeypatch.setattr(evaluation, "log_importance_weights", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        evaluation.importance_sampled_bounds(model, guide, x, num_samples=4, chunk_size=4)
+    monkeypatch.setattr(
+        evaluation, "log_importance_weights", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory"))
+    )
+    with pytest.raises(torch.OutOfMemoryError):
+        evaluation.importance_sampled_bounds(model, guide, x, num_samples=4, chunk_size=4)

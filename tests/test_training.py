@@ -106,17 +106,41 @@ def test_batch_size_larger_than_data(make_synthetic):
         train(config, dataset=make_synthetic(), progress=False)
 
 
-def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path, make_synthetic, monkeypatch):
-    from pyro_lvae import engine
-
+def test_finetuning_phase_schedule_and_resume(tmp_path, make_synthetic):
+    """Training epochs, then fine-tuning on the IWAE bound with β = 1 and the learning
+    rate × decay every ``finetune_decay_every`` epochs; resuming in the middle of
+    fine-tuning gives the uninterrupted run's parameters."""
+    data = make_synthetic()
     config = ExperimentConfig(
-        model=ModelConfig(input_dim=12, latent_sizes=(3,), hidden_sizes=(8,)),
-        train=TrainConfig(epochs=3, batch_size=16, num_importance_samples=2),
+        model=ModelConfig(input_dim=12, latent_sizes=(3, 2), hidden_sizes=(16, 8), batch_norm=True),
+        train=TrainConfig(
+            epochs=2,
+            batch_size=16,
+            warmup_epochs=2,
+            eval_every=10,
+            num_importance_samples=3,
+            finetune_epochs=3,
+            finetune_mc_samples=2,
+            finetune_iw_samples=3,
+            finetune_lr_decay=0.5,
+            finetune_decay_every=2,
+        ),
     )
-    train(config, out_dir=tmp_path, dataset=make_synthetic(), progress=False, final_evaluation=False)
-    config = config.replace(epochs=4)
-    original = engine.TrainingStep.__call__
-    monkeypatch.setattr(engine.TrainingStep, "__call__", lambda self, x, beta: original(self, x, beta) * float("nan"))
-    with pytest.raises(FloatingPointError, match="epoch 4; the checkpoint of epoch 3 .* is intact; lower learning_rate"):
-        train(config, out_dir=tmp_path, dataset=make_synthetic(), progress=False, resume=True)
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 3
+    straight = train(config, out_dir=tmp_path / "a", dataset=data, progress=False)
+    lines = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2, 3, 4, 5]
+    assert [l["beta"] for l in lines] == [0.0, 0.5, 1.0, 1.0, 1.0]
+    assert [l.get("phase") for l in lines] == [None, None, "finetune", "finetune", "finetune"]
+    assert [l.get("learning_rate") for l in lines[2:]] == [1e-3, 1e-3, 5e-4]
+    assert straight.results["epochs"] == 5 and "test_elbo" in lines[-1]
+
+    # Stop after the first fine-tuning epoch, then resume.
+    train(config.replace(finetune_epochs=1), out_dir=tmp_path / "b", dataset=data, progress=False)
+    resumed = train(config, out_dir=tmp_path / "b", dataset=data, progress=False, resume=True)
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    # A trained run may be fine-tuned with any settings; a fine-tuning run keeps its own.
+    train(config.replace(finetune_epochs=0), out_dir=tmp_path / "c", dataset=data, progress=False)
+    train(config.replace(finetune_iw_samples=2, finetune_epochs=1), out_dir=tmp_path / "c", dataset=data, progress=False, resume=True)
+    with pytest.raises(ValueError, match="different configuration"):
+        train(config.replace(finetune_iw_samples=4), out_dir=tmp_path / "c", dataset=data, progress=False, resume=True)

@@ -1,0 +1,445 @@
+"""``pyro-lvae results-page``: ``docs/results.md`` from the sweeps' ``results.json`` files.
+
+The page is generated, never typed: every number in it is read from a run's
+``results.json`` (written by :func:`~pyro_lvae.training.train`), every paper number
+from :mod:`pyro_lvae.paper`, and the same inputs give the same bytes (the text is
+built in a fixed order, the figures are written without timestamps). For each
+setting of the paper found among the runs (MNIST Fig. 3 and Table 1, OMNIGLOT and
+NORB of Table 2, and the Fashion-MNIST stand-in for NORB) it shows:
+
+* the runs' schedule against the paper's (epochs, warm-up, fine-tuning, K, test
+  examples), hardware, library versions and dates, and the command that reproduces it;
+* a table: paper L_5000 (where the paper prints it) beside the measured L1 and L_K;
+* Fig. 3's plot (L1 and L_K against the number of layers for the four variants) and
+  Figs. 4–5's comparison of VAE+BN+WU and LVAE+BN+WU at five layers (KL per layer and
+  active units per layer);
+* whether the paper's qualitative claims hold at the measured length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .config import ExperimentConfig  # noqa: E402
+from .paper import PAPER_BEST_VAE_L5000, PAPER_L1, PAPER_L5000  # noqa: E402
+from .presets import PRESETS  # noqa: E402
+from .sweep import shorten_schedule  # noqa: E402
+
+#: The paper's four variants, with their labels.
+VARIANTS = {"vae": "VAE", "vae-bn": "VAE+BN", "vae-bn-wu": "VAE+BN+WU", "lvae-bn-wu": "LVAE+BN+WU"}
+
+#: Each setting: preset prefix, title, and what to say about its data.
+SETTINGS = {
+    "mnist": ("", "MNIST (Fig. 3 and Table 1)", ""),
+    "omniglot": (
+        "omniglot-",
+        "OMNIGLOT (Table 2)",
+        "**Substituted data.** These runs use `omniglot28`, 28×28 OMNIGLOT built from Lake's "
+        "original images with the 30 background alphabets for training and the 20 evaluation "
+        "alphabets for testing. That is not the split of the IWAE/LVAE papers (whose "
+        "`chardata.mat` could not be obtained), so the numbers are not comparable with the "
+        "paper's column.",
+    ),
+    "norb-gauss": ("norb-gauss-", "NORB (Table 2)", "Gaussian likelihood on 32×32 NORB grey levels."),
+    "fashion-gauss": (
+        "fashion-gauss-",
+        "Gaussian setting on Fashion-MNIST, the stand-in for NORB (Table 2)",
+        "**Substituted data.** NORB could not be obtained on this project's machines. These runs "
+        "use the paper's NORB setting (Gaussian likelihood with linear mean and softplus variance, "
+        "tanh MLPs, 2000 epochs) on Fashion-MNIST grey levels in [0, 1]. The paper column shows "
+        "its NORB numbers only for orientation: the data differ, so the values are not comparable; "
+        "only the ordering of the variants is.",
+    ),
+}
+_PRESET = re.compile(r"^(?P<variant>vae|vae-bn|vae-bn-wu|lvae-bn-wu)-(?P<depth>[1-5])(?P<ft>-ft(?:-iw10)?)?$")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One finished run.
+
+    :param sweep: The sweep directory, as given (its name is the grid's).
+    :param run: The run directory's name.
+    :param results: Its ``results.json``.
+    """
+
+    sweep: str
+    run: str
+    results: dict[str, Any]
+
+    @property
+    def config(self) -> ExperimentConfig:
+        """The run's configuration."""
+        return ExperimentConfig.from_dict(self.results["config"])
+
+    @property
+    def preset(self) -> str:
+        """The preset the run was made from."""
+        return self.results["config"]["name"]
+
+
+def split_preset(name: str) -> tuple[str, str, int, str] | None:
+    """``(setting, variant, depth, fine-tuning suffix)`` of a paper preset, else ``None``.
+
+    :param name: A preset name, e.g. ``"omniglot-vae-bn-3"``.
+
+    >>> split_preset("omniglot-vae-bn-3"), split_preset("lvae-bn-wu-5-ft"), split_preset("vlae-3")
+    (('omniglot', 'vae-bn', 3, ''), ('mnist', 'lvae-bn-wu', 5, '-ft'), None)
+    """
+    setting, rest = "mnist", name
+    for key, (prefix, _, _) in SETTINGS.items():
+        if prefix and name.startswith(prefix):
+            setting, rest = key, name[len(prefix) :]
+    m = _PRESET.match(rest)
+    if m is None:
+        return None
+    return setting, m["variant"], int(m["depth"]), m["ft"] or ""
+
+
+def load_runs(sweeps: Sequence[str | os.PathLike]) -> list[RunResult]:
+    """Every ``results.json`` one level below each sweep directory, in sorted order.
+
+    :param sweeps: Sweep directories.
+    :raises FileNotFoundError: if a directory is missing or holds no results.
+    """
+    runs = []
+    for sweep in sweeps:
+        sweep = Path(sweep)
+        files = sorted(sweep.glob("*/results.json"))
+        if not files:
+            raise FileNotFoundError(f"{sweep} holds no */results.json; run `pyro-lvae sweep GRID --out {sweep}` first.")
+        for f in files:
+            runs.append(RunResult(sweep=sweep.as_posix(), run=f.parent.name, results=json.loads(f.read_text())))
+    return runs
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values))
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _differences(config: ExperimentConfig, preset: ExperimentConfig) -> dict[str, Any]:
+    """Fields of ``config.train`` that differ from the preset's, besides the seed."""
+    a, b = config.to_dict()["train"], preset.to_dict()["train"]
+    return {k: a[k] for k in a if a[k] != b[k] and k != "seed"}
+
+
+def _schedule(runs: list[RunResult]) -> list[str]:
+    """Lines describing how the runs differ from the paper's schedule."""
+    lines = []
+    diffs = [(r, _differences(r.config, PRESETS[r.preset])) for r in runs if r.preset in PRESETS]
+    common = {k: v for k, v in diffs[0][1].items() if all(d.get(k) == v for _, d in diffs)} if diffs else {}
+
+    def show(key: str, value: Any, r: RunResult) -> str:
+        return f"`{key}` = {value} (paper: {getattr(PRESETS[r.preset].train, key)})"
+
+    if diffs and not common and not any(d for _, d in diffs):
+        lines.append("- The paper's full schedule (the presets' values).")
+    if common:
+        lines.append(
+            "- **Shortened or changed from the paper, in every run:** "
+            + "; ".join(show(k, v, diffs[0][0]) for k, v in common.items())
+            + "."
+        )
+    groups: dict[str, list[str]] = {}
+    for r, d in diffs:
+        rest = "; ".join(show(k, v, r) for k, v in d.items() if k not in common)
+        if rest:
+            groups.setdefault(rest, []).append(f"`{r.preset}`")
+    for rest, presets in groups.items():
+        lines.append(f"- In {', '.join(presets)}: {rest}.")
+    devices = sorted({r.results["device"] for r in runs})
+    dates = sorted({r.results["date"][:10] for r in runs})
+    versions = sorted({f"torch {r.results['versions']['torch']}, pyro-ppl {r.results['versions']['pyro']}" for r in runs})
+    tests = sorted({r.results["num_test_examples"] for r in runs})
+    ks = sorted({r.results["num_importance_samples"] for r in runs})
+    lines.append(f"- Test examples: {', '.join(map(str, tests))}; K of L_K: {', '.join(map(str, ks))} (paper: the whole test set and 5000).")
+    lines.append(f"- Hardware: {'; '.join(devices)}. Software: {'; '.join(versions)}. Dates: {', '.join(dates)}.")
+    return lines
+
+
+def _command(grid: str, runs: list[RunResult]) -> str:
+    """The sweep command that reproduces ``runs``: ``--epochs`` for a shortened schedule
+    (:func:`~pyro_lvae.sweep.shorten_schedule`), then ``--set`` for the changes common
+    to every run."""
+    epochs = {r.config.train.epochs for r in runs if r.config.train.epochs != PRESETS[r.preset].train.epochs}
+    shortened = epochs.pop() if len(epochs) == 1 else None
+    common: dict[str, Any] | None = None
+    for r in runs:
+        base = PRESETS[r.preset]
+        if shortened is not None:
+            base = shorten_schedule(base, shortened)
+        d = _differences(r.config, base)
+        common = d if common is None else {k: v for k, v in common.items() if d.get(k) == v}
+    sets = " ".join(f"--set {k}={v}" for k, v in sorted((common or {}).items()))
+    name = Path(grid).name
+    flags = f"--epochs {shortened} " if shortened is not None else ""
+    return f"pyro-lvae sweep {name} --out runs/{name} --workers 2 {flags}{sets}".rstrip()
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    # No software/date metadata, so that the same numbers give the same bytes.
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def _layers_figure(table: dict[tuple[str, int], list[RunResult]], title: str, path: Path) -> None:
+    """Fig. 3: test L1 and L_K against the number of layers, one line per variant."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for variant, label in VARIANTS.items():
+        depths = sorted(d for (v, d) in table if v == variant)
+        if not depths:
+            continue
+        for ax, key in zip(axes, ("test_elbo", "test_log_likelihood")):
+            ax.plot(depths, [_mean([r.results[key] for r in table[variant, d]]) for d in depths], "o-", label=label)
+    k = sorted({r.results["num_importance_samples"] for rs in table.values() for r in rs})
+    axes[0].set(xlabel="stochastic layers", ylabel="nats", title="test L1 (ELBO)")
+    axes[1].set(xlabel="stochastic layers", ylabel="nats", title=f"test L_{'/'.join(map(str, k))}")
+    for ax in axes:
+        ax.set_xticks(range(1, 6))
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _units_figure(runs: dict[str, RunResult], title: str, path: Path) -> None:
+    """Figs. 4-5: per-layer KL and active units of the 5-layer VAE+BN+WU and LVAE+BN+WU,
+    and each unit's KL, sorted, as in Fig. 4."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), gridspec_kw={"width_ratios": [1, 1, 1.4]})
+    width = 0.8 / len(runs)
+    for j, (label, r) in enumerate(runs.items()):
+        depth = len(r.results["test_kl_per_layer"])
+        x = np.arange(depth) + j * width
+        axes[0].bar(x, r.results["test_kl_per_layer"], width=width, label=label)
+        axes[1].bar(x, r.results["test_active_units"], width=width, label=label)
+        per_unit = np.concatenate([np.sort(np.asarray(k))[::-1] for k in r.results["test_kl_per_unit"]])
+        axes[2].semilogy(np.arange(len(per_unit)), np.maximum(per_unit, 1e-6), ".", ms=3, label=label)
+    for ax in axes[:2]:
+        ax.set_xticks(np.arange(depth) + 0.4 - width / 2, [f"z{i + 1}" for i in range(depth)])
+    axes[0].set(ylabel="nats", title="KL per layer")
+    axes[1].set(ylabel="units", title="active units (Cov_x E_q[u] > 0.01)")
+    axes[2].set(xlabel="unit (z1 … z5, each layer sorted)", ylabel="KL (nats)", title="KL per unit")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _claims(table: dict[tuple[str, int], list[RunResult]], key: str) -> list[str]:
+    """The paper's qualitative claims, checked on the measured ``key`` (L_K)."""
+
+    def value(variant: str, depth: int) -> float | None:
+        rs = table.get((variant, depth))
+        return _mean([r.results[key] for r in rs]) if rs else None
+
+    lines = []
+    margins = []
+    for depth in (3, 4, 5):
+        lvae = value("lvae-bn-wu", depth)
+        vaes = [v for v in (value(x, depth) for x in ("vae", "vae-bn", "vae-bn-wu")) if v is not None]
+        if lvae is not None and vaes:
+            margins.append((depth, lvae - max(vaes)))
+    if margins:
+        wins = sum(m > 0 for _, m in margins)
+        detail = ", ".join(f"{d} layers {m:+.2f}" for d, m in margins)
+        verdict = "holds" if wins == len(margins) else ("partly holds" if wins else "does not hold")
+        lines.append(
+            f"- *The LVAE beats the VAE at depth ≥ 3*: **{verdict}** ({wins} of {len(margins)} depths; "
+            f"LVAE+BN+WU minus the best VAE variant: {detail} nats)."
+        )
+    for better, worse, what in (("vae-bn", "vae", "batch normalization"), ("vae-bn-wu", "vae-bn", "warm-up")):
+        pairs = [(d, value(better, d), value(worse, d)) for d in range(1, 6)]
+        pairs = [(d, b - w) for d, b, w in pairs if b is not None and w is not None]
+        if pairs:
+            wins = sum(m > 0 for _, m in pairs)
+            verdict = "holds" if wins == len(pairs) else ("partly holds" if wins else "does not hold")
+            detail = ", ".join(f"{d}: {m:+.2f}" for d, m in pairs)
+            lines.append(
+                f"- *{what.capitalize()} helps* ({VARIANTS[better]} vs {VARIANTS[worse]}): **{verdict}** "
+                f"({wins} of {len(pairs)} depths; difference by number of layers {detail} nats)."
+            )
+    vae5, lvae5 = table.get(("vae-bn-wu", 5)), table.get(("lvae-bn-wu", 5))
+    if vae5 and lvae5 and "test_active_units" in vae5[0].results and "test_active_units" in lvae5[0].results:
+        a_vae, a_lvae = vae5[0].results["test_active_units"], lvae5[0].results["test_active_units"]
+        upper_vae, upper_lvae = sum(a_vae[1:]), sum(a_lvae[1:])
+        verdict = "holds" if upper_lvae > upper_vae else "does not hold"
+        lines.append(
+            f"- *The LVAE uses more upper-layer units*: **{verdict}** (active units z1…z5, seed "
+            f"{vae5[0].config.train.seed}: VAE+BN+WU {'/'.join(map(str, a_vae))}, LVAE+BN+WU "
+            f"{'/'.join(map(str, a_lvae))}; z2–z5: {upper_vae} vs {upper_lvae})."
+        )
+    return lines
+
+
+def _setting_section(setting: str, runs: list[RunResult], figures: Path, figures_rel: str) -> list[str]:
+    prefix, title, note = SETTINGS[setting]
+    out = [f"## {title}", ""]
+    if note:
+        out += [note, ""]
+    grids = sorted({r.sweep for r in runs})
+    out.append("Reproduce with:")
+    out.append("")
+    out.append("```bash")
+    for grid in grids:
+        out.append(_command(grid, [r for r in runs if r.sweep == grid]))
+    out += ["```", ""]
+    out += _schedule(runs)
+    out.append("")
+
+    table: dict[tuple[str, int], list[RunResult]] = {}
+    finetuned: dict[str, list[RunResult]] = {}
+    for r in runs:
+        _, variant, depth, ft = split_preset(r.preset)  # type: ignore[misc]
+        if ft:
+            finetuned.setdefault(r.preset, []).append(r)
+        else:
+            table.setdefault((variant, depth), []).append(r)
+    ks = sorted({r.results["num_importance_samples"] for r in runs})
+    k = "/".join(map(str, ks))
+    unit = "nats per example" if setting != "norb-gauss" and setting != "fashion-gauss" else "nats per example (a density: higher is better)"
+    out += [
+        f"| model | layers | paper L_5000 | measured L_{k} | measured L1 (ELBO) | epochs | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for variant, label in VARIANTS.items():
+        for depth in range(1, 6):
+            rs = table.get((variant, depth))
+            if not rs:
+                continue
+            preset = f"{prefix}{variant}-{depth}"
+            out.append(
+                f"| {label} (`{preset}`) | {depth} | {_fmt(PAPER_L5000.get(preset))} "
+                f"| {_fmt(_mean([r.results['test_log_likelihood'] for r in rs]))} "
+                f"| {_fmt(_mean([r.results['test_elbo'] for r in rs]))} "
+                f"| {rs[0].results['epochs']} | {', '.join(str(r.config.train.seed) for r in rs)} |"
+            )
+    out += ["", f"Units: {unit}.", ""]
+    if setting == "mnist":
+        out.append(
+            f"The paper quotes test L1 = {PAPER_L1['lvae-bn-wu-5']} for the 5-layer LVAE and "
+            f"{PAPER_L1['vae-bn-wu-3']} for the best VAE (3 layers), and L_5000 = {PAPER_BEST_VAE_L5000} for the "
+            "best VAE; Fig. 3's other values are not printed in the paper."
+        )
+        out.append("")
+    if finetuned:
+        base = table.get(("lvae-bn-wu", 5), [])
+        out += [
+            "### Fine-tuning (Table 1)",
+            "",
+            "| model | paper L_5000 | measured L_K | measured L1 | training + fine-tuning epochs | M × K samples |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in base[:1]:
+            out.append(
+                f"| LVAE, 5-layer (`{r.preset}`) | {_fmt(PAPER_L5000.get(r.preset))} | {_fmt(r.results['test_log_likelihood'])} "
+                f"| {_fmt(r.results['test_elbo'])} | {r.results['epochs']} + 0 | 1 × 1 |"
+            )
+        for preset in sorted(finetuned):
+            for r in finetuned[preset]:
+                t = r.config.train
+                out.append(
+                    f"| LVAE, 5-layer + fine-tuning{' + IW=10' if preset.endswith('iw10') else ''} (`{preset}`) "
+                    f"| {_fmt(PAPER_L5000.get(preset))} | {_fmt(r.results['test_log_likelihood'])} | {_fmt(r.results['test_elbo'])} "
+                    f"| {t.epochs} + {t.finetune_epochs} | {t.finetune_mc_samples} × {t.finetune_iw_samples} |"
+                )
+        base_cfg = base[0].config.to_dict()["train"] if base else None
+        for rs in finetuned.values():
+            ft_cfg = rs[0].config.to_dict()["train"]
+            same = base_cfg is not None and all(
+                ft_cfg[k] == base_cfg[k] for k in base_cfg if not k.startswith("finetune_")
+            )
+            if not same:
+                out += ["", f"Note: `{rs[0].preset}` was not trained with the same settings as the row without fine-tuning."]
+                break
+        out.append("")
+    if len({v for v, _ in table}) > 1:
+        name = f"{setting}_layers.png"
+        _layers_figure(table, title, figures / name)
+        out += [f"![L1 and L_K against the number of layers]({figures_rel}/{name})", ""]
+    pair = {VARIANTS[v]: table[v, 5][0] for v in ("vae-bn-wu", "lvae-bn-wu") if (v, 5) in table}
+    if len(pair) == 2 and all("test_active_units" in r.results for r in pair.values()):
+        name = f"{setting}_units.png"
+        _units_figure(pair, f"{title}: five layers", figures / name)
+        out += [f"![KL and active units per layer, 5 layers]({figures_rel}/{name})", ""]
+    claims = _claims(table, "test_log_likelihood")
+    if claims:
+        out += [f"**The paper's claims at this length** (on the measured L_{k}):", ""] + claims + [""]
+    return out
+
+
+def render_results_page(runs: list[RunResult], figures: Path, figures_rel: str) -> str:
+    """The Markdown of the results page; writes its figures into ``figures``.
+
+    :param runs: The finished runs (:func:`load_runs`).
+    :param figures: Folder for the PNGs.
+    :param figures_rel: That folder as the page links it.
+    """
+    figures.mkdir(parents=True, exist_ok=True)
+    by_setting: dict[str, list[RunResult]] = {}
+    other = []
+    for r in runs:
+        parts = split_preset(r.preset)
+        if parts is None:
+            other.append(r)
+        else:
+            by_setting.setdefault(parts[0], []).append(r)
+    lines = [
+        "# Results",
+        "",
+        "<!-- Generated by `pyro-lvae results-page`; do not edit by hand. Regenerate with the command below. -->",
+        "",
+        "Every measured number on this page is read from a run's `results.json`, and every paper number "
+        "from `pyro_lvae/paper.py`. The page was generated by:",
+        "",
+        "```bash",
+        f"pyro-lvae results-page {' '.join(dict.fromkeys(r.sweep for r in runs))} --out docs/results.md",
+        "```",
+        "",
+        "L_K is the importance-weighted bound of eq. 6 and L1 the ELBO, both averaged over the "
+        "test examples, in nats per example. The paper trains for 1500–2000 epochs and evaluates "
+        "L_5000 on the full test set. Where a run is shorter, the schedule lines under its table "
+        "say so, and its numbers are those of the shortened run, not estimates of the paper's.",
+        "",
+    ]
+    for setting in SETTINGS:
+        if setting in by_setting:
+            lines += _setting_section(setting, by_setting[setting], figures, figures_rel)
+    if other:
+        lines += ["## Other runs", "", "| run | preset | L_K | L1 | K | epochs |", "|---|---|---|---|---|---|"]
+        for r in other:
+            lines.append(
+                f"| {r.sweep}/{r.run} | `{r.preset}` | {_fmt(r.results['test_log_likelihood'])} | {_fmt(r.results['test_elbo'])} "
+                f"| {r.results['num_importance_samples']} | {r.results['epochs']} |"
+            )
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_results_page(sweeps: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Write the results page ``out`` and its figures (in ``<out stem>_figures/`` beside it).
+
+    :param sweeps: Sweep directories (each holding run directories with ``results.json``).
+    :param out: The Markdown file, e.g. ``docs/results.md``.
+    :returns: The path of the page.
+    """
+    out = Path(out)
+    figures_rel = f"{out.stem}_figures"
+    text = render_results_page(load_runs(sweeps), out.parent / figures_rel, figures_rel)
+    out.write_text(text)
+    return out

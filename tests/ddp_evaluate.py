@@ -1,0 +1,30 @@
+"""Run by tests/test_distributed.py under ``torchrun``: the sharded L_K of a fixed model."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(out: str) -> None:
+    import pyro
+    import torch
+    import torch.distributed as dist
+
+    from pyro_lvae import GenerativeModel, LadderGuide, ModelConfig
+    from pyro_lvae.distributed import init_from_environment
+    from pyro_lvae.evaluation import evaluate
+
+    ctx = init_from_environment(torch.device("cpu"))
+    pyro.set_rng_seed(0)
+    model = GenerativeModel(ModelConfig(input_dim=10, latent_sizes=(4, 2), hidden_sizes=(16, 8), batch_norm=True))
+    guide = LadderGuide(model)
+    x = torch.bernoulli(torch.full((30, 10), 0.4), generator=torch.Generator().manual_seed(1))
+    pyro.set_rng_seed(100 + ctx.rank)  # the global streams differ: the result must not depend on them
+    result = evaluate(model, guide, x, num_samples=20, batch_size=7, seed=3)
+    if ctx.is_main:
+        torch.save({k: result[k] for k in ("elbo_per_example", "log_likelihood_per_example", "kl_per_layer")}, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

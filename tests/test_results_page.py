@@ -1,0 +1,90 @@
+"""``pyro-lvae results-page``: generated from results.json, identical on regeneration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pyro_lvae.cli import main
+from pyro_lvae.presets import get_preset
+from pyro_lvae.results_page import split_preset, write_results_page
+from pyro_lvae.sweep import shorten_schedule
+
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED = ["experiments/fig3", "experiments/table1", "experiments/table2-omniglot", "experiments/table2-fashion-gauss"]
+
+
+def test_the_committed_results_page_regenerates_identically(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    sweeps = [s for s in COMMITTED if (REPO / s).exists()]
+    assert sweeps, "experiments/ holds the runs behind docs/results.md"
+    page = write_results_page(sweeps, tmp_path / "results.md")
+    assert page.read_text() == (REPO / "docs" / "results.md").read_text()
+    for figure in (tmp_path / "results_figures").iterdir():
+        assert (REPO / "docs" / "results_figures" / figure.name).exists()
+
+
+def _fake_run(sweep: Path, preset: str, l_k: float, *, active=None, epochs=5) -> None:
+    """A results.json as `train` writes it, with chosen numbers."""
+    config = shorten_schedule(get_preset(preset), epochs).replace(num_importance_samples=100, test_subset=500)
+    depth = config.model.depth
+    results = {
+        "test_elbo": l_k - 5.0,
+        "test_log_likelihood": l_k,
+        "num_importance_samples": 100,
+        "epochs": epochs,
+        "config": config.to_dict(),
+        "test_kl_per_layer": [1.0] * depth,
+        "test_kl_per_unit": [[0.5] * n for n in config.model.latent_sizes],
+        "test_active_units": active or [3] * depth,
+        "num_test_examples": 500,
+        "device": "cpu (test, 1 threads)",
+        "versions": {"torch": "t", "pyro": "p"},
+        "date": "2026-01-02T03:04:05+00:00",
+    }
+    run = sweep / f"{preset}-seed0"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps(results))
+
+
+def test_page_content_claims_and_determinism(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sweep = Path("fig3")
+    values = {"vae": -100.0, "vae-bn": -98.0, "vae-bn-wu": -97.0, "lvae-bn-wu": -96.0}
+    for variant, base in values.items():
+        for depth in range(1, 6):
+            # The LVAE wins at depths 3 and 4 but not at 5; BN helps everywhere.
+            value = base - 0.1 * depth if not (variant == "lvae-bn-wu" and depth == 5) else -99.0
+            active = [10, 8, 5, 2, 1] if variant == "lvae-bn-wu" else [10, 6, 2, 0, 0]
+            _fake_run(sweep, f"{variant}-{depth}", value, active=active[:depth])
+    omni = Path("table2-omniglot")
+    _fake_run(omni, "omniglot-vae-bn-wu-2", -110.0)
+    _fake_run(omni, "omniglot-lvae-bn-wu-2", -108.0)
+    assert main(["results-page", "fig3", "table2-omniglot", "--out", "page/results.md"]) == 0
+    text = Path("page/results.md").read_text()
+    assert "pyro-lvae results-page fig3 table2-omniglot --out docs/results.md" in text
+    assert "pyro-lvae sweep fig3 --out runs/fig3 --workers 2 --epochs 5 --set num_importance_samples=100 --set test_subset=500" in text
+    assert "| LVAE+BN+WU (`lvae-bn-wu-5`) | 5 | -82.12 | -99.00 | -104.00 | 5 | 0 |" in text
+    assert "in every run:** `epochs` = 5 (paper: 2000); `num_importance_samples` = 100 (paper: 5000)" in text
+    assert "- In `lvae-bn-wu-1`, `lvae-bn-wu-2`, " in text and ": `warmup_epochs` = 1 (paper: 200)." in text
+    assert "*The LVAE beats the VAE at depth ≥ 3*: **partly holds** (2 of 3 depths" in text
+    assert "*Batch normalization helps* (VAE+BN vs VAE): **holds** (5 of 5 depths" in text
+    assert "*The LVAE uses more upper-layer units*: **holds**" in text and "z2–z5: 8 vs 16" in text
+    assert "Substituted data." in text and "| VAE+BN+WU (`omniglot-vae-bn-wu-2`) | 2 | -102.61 | -110.00 |" in text
+    assert "Hardware: cpu (test, 1 threads)." in text
+    figures = sorted(p.name for p in Path("page/results_figures").iterdir())
+    assert figures == ["mnist_layers.png", "mnist_units.png", "omniglot_layers.png"]
+    first = {name: Path("page/results_figures", name).read_bytes() for name in figures}
+    assert main(["results-page", "fig3", "table2-omniglot", "--out", "page/results.md"]) == 0
+    assert Path("page/results.md").read_text() == text
+    assert {name: Path("page/results_figures", name).read_bytes() for name in figures} == first
+
+
+def test_missing_sweep_and_preset_names(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pyro-lvae sweep GRID"):
+        write_results_page([tmp_path], tmp_path / "r.md")
+    assert split_preset("fashion-gauss-lvae-bn-wu-4") == ("fashion-gauss", "lvae-bn-wu", 4, "")
+    assert split_preset("lvae-bn-wu-5-ft-iw10") == ("mnist", "lvae-bn-wu", 5, "-ft-iw10")
+    assert split_preset("vqvae") is None
