@@ -190,7 +190,7 @@ class TrainingStep:
         """Take one step on ``x`` with warm-up weight ``beta`` (a 0-dim tensor)."""
         # Batch-norm statistics change in the forward pass; a skipped step restores them.
         buffers = [b.clone() for b in self._buffers()]
-        loss = self._step(x, beta)
+        loss = self._svi_step(x, beta) if self.engine == "svi" else self._fast_step(x, beta)
         if self.skipped:
             with torch.no_grad():
                 for b, saved in zip(self._buffers(), buffers):
@@ -203,27 +203,29 @@ class TrainingStep:
             seen.setdefault(id(b), b)
         return list(seen.values())
 
-    def _step(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        if self.engine == "svi":
-            # The body of SVI.step, with the finiteness check between gradients and update.
-            try:
-                with poutine.trace(param_only=True) as param_capture:
-                    loss = self.svi.loss_and_grads(self.model, self.guide, x, beta)
-            except ValueError:
-                # With Pyro's validation on, a NaN reaching a distribution raises here
-                # instead of giving a NaN loss: skip the step when that is the cause.
-                if torch.isfinite(x).all() and all(torch.isfinite(p).all() for p in trainable_parameters(self.model, self.guide)):
-                    raise
-                zero_grads(set(trainable_parameters(self.model, self.guide)))
-                self.skipped = True
-                return torch.tensor(float("nan"), dtype=x.dtype, device=x.device)
-            params = {site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
-            loss = torch.as_tensor(loss, dtype=x.dtype, device=x.device).detach()
-            self.skipped = not _all_finite(loss, [p.grad for p in params])
-            if not self.skipped:
-                self.optimizer(params)
-            zero_grads(params)
-            return loss
+    def _svi_step(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """The body of ``SVI.step``, with the finiteness check between gradients and update."""
+        try:
+            with poutine.trace(param_only=True) as param_capture:
+                loss = self.svi.loss_and_grads(self.model, self.guide, x, beta)
+        except ValueError:
+            # With Pyro's validation on, a NaN reaching a distribution raises here
+            # instead of giving a NaN loss: skip the step when that is the cause.
+            everything = trainable_parameters(self.model, self.guide)
+            if torch.isfinite(x).all() and all(torch.isfinite(p).all() for p in everything):
+                raise
+            zero_grads(set(everything))
+            self.skipped = True
+            return torch.tensor(float("nan"), dtype=x.dtype, device=x.device)
+        params = {site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
+        loss = torch.as_tensor(loss, dtype=x.dtype, device=x.device).detach()
+        self.skipped = not _all_finite(loss, [p.grad for p in params])
+        if not self.skipped:
+            self.optimizer(params)
+        zero_grads(params)
+        return loss
+
+    def _fast_step(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         if self._ddp is not None:
             loss = self._ddp(x, beta) / self.distributed.world_size
         else:

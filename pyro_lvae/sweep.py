@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -340,6 +341,8 @@ def run_sweep(
         while pending and len(running) < workers:
             run, state = pending.pop(0)
             run_dir = out / run.name
+            if state == "new" and run_dir.exists():
+                shutil.rmtree(run_dir)  # a run of another configuration, or a failed start
             run_dir.mkdir(parents=True, exist_ok=True)
             log = open(run_dir / "train.log", "a")
             cmd = run.command(
