@@ -209,6 +209,7 @@ def importance_sampled_bounds(
     while done < num_samples:
         k = min(chunk_size, num_samples - done)
         rng = pyro.util.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
         try:
             lw = log_importance_weights(model, guide, x, k)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
@@ -217,6 +218,8 @@ def importance_sampled_bounds(
             # Retry the same draws in half-size chunks: the RNG is rewound, so the result
             # equals that of a run started with the smaller chunk size.
             pyro.util.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, x.device)
             chunk_size = max(1, k // 2)
             logger.warning("Out of memory with %d particles per chunk; retrying with %d.", k, chunk_size)
             if x.device.type == "cuda":
