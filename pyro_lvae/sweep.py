@@ -53,6 +53,7 @@ from typing import Any, Sequence
 
 from .config import ExperimentConfig, ModelConfig, TrainConfig
 from .presets import get_preset
+from .training import can_resume_as
 
 logger = logging.getLogger(__name__)
 
@@ -276,12 +277,6 @@ def _stored_config(path: Path) -> ExperimentConfig | None:
         return None  # missing, unreadable or foreign
 
 
-def _extendable(a: ExperimentConfig, b: ExperimentConfig) -> bool:
-    """Whether a run of ``a`` can be resumed as ``b`` (they differ only in length and evaluation)."""
-    free = {"epochs": 1, "eval_every": 1, "num_importance_samples": 1, "finetune_epochs": 0, "max_consecutive_skips": 1}
-    return a.replace(**free) == b.replace(**free)
-
-
 def run_state(run: Run, out_dir: Path) -> str:
     """``"done"`` (results of this configuration exist), ``"resume"`` (a checkpoint of
     a run that this configuration extends exists) or ``"new"`` (nothing, or a run of
@@ -296,7 +291,9 @@ def run_state(run: Run, out_dir: Path) -> str:
     if not has_checkpoint:
         return "new"
     stored = _stored_config(out_dir / "config.json")
-    if stored is not None and not _extendable(stored, run.config):
+    # Without reading the checkpoint the sweep cannot tell whether fine-tuning has
+    # started, so it allows only the changes that are valid either way.
+    if stored is not None and not can_resume_as(stored, run.config, finetuning_started=True):
         logger.warning("%s holds a run of another configuration; it is replaced.", out_dir)
         return "new"
     return "resume"

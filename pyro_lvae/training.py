@@ -296,6 +296,22 @@ def _comparable(config: ExperimentConfig, *, finetuning_started: bool) -> dict[s
     return d
 
 
+def can_resume_as(stored: ExperimentConfig, config: ExperimentConfig, *, finetuning_started: bool) -> bool:
+    """Whether a run written with ``stored`` may be resumed with ``config``.
+
+    They may differ in ``epochs``, ``eval_every``, ``num_importance_samples``,
+    ``finetune_epochs`` and ``max_consecutive_skips``, and, until fine-tuning has
+    started, in the other fine-tuning settings.
+
+    :param stored: The configuration in the checkpoint.
+    :param config: The configuration to continue with.
+    :param finetuning_started: Whether the checkpoint is past the training epochs.
+    """
+    return _comparable(stored, finetuning_started=finetuning_started) == _comparable(
+        config, finetuning_started=finetuning_started
+    )
+
+
 def finetune_learning_rate(config: ExperimentConfig, epoch: int) -> float:
     """The learning rate of 0-based ``epoch``: ``learning_rate`` during training, then
     multiplied by ``finetune_lr_decay`` after every ``finetune_decay_every``
@@ -427,7 +443,7 @@ def train(
         ckpt = load_checkpoint(out_path)
         stored = ExperimentConfig.from_dict(ckpt["config"])
         started = ckpt["epoch"] > stored.train.epochs
-        if _comparable(stored, finetuning_started=started) != _comparable(config, finetuning_started=started):
+        if not can_resume_as(stored, config, finetuning_started=started):
             raise ValueError(
                 f"The checkpoint in {out_path} was written with a different configuration; "
                 "resume with the same preset and options (only epochs, eval_every, "
