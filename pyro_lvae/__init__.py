@@ -1,5 +1,6 @@
 """pyro-lvae: Ladder Variational Autoencoders (Sønderby et al., NIPS 2016) in Pyro."""
 
+from .comparison import compare, fit_guide
 from .config import ExperimentConfig, ModelConfig, TrainConfig
 from .evaluation import evaluate, importance_sampled_bounds, log_importance_weights
 from .families import make_guide, make_model
@@ -8,6 +9,7 @@ from .merge import precision_weighted_merge
 from .model import GenerativeModel
 from .objectives import elbo_for
 from .presets import PRESETS, get_preset
+from .pretrained import load_pretrained
 from .warmup import kl_weight, warmup_beta
 
 __version__ = "0.1.0"
@@ -20,11 +22,14 @@ __all__ = [
     "ModelConfig",
     "PRESETS",
     "TrainConfig",
+    "compare",
     "elbo_for",
     "evaluate",
+    "fit_guide",
     "get_preset",
     "importance_sampled_bounds",
     "kl_weight",
+    "load_pretrained",
     "log_importance_weights",
     "make_guide",
     "make_model",

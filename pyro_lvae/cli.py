@@ -14,6 +14,9 @@
 ``pyro-lvae results-page SWEEP_DIR [...] --out docs/results.md``
     The results page, paper beside measured numbers, from the sweeps' ``results.json``
     (:mod:`pyro_lvae.results_page`).
+``pyro-lvae export RUN_DIR --name NAME --out DIR [--commit SHA]``
+    Write a trained run's model and guide as a pretrained file with a manifest entry
+    (:mod:`pyro_lvae.pretrained`), for :func:`~pyro_lvae.pretrained.load_pretrained`.
 ``pyro-lvae presets``
     List the presets.
 """
@@ -25,11 +28,13 @@ import dataclasses
 import difflib
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import ModelConfig, TrainConfig
+from .checkpoint import load_checkpoint
+from .config import CHOICES, ExperimentConfig, ModelConfig, TrainConfig
 from .evaluation import DEFAULT_MEMORY_BUDGET
 from .presets import PRESETS, get_preset
 from .report import write_report
@@ -38,6 +43,9 @@ from .sweep import SUMMARY_MD, load_grid, parse_override, run_sweep, shipped_gri
 from .training import TrainingInterrupted, evaluate_run, train
 
 logger = logging.getLogger("pyro_lvae")
+
+#: The preset of ``pyro-lvae train`` without ``--preset``: the paper's 5-layer LVAE.
+DEFAULT_PRESET = "lvae-bn-wu-5"
 
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -57,21 +65,51 @@ def _parse_sizes(text: str) -> tuple[int, ...]:
 
 
 _PARSERS = {"int": int, "float": float, "str": str, "bool": _parse_bool, "tuple[int, ...]": _parse_sizes}
+#: Names the CLI accepts besides the stored ones: the docs call the VAE guide "bottom-up".
+_ALIASES = {"guide": {"bottom-up": "vae"}}
 
 
 def _config_fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(ModelConfig)) + list(dataclasses.fields(TrainConfig))
 
 
+def param_docs(cls: type) -> dict[str, str]:
+    """The ``:param name: text`` entries of a class docstring, as plain one-line text.
+
+    :param cls: A class with a reST docstring, e.g. :class:`~pyro_lvae.config.TrainConfig`.
+    """
+    doc = cls.__doc__ or ""
+    docs = {}
+    for name, text in re.findall(r":param (\w+): (.*?)(?=\n\s*:param |\n\s*\n|\Z)", doc, flags=re.S):
+        text = re.sub(r":\w+:`~?(?:[\w.]+\.)?([^`]+)`", r"\1", text)  # :class:`~a.b.C` -> C
+        docs[name] = " ".join(text.replace("``", "").split())
+    return docs
+
+
+def _parse_choice(name: str, choices: tuple[str, ...]) -> Any:
+    aliases = _ALIASES.get(name, {})
+
+    def parse(text: str) -> str:
+        value = aliases.get(text, text)
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"choose one of {', '.join(choices + tuple(aliases))}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("configuration overrides (default: the preset's value)")
+    group = parser.add_argument_group("configuration overrides (default: the preset's value, or the run's on --resume)")
+    docs = param_docs(ModelConfig) | param_docs(TrainConfig)
     for f in _config_fields():
+        choices = CHOICES.get(f.name)
         group.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
-            type=_PARSERS[str(f.type)],
+            type=_parse_choice(f.name, choices) if choices else _PARSERS[str(f.type)],
             default=None,
-            metavar=str(f.type).split("[")[0].upper(),
+            metavar="{" + ",".join(choices + tuple(_ALIASES.get(f.name, {}))) + "}" if choices else str(f.type).split("[")[0].upper(),
+            help=docs.get(f.name, "").replace("%", "%%"),
         )
 
 
@@ -97,16 +135,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_train = sub.add_parser("train", allow_abbrev=False, help="train a preset and report test ELBO and L_K")
-    p_train.add_argument("--preset", default="lvae-bn-wu-5", help="named configuration (default: lvae-bn-wu-5)")
+    p_train.add_argument(
+        "--preset", default=None, help=f"named configuration (default: {DEFAULT_PRESET}, or the run's own on --resume)"
+    )
     p_train.add_argument("--out", required=True, help="run directory")
-    p_train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p_train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint, with its stored configuration; options change only what they name",
+    )
     p_train.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p_train.add_argument(
+        "--final-eval-subset",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the final test ELBO and L_K on the first N test examples only (default: all)",
+    )
+    p_train.add_argument("--no-final-eval", action="store_true", help="skip the final test ELBO and L_K evaluation")
     _add_config_options(p_train)
     _add_runtime_options(p_train)
 
     p_eval = sub.add_parser("evaluate", allow_abbrev=False, help="evaluate a trained run's test ELBO and L_K")
     p_eval.add_argument("run_dir", help="run directory written by `pyro-lvae train`")
     p_eval.add_argument("--num-samples", type=int, default=None, help="K of L_K (default: the run's setting)")
+    p_eval.add_argument(
+        "--test-subset", type=int, default=None, metavar="N", help="evaluate the first N test examples only (default: the run's setting)"
+    )
     _add_runtime_options(p_eval)
 
     p_report = sub.add_parser(
@@ -115,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_report.add_argument("run_dirs", nargs="+", help="run directories written by `pyro-lvae train`")
     p_report.add_argument("--out", required=True, help="folder for the PNGs, netCDF files and report.md")
     p_report.add_argument("--num-samples", type=int, default=1000, help="K of L_K and of PSIS (default: 1000)")
+    p_report.add_argument(
+        "--test-subset", type=int, default=None, metavar="N", help="analyse the first N test examples only (default: the run's setting)"
+    )
     _add_runtime_options(p_report)
 
     p_sweep = sub.add_parser(
@@ -134,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a configuration field in every run, e.g. --set epochs=10 (repeatable)",
+        help="override a configuration field in every run, e.g. --set num_importance_samples=1000 (repeatable); "
+        "shorten the schedule with --epochs, which scales the warm-up too",
     )
     p_sweep.add_argument("--threads-per-worker", type=int, default=None, help="CPU threads per run (default: cores / workers)")
     p_sweep.add_argument("--data-root", default=None, help="data folder (default: $PYRO_LVAE_DATA or ./data)")
@@ -145,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_page.add_argument("sweeps", nargs="+", help="sweep directories (each with its runs' results.json)")
     p_page.add_argument("--out", required=True, help="the Markdown file to write, e.g. docs/results.md")
+
+    p_export = sub.add_parser(
+        "export", allow_abbrev=False, help="write a trained run as a pretrained file with sha256 and check value"
+    )
+    p_export.add_argument("run_dir", help="run directory written by `pyro-lvae train`, with its results.json")
+    p_export.add_argument("--name", required=True, help="the model's name, usually its preset")
+    p_export.add_argument("--out", required=True, help="folder of pretrained files (pyro_lvae/pretrained to ship it)")
+    p_export.add_argument("--commit", default="", help="the code version that trained it (git rev-parse HEAD)")
+    p_export.add_argument("--data-root", default=None, help="data folder (default: $PYRO_LVAE_DATA or ./data)")
 
     sub.add_parser("presets", allow_abbrev=False, help="list the named presets")
     return parser
@@ -164,6 +232,20 @@ def _unknown_option_message(parser: argparse.ArgumentParser, command: str, unkno
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in _config_fields() if getattr(args, f.name) is not None}
+
+
+def _train_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The preset with the options applied, or on ``--resume`` the run's stored configuration with them."""
+    overrides = _overrides(args)
+    if args.resume:
+        stored = ExperimentConfig.from_dict(load_checkpoint(args.out)["config"])
+        if args.preset is not None and args.preset != stored.name:
+            raise ValueError(
+                f"The run in {args.out} was trained as {stored.name!r}, not {args.preset!r}; omit --preset to "
+                "resume it with its stored configuration."
+            )
+        return stored.replace(**overrides)
+    return get_preset(args.preset or DEFAULT_PRESET).replace(**overrides)
 
 
 def _report(results: dict[str, Any]) -> str:
@@ -212,6 +294,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             sys.stdout.write((Path(args.out) / SUMMARY_MD).read_text())
             return 0 if all(r["status"] == "done" for r in rows) else 1
+        if args.command == "export":
+            from .pretrained import export_run
+
+            entry = export_run(args.run_dir, args.out, name=args.name, commit=args.commit, data_root=args.data_root)
+            sys.stdout.write(json.dumps(entry, indent=2) + "\n")
+            return 0
         if args.command == "results-page":
             page = write_results_page(args.sweeps, args.out)
             sys.stdout.write(f"written: {page}\n")
@@ -226,11 +314,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 download=not args.no_download,
                 device=args.device,
                 memory_budget=budget,
+                test_subset=args.test_subset,
             )
             sys.stdout.write(report.read_text().split("\n## Comparisons")[0] + f"\nwritten: {report}\n")
             return 0
         if args.command == "train":
-            config = get_preset(args.preset).replace(**_overrides(args))
+            config = _train_config(args)
             logger.info("Training %s: %s", config.name, json.dumps(config.to_dict()))
             result = train(
                 config,
@@ -240,10 +329,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 device=args.device,
                 resume=args.resume,
                 overwrite=args.overwrite,
+                final_evaluation=not args.no_final_eval,
+                final_eval_subset=args.final_eval_subset,
                 memory_budget=budget,
                 progress=not args.no_progress,
             )
             results = result.results
+            if results is None:
+                sys.stdout.write(f"Trained {len(result.metrics)} epochs; evaluate with: pyro-lvae evaluate {args.out}\n")
+                return 0
         else:
             results = evaluate_run(
                 args.run_dir,
@@ -253,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 device=args.device,
                 memory_budget=budget,
                 progress=not args.no_progress,
+                test_subset=args.test_subset,
             )
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         parser.exit(2, f"pyro-lvae: error: {exc}\n")

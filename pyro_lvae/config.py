@@ -23,6 +23,17 @@ DATASETS = ("mnist", "binarized_mnist", "fashion_mnist", "omniglot28", "omniglot
 BINARIZATIONS = ("dynamic", "static", "none")
 ENGINES = ("fast", "svi")
 
+#: The allowed values of every string field, by field name (the CLI offers them as choices).
+CHOICES = {
+    "activation": ACTIVATIONS,
+    "likelihood": LIKELIHOODS,
+    "guide": GUIDES,
+    "family": FAMILIES,
+    "dataset": DATASETS,
+    "binarization": BINARIZATIONS,
+    "engine": ENGINES,
+}
+
 #: Latent and hidden sizes of the paper's deepest model (§3), bottom to top.
 PAPER_LATENT_SIZES = (64, 32, 16, 8, 4)
 PAPER_HIDDEN_SIZES = (512, 256, 128, 64, 32)
@@ -38,6 +49,10 @@ def _check_sizes(name: str, sizes: tuple[int, ...]) -> None:
             )
 
 
+def _not_number(value: Any) -> bool:
+    return isinstance(value, bool) or not isinstance(value, (int, float))
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"Unknown {name} {value!r}; choose one of {', '.join(choices)}.")
@@ -45,7 +60,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of the generative model and of the guide.
+    r"""Architecture of the generative model and of the guide.
 
     :param input_dim: Dimension of a flattened observation (784 for 28×28 images).
     :param latent_sizes: Units per stochastic layer, bottom (z1) to top (zL).
@@ -71,6 +86,20 @@ class ModelConfig:
     :param codebook_ema: VQ-VAE: update the codebook by exponential moving averages
         instead of by the gradient of the codebook term.
     :param ema_decay: VQ-VAE: decay γ of those moving averages.
+    :param variance_floor: Smallest variance of every Gaussian head (latent layers,
+        bottom-up estimates and a Gaussian likelihood): ``softplus(·).clamp_min(floor)``.
+        The authors' code adds ``1e-5`` to every latent variance; without a floor the
+        ladder model's top-down prior variances underflow in a full-length run. 0 gives
+        the paper's text exactly (see docs/reproduce.md).
+    :param leaky_slope: Negative slope of the leaky rectifier (paper §3: 0.1; the
+        authors' Lasagne code: 0.01).
+    :param ladder_share_params: Ladder guide: compute the top-down :math:`(\mu_{p,i},
+        \sigma^2_{p,i})` it merges with the model's own networks (paper §2.2, the
+        default) or, when ``False``, with networks of its own of the same shape (the
+        authors' ``-ladder_share_params False``).
+    :param only_mu_up: Ladder guide: the upward pass reads the bottom-up mean
+        :math:`\hat\mu_{q,n-1}` of the layer below instead of :math:`d_{n-1}` (the
+        authors' ``-only_mu_up True``; the paper's eq. 13 reads :math:`d_{n-1}`).
     """
 
     input_dim: int = 784
@@ -86,6 +115,10 @@ class ModelConfig:
     commitment_cost: float = 0.25
     codebook_ema: bool = False
     ema_decay: float = 0.99
+    variance_floor: float = 1e-5
+    leaky_slope: float = 0.1
+    ladder_share_params: bool = True
+    only_mu_up: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.input_dim, bool) or not isinstance(self.input_dim, int) or self.input_dim <= 0:
@@ -115,8 +148,15 @@ class ModelConfig:
             raise ValueError(f"codebook_size must be at least 2, got {self.codebook_size}.")
         if not isinstance(self.commitment_cost, (int, float)) or not self.commitment_cost > 0:
             raise ValueError(f"commitment_cost must be a positive number, got {self.commitment_cost!r}.")
-        if not isinstance(self.codebook_ema, bool):
-            raise ValueError(f"codebook_ema must be True or False, got {self.codebook_ema!r}.")
+        for name in ("codebook_ema", "ladder_share_params", "only_mu_up"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if _not_number(self.variance_floor) or not 0 <= self.variance_floor < 1:
+            raise ValueError(
+                f"variance_floor must lie in [0, 1), got {self.variance_floor!r}; the authors' code uses 1e-5."
+            )
+        if _not_number(self.leaky_slope) or not 0 <= self.leaky_slope < 1:
+            raise ValueError(f"leaky_slope must lie in [0, 1), got {self.leaky_slope!r}; the paper uses 0.1.")
         if not isinstance(self.ema_decay, (int, float)) or not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie strictly between 0 and 1, got {self.ema_decay!r}.")
         if self.family == "vqvae" and self.depth != 1:
@@ -170,6 +210,11 @@ class TrainConfig:
     :param max_consecutive_skips: A training step whose loss or gradients are not
         finite is skipped (logged, and counted in ``metrics.jsonl``); after this many
         in a row training stops with the last good checkpoint intact.
+    :param adam_eps: Adam's ε (PyTorch's default 1e-8; the authors' code: 1e-4).
+    :param grad_clip: Clip the global 2-norm of the gradient to this value before the
+        update (0 = off; the authors' code: 4).
+    :param grad_clip_value: Then clip every gradient entry to ±this value (0 = off;
+        the authors' code: 0.9).
     """
 
     dataset: str = "mnist"
@@ -191,6 +236,9 @@ class TrainConfig:
     finetune_lr_decay: float = 0.75
     finetune_decay_every: int = 200
     max_consecutive_skips: int = 20
+    adam_eps: float = 1e-8
+    grad_clip: float = 0.0
+    grad_clip_value: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)
@@ -216,6 +264,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
         if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}.")
+        if _not_number(self.adam_eps) or not self.adam_eps > 0:
+            raise ValueError(f"adam_eps must be a positive number, got {self.adam_eps!r}.")
+        for name in ("grad_clip", "grad_clip_value"):
+            value = getattr(self, name)
+            if _not_number(value) or not value >= 0 or value == float("inf"):
+                raise ValueError(f"{name} must be a finite non-negative number (0 switches it off), got {value!r}.")
         if not isinstance(self.finetune_lr_decay, (int, float)) or not 0 < self.finetune_lr_decay <= 1:
             raise ValueError(f"finetune_lr_decay must lie in (0, 1], got {self.finetune_lr_decay!r}.")
         if self.dataset == "binarized_mnist" and self.binarization != "static":

@@ -114,6 +114,21 @@ def _all_finite(loss: torch.Tensor, grads: list[torch.Tensor | None]) -> bool:
     return bool(torch.isfinite(total))
 
 
+def clip_gradients(params: list[torch.Tensor], *, max_norm: float, max_value: float) -> None:
+    """Clip the gradients of ``params`` in place, as the authors' code does: first the
+    global 2-norm to ``max_norm``, then every entry to ±``max_value`` (0 switches either off).
+
+    :param params: Parameters whose ``.grad`` is clipped; ``None`` gradients are ignored.
+    :param max_norm: Largest global gradient norm.
+    :param max_value: Largest absolute gradient entry.
+    """
+    params = [p for p in params if p.grad is not None]
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if max_value > 0:
+        torch.nn.utils.clip_grad_value_(params, max_value)
+
+
 def _fused_available(params: list[nn.Parameter]) -> bool:
     # torch ships fused Adam kernels for CPU and CUDA floating-point tensors.
     return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
@@ -131,6 +146,9 @@ class TrainingStep:
         :class:`~torch.nn.parallel.DistributedDataParallel`, which averages the
         gradients across processes; the loss is multiplied by the number of processes
         so that the average is the gradient of the whole global batch.
+    :param adam_eps: Adam's ε.
+    :param grad_clip: Clip the global gradient norm to this before each update (0 = off).
+    :param grad_clip_value: Then clip each gradient entry to ± this (0 = off).
 
     Call it as ``step(x, beta)``; it returns the minibatch loss (the negative
     β-weighted ELBO summed over the batch) as a 0-dim tensor on the
@@ -153,6 +171,9 @@ class TrainingStep:
         learning_rate: float,
         engine: str = "fast",
         distributed: DistributedContext = SINGLE_PROCESS,
+        adam_eps: float = 1e-8,
+        grad_clip: float = 0.0,
+        grad_clip_value: float = 0.0,
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
@@ -160,6 +181,12 @@ class TrainingStep:
             raise ValueError("Distributed training runs on the fast engine; set engine='fast'.")
         if not learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {learning_rate!r}.")
+        if not adam_eps > 0 or not grad_clip >= 0 or not grad_clip_value >= 0:
+            raise ValueError(
+                f"adam_eps must be positive and grad_clip, grad_clip_value non-negative, got "
+                f"{adam_eps!r}, {grad_clip!r}, {grad_clip_value!r}."
+            )
+        self.clip = {"max_norm": float(grad_clip), "max_value": float(grad_clip_value)}
         self.model = model
         self.guide = guide
         self.engine = engine
@@ -168,7 +195,7 @@ class TrainingStep:
         #: Whether the last call skipped its update (non-finite loss or gradient).
         self.skipped = False
         if engine == "svi":
-            self.optimizer: Any = PyroAdam({"lr": learning_rate})
+            self.optimizer: Any = PyroAdam({"lr": learning_rate, "eps": adam_eps})
             self.svi = SVI(model, guide, self.optimizer, loss=self.elbo)
         else:
             # Register every parameter in Pyro's param store once, under the names the
@@ -177,7 +204,9 @@ class TrainingStep:
             if hasattr(guide, "register"):
                 guide.register()
             params = trainable_parameters(model, guide)
-            self.optimizer = torch.optim.Adam(params, lr=learning_rate, fused=_fused_available(params) or None)
+            self.optimizer = torch.optim.Adam(
+                params, lr=learning_rate, eps=adam_eps, fused=_fused_available(params) or None
+            )
             self._ddp: nn.Module | None = None
             if distributed.enabled:
                 from torch.nn.parallel import DistributedDataParallel
@@ -221,6 +250,7 @@ class TrainingStep:
         loss = torch.as_tensor(loss, dtype=x.dtype, device=x.device).detach()
         self.skipped = not _all_finite(loss, [p.grad for p in params])
         if not self.skipped:
+            clip_gradients(list(params), **self.clip)
             self.optimizer(params)
         zero_grads(params)
         return loss
@@ -236,6 +266,7 @@ class TrainingStep:
         # Every process must take the same decision, or their parameters would drift apart.
         self.skipped = not all_true(finite, self.distributed, loss.device)
         if not self.skipped:
+            clip_gradients(params, **self.clip)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -248,6 +249,19 @@ def batch_seed(seed: int, batch: int) -> int:
     return (seed * 1_000_033 + batch) % 2**63
 
 
+def _log_expected_duration(first_batch: float, batches: int, world_size: int, num_samples: int) -> None:
+    """Log the expected duration of an evaluation from its first batch, when it is long."""
+    expected = first_batch * math.ceil(batches / world_size)
+    if expected > 60:
+        logger.info(
+            "L_%d on %d batches: the first took %.1f s, so expect about %.0f min in all.",
+            num_samples,
+            batches,
+            first_batch,
+            expected / 60,
+        )
+
+
 @torch.no_grad()
 def evaluate(
     model: GenerativeModel,
@@ -296,10 +310,13 @@ def evaluate(
     ctx = current_context()
     batches = data.split(batch_size)
     mine: dict[int, dict[str, torch.Tensor]] = {}
+    start = time.perf_counter()
     with eval_mode(model, guide):
         for b in tqdm(range(len(batches)), disable=not progress, desc=f"L_{num_samples}", leave=False):
             if b % ctx.world_size != ctx.rank:
                 continue
+            if b == ctx.world_size:  # one batch done here: say how long the rest will take
+                _log_expected_duration(time.perf_counter() - start, len(batches), ctx.world_size, num_samples)
             with contextlib.ExitStack() as stack:
                 if seed is not None:
                     stack.enter_context(torch.random.fork_rng(devices=[data.device] if data.device.type == "cuda" else []))

@@ -41,18 +41,26 @@ from torch import nn
 from .config import ModelConfig
 from .merge import precision_weighted_merge
 from .model import GenerativeModel
-from .nn import MLP, GaussianHead
+from .nn import gaussian_head_for, mlp_for
+from .registration import register_modules
 from .warmup import kl_weight
 
 
 def _mlps_and_heads(cfg: ModelConfig, inputs: tuple[int, ...]) -> tuple[nn.ModuleList, nn.ModuleList]:
     """One MLP of width ``hidden_sizes[i]`` reading ``inputs[i]`` and one Gaussian head per layer."""
-    mlps = nn.ModuleList(
-        MLP(inputs[i], cfg.hidden_sizes[i], activation=cfg.activation, batch_norm=cfg.batch_norm)
-        for i in range(cfg.depth)
-    )
-    heads = nn.ModuleList(GaussianHead(cfg.hidden_sizes[i], cfg.latent_sizes[i]) for i in range(cfg.depth))
+    mlps = nn.ModuleList(mlp_for(cfg, inputs[i], cfg.hidden_sizes[i]) for i in range(cfg.depth))
+    heads = nn.ModuleList(gaussian_head_for(cfg, cfg.hidden_sizes[i], cfg.latent_sizes[i]) for i in range(cfg.depth))
     return mlps, heads
+
+
+def _top_down_networks(cfg: ModelConfig) -> nn.ModuleDict:
+    """Networks of the shape of the model's top-down ones, for a ladder guide that does not share them."""
+    sizes = cfg.latent_sizes
+    mlps = nn.ModuleList(mlp_for(cfg, sizes[i + 1], cfg.hidden_sizes[i + 1]) for i in range(cfg.depth - 1))
+    heads = nn.ModuleList(
+        gaussian_head_for(cfg, cfg.hidden_sizes[i + 1], sizes[i]) for i in range(cfg.depth - 1)
+    )
+    return nn.ModuleDict({"mlps": mlps, "heads": heads})
 
 
 class BottomUpGuide(nn.Module):
@@ -79,7 +87,7 @@ class BottomUpGuide(nn.Module):
 
     def register(self) -> None:
         """Register the guide's parameters in Pyro's param store under its ``name``."""
-        pyro.module(self.name, self)
+        self.name = register_modules(self.name, {"": self})
 
     def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> None:
         """Sample z1, …, zL given ``x`` of shape ``(batch, input_dim)``.
@@ -98,11 +106,27 @@ class BottomUpGuide(nn.Module):
 class LadderGuide(nn.Module):
     """The ladder inference model of eqs. 13–19, sharing the model's top-down networks.
 
+    Data flow, for L = 3 (``d_0 = x``; ``⊕`` is the precision-weighted merge of eqs. 17–18)::
+
+        upward (eqs. 13–15)          top-down (eqs. 16–19)
+        x ─MLP─> d1 ─> (μ̂1, σ̂²1) ───────────────────────────> ⊕ ─> z1 ~ q(z1 | z2, x)
+                 │                                               ↑
+                 MLP─> d2 ─> (μ̂2, σ̂²2) ───────> ⊕ ─> z2 ─> p(z1 | z2)
+                       │                         ↑
+                       MLP─> d3 ─> (μ̂3, σ̂²3) ─> z3 ~ q(z3 | x) ─> p(z2 | z3)
+
+    The priors ``p(z_i | z_{i+1})`` are the model's own networks, evaluated on the
+    guide's sample of ``z_{i+1}``.
+
     :param model: The generative model. Its top-down networks compute
         :math:`(\\mu_{p,i}, \\sigma^2_{p,i})` inside the guide; they are the same
         ``nn.Parameter`` objects (registered under the model's name), not copies.
+        With ``config.ladder_share_params = False`` the guide has top-down networks of
+        its own instead (the authors' code), and with ``config.only_mu_up = True`` its
+        upward pass reads :math:`\\hat\\mu_{q,n-1}` instead of :math:`d_{n-1}`.
 
-    The guide's own (upward) parameters are registered as ``f"{model.name}.ladder"``.
+    The guide's own (upward) parameters are registered as ``f"{model.name}.ladder"``,
+    its own top-down networks, if any, as ``f"{model.name}.ladder.top_down"``.
     """
 
     #: Sites come in the model's order, conditioned like the model's: TraceMeanField_ELBO is valid.
@@ -117,27 +141,43 @@ class LadderGuide(nn.Module):
         self.name = f"{model.name}.ladder"
         self.model = model
         # The guide's own parameters: the deterministic upward pass d_n = MLP(d_{n-1}),
-        # which reads d_{n-1} (x for n = 1), and its heads.
-        mlps, heads = _mlps_and_heads(cfg, (cfg.input_dim,) + cfg.hidden_sizes[:-1])
+        # which reads d_{n-1} (x for n = 1), or μ̂_{n-1} with only_mu_up, and its heads.
+        below = cfg.latent_sizes[:-1] if cfg.only_mu_up else cfg.hidden_sizes[:-1]
+        mlps, heads = _mlps_and_heads(cfg, (cfg.input_dim,) + below)
         self.upward_net = nn.ModuleDict({"mlps": mlps, "heads": heads})
+        self.top_down_net = None if cfg.ladder_share_params else _top_down_networks(cfg)
 
     def upward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Deterministic upward pass (eqs. 13–15).
 
         :returns: ``[(loc_hat_1, var_hat_1), …, (loc_hat_L, var_hat_L)]``.
         """
-        d = x
+        h = x
         estimates = []
         for mlp, head in zip(self.upward_net["mlps"], self.upward_net["heads"]):
-            d = mlp(d)
+            d = mlp(h)
             estimates.append(head(d))
+            h = estimates[-1][0] if self.config.only_mu_up else d
         return estimates
+
+    def prior_params(self, layer: int, z_above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-down :math:`(\\mu_{p,layer}, \\sigma^2_{p,layer})` merged at ``layer``:
+        the model's own (:meth:`~pyro_lvae.model.GenerativeModel.prior_params`) unless the guide has its own networks.
+
+        :param layer: 1-based index of the lower layer, 1 ≤ layer < L.
+        :param z_above: A sample of :math:`z_{layer+1}`.
+        """
+        if self.top_down_net is None:
+            return self.model.prior_params(layer, z_above)
+        d = self.top_down_net["mlps"][layer - 1](z_above)
+        return self.top_down_net["heads"][layer - 1](d)
 
     def register(self) -> None:
         """Register the model's parameters (used here by the top-down pass) and the
         guide's own upward networks in Pyro's param store."""
         self.model.register()
-        pyro.module(self.name, self.upward_net)
+        parts = {"": self.upward_net} | ({".top_down": self.top_down_net} if self.top_down_net is not None else {})
+        self.name = register_modules(self.name, parts)
 
     def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> None:
         """Sample zL, …, z1 given ``x`` of shape ``(batch, input_dim)``.
@@ -152,6 +192,6 @@ class LadderGuide(nn.Module):
             loc, var = estimates[-1]
             z = pyro.sample(f"z{depth}", dist.Normal(loc, var.sqrt()).to_event(1))
             for layer in range(depth - 1, 0, -1):
-                prior_loc, prior_var = self.model.prior_params(layer, z)
+                prior_loc, prior_var = self.prior_params(layer, z)
                 loc, var = precision_weighted_merge(*estimates[layer - 1], prior_loc, prior_var)
                 z = pyro.sample(f"z{layer}", dist.Normal(loc, var.sqrt()).to_event(1))

@@ -23,7 +23,8 @@ from pyro import poutine
 from torch import nn
 
 from .config import ModelConfig
-from .nn import MLP, GaussianHead
+from .nn import gaussian_head_for, mlp_for
+from .registration import register_modules
 from .warmup import kl_weight
 
 
@@ -57,29 +58,28 @@ class GenerativeModel(nn.Module):
         super().__init__()
         self.config = config
         self.name = name
-        act, bn = config.activation, config.batch_norm
         sizes = config.latent_sizes
         # top_down[i] computes p(z_{i+1} | z_{i+2}) in 0-based layer terms: entry i maps
         # z of layer i+1 (size sizes[i+1]) to the Gaussian over layer i (size sizes[i]),
         # through an MLP of width hidden_sizes[i + 1] (the connection between the two).
         self.top_down_mlps = nn.ModuleList(
-            MLP(sizes[i + 1], config.hidden_sizes[i + 1], activation=act, batch_norm=bn)
-            for i in range(config.depth - 1)
+            mlp_for(config, sizes[i + 1], config.hidden_sizes[i + 1]) for i in range(config.depth - 1)
         )
         self.top_down_heads = nn.ModuleList(
-            GaussianHead(config.hidden_sizes[i + 1], sizes[i]) for i in range(config.depth - 1)
+            gaussian_head_for(config, config.hidden_sizes[i + 1], sizes[i]) for i in range(config.depth - 1)
         )
-        self.decoder_mlp = MLP(sizes[0], config.hidden_sizes[0], activation=act, batch_norm=bn)
+        self.decoder_mlp = mlp_for(config, sizes[0], config.hidden_sizes[0])
         if config.likelihood == "bernoulli":
             self.decoder_head: nn.Module = nn.Linear(config.hidden_sizes[0], config.input_dim)
         else:
-            self.decoder_head = GaussianHead(config.hidden_sizes[0], config.input_dim)
+            self.decoder_head = gaussian_head_for(config, config.hidden_sizes[0], config.input_dim)
         # Memo of prior_params, live only inside shared_priors() (see there).
         self._prior_memo: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def register(self) -> None:
-        """Register the parameters in Pyro's param store under its ``name``."""
-        pyro.module(self.name, self)
+        """Register the parameters in Pyro's param store under its ``name`` (a free
+        name if another module holds that one, see :mod:`pyro_lvae.registration`)."""
+        self.name = register_modules(self.name, {"": self})
 
     @property
     def depth(self) -> int:

@@ -55,6 +55,7 @@ def analyse_run(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     max_codes: int = 2000,
     active_samples: int = 20,
+    test_subset: int | None = None,
 ) -> dict[str, Any]:
     """Compute one run's diagnostics and write its figures and netCDF file.
 
@@ -62,6 +63,7 @@ def analyse_run(
     :param num_samples: K of L_K and of the PSIS diagnostics.
     :param max_codes: Test examples in the PCA plot and in the stored latent codes.
     :param active_samples: Draws per example for E_q[u] in :func:`~pyro_lvae.analysis.active_units`.
+    :param test_subset: Analyse the first this many test examples (default: the run's setting).
     :returns: The run's row of the report table, plus its figure file names.
     """
     out = Path(out_dir)
@@ -71,6 +73,8 @@ def analyse_run(
             f"{run_dir} is a VQ-VAE run, whose latents are discrete: the report's per-unit KL, active units "
             "and PSIS analyses do not apply; see results.json's 'vq' entry (pyro_lvae.vqvae.vq_statistics) instead."
         )
+    if test_subset is not None:
+        config = config.replace(test_subset=test_subset)
     pyro.set_rng_seed(config.train.seed)
     data = prepare_data(config, data_root=data_root, download=download, device=device)
     test = data.test
@@ -137,6 +141,7 @@ def write_report(
     download: bool = True,
     device: str | torch.device = "cpu",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    test_subset: int | None = None,
 ) -> Path:
     """Analyse every run in ``run_dirs`` and write figures and ``report.md`` into ``out_dir``.
 
@@ -147,6 +152,8 @@ def write_report(
     :param download: Allow torchvision to download missing MNIST files.
     :param device: Where to evaluate.
     :param memory_budget: Bytes per particle chunk of the L_K evaluation.
+    :param test_subset: Analyse the first this many test examples of each run (default:
+        each run's setting, usually all of them).
     :returns: The path of ``report.md``.
     """
     if not run_dirs:
@@ -167,6 +174,7 @@ def write_report(
                 download=download,
                 device=device,
                 memory_budget=memory_budget,
+                test_subset=test_subset,
             )
         )
     plots.layer_kl_bars({r["name"]: np.array(r["kl_per_layer"]) for r in rows}, path=out / "layer_kl.png")

@@ -41,7 +41,8 @@ from pyro import poutine
 from torch import nn
 
 from .config import ModelConfig
-from .nn import MLP, GaussianHead
+from .nn import gaussian_head_for, mlp_for
+from .registration import register_modules
 from .warmup import kl_weight
 
 
@@ -64,18 +65,16 @@ class VLAEModel(nn.Module):
         super().__init__()
         self.config = config
         self.name = name
-        act, bn = config.activation, config.batch_norm
         sizes, hidden = config.latent_sizes, config.hidden_sizes
         depth = config.depth
         # ladder[l-1] is f_l: f_L reads z_L, f_l (l < L) reads [z~_{l+1}, z_l].
         self.ladder = nn.ModuleList(
-            MLP(sizes[i] + (hidden[i + 1] if i + 1 < depth else 0), hidden[i], activation=act, batch_norm=bn)
-            for i in range(depth)
+            mlp_for(config, sizes[i] + (hidden[i + 1] if i + 1 < depth else 0), hidden[i]) for i in range(depth)
         )
         if config.likelihood == "bernoulli":
             self.output: nn.Module = nn.Linear(hidden[0], config.input_dim)
         else:
-            self.output = GaussianHead(hidden[0], config.input_dim)
+            self.output = gaussian_head_for(config, hidden[0], config.input_dim)
 
     @property
     def depth(self) -> int:
@@ -83,7 +82,7 @@ class VLAEModel(nn.Module):
 
     def register(self) -> None:
         """Register the parameters in Pyro's param store under its ``name``."""
-        pyro.module(self.name, self)
+        self.name = register_modules(self.name, {"": self})
 
     def shared_priors(self) -> contextlib.AbstractContextManager:
         """A no-op context: the VLAE's priors are fixed, there is nothing to share with
@@ -174,16 +173,15 @@ class VLAEGuide(nn.Module):
         cfg = model.config
         self.config = cfg
         self.name = f"{model.name}.guide"
-        act, bn = cfg.activation, cfg.batch_norm
         inputs = (cfg.input_dim,) + cfg.hidden_sizes[:-1]
-        self.features = nn.ModuleList(
-            MLP(inputs[i], cfg.hidden_sizes[i], activation=act, batch_norm=bn) for i in range(cfg.depth)
+        self.features = nn.ModuleList(mlp_for(cfg, inputs[i], cfg.hidden_sizes[i]) for i in range(cfg.depth))
+        self.heads = nn.ModuleList(
+            gaussian_head_for(cfg, cfg.hidden_sizes[i], cfg.latent_sizes[i]) for i in range(cfg.depth)
         )
-        self.heads = nn.ModuleList(GaussianHead(cfg.hidden_sizes[i], cfg.latent_sizes[i]) for i in range(cfg.depth))
 
     def register(self) -> None:
         """Register the guide's parameters in Pyro's param store under its ``name``."""
-        pyro.module(self.name, self)
+        self.name = register_modules(self.name, {"": self})
 
     def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> None:
         """Sample zL, …, z1 given ``x`` of shape ``(batch, input_dim)``."""

@@ -48,7 +48,8 @@ from torch.nn import functional as F
 
 from .config import ModelConfig
 from .evaluation import check_examples, eval_mode
-from .nn import MLP, GaussianHead
+from .nn import gaussian_head_for, mlp_for
+from .registration import register_modules
 from .warmup import kl_weight
 
 
@@ -112,15 +113,17 @@ class VQVAEModel(nn.Module):
         if config.codebook_ema:
             # Updated by the guide from moving averages, not by the optimizer.
             self.register_buffer("codebook", init)
+            # Both averages start at zero, so that a code's first update is the (smoothed)
+            # mean of the encodings assigned to it; codes without assignments keep their vector.
             self.register_buffer("ema_count", torch.zeros(k))
-            self.register_buffer("ema_sum", init.clone())
+            self.register_buffer("ema_sum", torch.zeros(k, d))
         else:
             self.codebook = nn.Parameter(init)
-        self.decoder_mlp = MLP(self.positions * d, config.hidden_sizes[0], activation=config.activation, batch_norm=config.batch_norm)
+        self.decoder_mlp = mlp_for(config, self.positions * d, config.hidden_sizes[0])
         if config.likelihood == "bernoulli":
             self.output: nn.Module = nn.Linear(config.hidden_sizes[0], config.input_dim)
         else:
-            self.output = GaussianHead(config.hidden_sizes[0], config.input_dim)
+            self.output = gaussian_head_for(config, config.hidden_sizes[0], config.input_dim)
 
     @property
     def positions(self) -> int:
@@ -133,7 +136,7 @@ class VQVAEModel(nn.Module):
 
     def register(self) -> None:
         """Register the parameters in Pyro's param store under its ``name``."""
-        pyro.module(self.name, self)
+        self.name = register_modules(self.name, {"": self})
 
     def shared_priors(self) -> contextlib.AbstractContextManager:
         """A no-op context, so that the engine and the evaluation treat every model alike."""
@@ -189,14 +192,13 @@ class VQVAEGuide(nn.Module):
         self.config = cfg
         self.model = model
         self.name = f"{model.name}.encoder"
-        self.encoder = MLP(cfg.input_dim, cfg.hidden_sizes[0], activation=cfg.activation, batch_norm=cfg.batch_norm)
+        self.encoder = mlp_for(cfg, cfg.input_dim, cfg.hidden_sizes[0])
         self.project = nn.Linear(cfg.hidden_sizes[0], model.positions * cfg.code_dim)
 
     def register(self) -> None:
         """Register the encoder's parameters and the model's (the codebook) in Pyro's param store."""
         self.model.register()
-        pyro.module(f"{self.name}.mlp", self.encoder)
-        pyro.module(f"{self.name}.project", self.project)
+        self.name = register_modules(self.name, {".mlp": self.encoder, ".project": self.project})
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder outputs z_e, shape ``(batch, P, D)``."""
@@ -217,14 +219,23 @@ class VQVAEGuide(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, z_e: torch.Tensor, indices: torch.Tensor) -> None:
+        """One EMA step (the paper's appendix A.1) for the codes this batch assigned.
+
+        ``N_i ← γ N_i + (1 − γ) n_i`` and ``m_i ← γ m_i + (1 − γ) Σ_j z_e,j`` for every code,
+        then ``e_i = m_i / Ñ_i`` (Ñ: Laplace-smoothed counts) for the codes with
+        ``n_i > 0`` only. A code no encoding has been assigned to keeps its vector:
+        dividing its (zero) sum by a smoothed count of about 1e-5 would destroy it.
+        """
         m, k = self.model, self.config.codebook_size
         gamma = self.config.ema_decay
         onehot = F.one_hot(indices.reshape(-1), k).to(z_e.dtype)
-        m.ema_count.mul_(gamma).add_(onehot.sum(0), alpha=1 - gamma)
+        counts = onehot.sum(0)
+        m.ema_count.mul_(gamma).add_(counts, alpha=1 - gamma)
         m.ema_sum.mul_(gamma).add_(onehot.T @ z_e.reshape(-1, z_e.shape[-1]), alpha=1 - gamma)
         n = m.ema_count.sum()
-        count = (m.ema_count + 1e-5) / (n + k * 1e-5) * n  # Laplace smoothing
-        m.codebook.copy_(m.ema_sum / count[:, None])
+        smoothed = (m.ema_count + 1e-5) / (n + k * 1e-5) * n  # Laplace smoothing
+        used = counts > 0
+        m.codebook[used] = m.ema_sum[used] / smoothed[used, None]
 
     def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> None:
         """Quantize the encoding of ``x`` and add the VQ loss terms."""

@@ -47,7 +47,8 @@ def test_train_then_evaluate(tmp_path, shared_data_root, capsys):
         (["train", "--batch-norm", "maybe"], "expected true or false"),
         (["train", "--latent-sizes", "a,b"], "comma-separated integers"),
         (["train", "--preset", "nope"], "Unknown preset"),
-        (["train", "--activation", "relu6"], "Unknown activation"),
+        (["train", "--activation", "relu6"], "choose one of leaky_relu, tanh, identity, got 'relu6'"),
+        (["train", "--guide", "top-down"], "choose one of ladder, vae, bottom-up"),
     ],
 )
 def test_bad_cli_input(args, match, capsys, tmp_path):
@@ -78,3 +79,52 @@ def test_other_families_train_from_the_cli(preset, extra, tmp_path, shared_data_
         with pytest.raises(SystemExit) as exit_info:
             main(["report", str(run), "--out", str(tmp_path / "report"), "--data-root", str(shared_data_root)])
         assert exit_info.value.code == 2 and "VQ-VAE" in capsys.readouterr().err
+
+
+def _tiny_train_args(run, root) -> list[str]:
+    return ["train", "--preset", "vae-bn-wu-2", "--epochs", "1", "--warmup-epochs", "0", "--train-subset", "256",
+            "--test-subset", "40", "--num-importance-samples", "5", "--latent-sizes", "4,2", "--hidden-sizes", "16,8",
+            "--batch-size", "64", "--data-root", str(root), "--no-download", "--no-progress", "--out", str(run)]
+
+
+def test_no_final_eval_runs_no_evaluation_and_resume_keeps_the_stored_overrides(tmp_path, shared_data_root, capsys, monkeypatch):
+    import pyro_lvae.training as training
+
+    def no_lk(*args, **kwargs):
+        raise AssertionError("final_results ran although --no-final-eval was given")
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(training, "final_results", no_lk)
+        assert main(_tiny_train_args(run, shared_data_root) + ["--no-final-eval", "--guide", "bottom-up"]) == 0
+    assert "pyro-lvae evaluate" in capsys.readouterr().out and not (run / "results.json").exists()
+    # Resume naming only what changes: the latent sizes, subsets and guide stay the run's own.
+    resume = ["train", "--out", str(run), "--resume", "--epochs", "2", "--final-eval-subset", "10",
+              "--data-root", str(shared_data_root), "--no-progress"]
+    assert main(resume) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["config"]["model"]["latent_sizes"] == [4, 2] and results["config"]["model"]["guide"] == "vae"
+    assert results["config"]["train"]["train_subset"] == 256 and results["epochs"] == 2
+    assert results["num_test_examples"] == 10
+    # evaluate --test-subset
+    assert main(["evaluate", str(run), "--test-subset", "20", "--data-root", str(shared_data_root), "--no-progress"]) == 0
+    assert json.loads((run / "results.json").read_text())["num_test_examples"] == 20
+    # A preset that is not the run's own is refused on resume.
+    with pytest.raises(SystemExit) as exit_info:
+        main(resume[:3] + ["--resume", "--preset", "lvae-bn-wu-2"])
+    assert exit_info.value.code == 2 and "omit --preset" in capsys.readouterr().err
+
+
+def test_a_warm_up_longer_than_training_warns_at_start(tmp_path, shared_data_root):
+    args = _tiny_train_args(tmp_path / "run", shared_data_root)
+    args[args.index("--warmup-epochs") + 1] = "200"
+    with pytest.warns(UserWarning, match=r"training ends at β = 0.000 but is scored at β = 1"):
+        assert main(args + ["--no-final-eval"]) == 0
+
+
+def test_option_help_comes_from_the_config_docstrings(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "N_t of eq. 20" in text  # --warmup-epochs, from TrainConfig's :param:
+    assert "Adam's ε" in text and "{ladder,vae,bottom-up}" in text

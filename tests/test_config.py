@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pyro_lvae import PRESETS, ExperimentConfig, ModelConfig, TrainConfig, get_preset
+from pyro_lvae.presets import AUTHORS_CODE
 
 
 @pytest.mark.parametrize(
@@ -53,8 +54,9 @@ def test_likelihood_and_binarization_must_agree():
 
 
 def test_presets():
-    # 4 variants × 5 depths × 4 settings, two fine-tuning presets, vlae-3 and vqvae
-    assert len(PRESETS) == 84
+    # 4 variants × 5 depths × 4 settings, two fine-tuning presets, vlae-3 and vqvae, and the
+    # 20 MNIST presets with the authors' code settings
+    assert len(PRESETS) == 104
     omniglot = get_preset("omniglot-lvae-bn-wu-3")
     assert omniglot.train.dataset == "omniglot28" and omniglot.train.epochs == 1500
     assert omniglot.model.likelihood == "bernoulli" and omniglot.train.binarization == "dynamic"
@@ -90,3 +92,40 @@ def test_replace_and_round_trip():
         cfg.replace(latent_sizes=(8, 4))
     with pytest.raises(ValueError, match="not written by this version"):
         ExperimentConfig.from_dict({"model": {"bogus": 1}, "train": {}})
+
+
+def test_paper_presets_follow_the_paper_text_and_authors_presets_the_authors_code():
+    paper, authors = get_preset("lvae-bn-wu-5"), get_preset("lvae-bn-wu-5-authors")
+    assert (paper.model.leaky_slope, paper.model.ladder_share_params, paper.model.only_mu_up) == (0.1, True, False)
+    assert (paper.train.adam_eps, paper.train.grad_clip, paper.train.grad_clip_value) == (1e-8, 0.0, 0.0)
+    assert paper.model.variance_floor == 1e-5  # the one deviation, needed to finish a run
+    assert (authors.model.leaky_slope, authors.model.ladder_share_params, authors.model.only_mu_up) == (0.01, False, True)
+    assert (authors.train.learning_rate, authors.train.adam_eps) == (2e-4, 1e-4)
+    assert (authors.train.grad_clip, authors.train.grad_clip_value) == (4.0, 0.9)
+    # Otherwise the same experiment: data, architecture, schedule.
+    changed = set(AUTHORS_CODE) | {"ladder_share_params", "only_mu_up"}
+    for section in ("model", "train"):
+        a, p = authors.to_dict()[section], paper.to_dict()[section]
+        assert {k for k in a if a[k] != p[k]} <= changed
+    vae = get_preset("vae-bn-wu-3-authors")
+    assert vae.model.guide == "vae" and vae.train.grad_clip == 4.0 and vae.model.ladder_share_params
+    assert sum(name.endswith("-authors") for name in PRESETS) == 20
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(adam_eps=0.0), "adam_eps"),
+        (dict(grad_clip=-1.0), "grad_clip"),
+        (dict(grad_clip_value=float("inf")), "grad_clip_value"),
+    ],
+)
+def test_invalid_optimizer_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(leaky_slope=1.5), "leaky_slope"), (dict(only_mu_up="yes"), "only_mu_up")])
+def test_invalid_authors_code_model_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**kwargs)

@@ -75,3 +75,19 @@ def test_every_public_function_and_class_is_documented():
                 without_params.append(name)
     assert not undocumented, f"no docstring: {undocumented}"
     assert not without_params, f"module-level functions whose docstring has no :param: {without_params}"
+
+
+def test_saved_runs_page_runs_on_a_saved_run(tmp_path, shared_data_root, monkeypatch):
+    """Every Python block of docs/saved-runs.md, in order, on a tiny saved run at runs/lvae5."""
+    import shutil
+
+    shutil.copytree(REPO / "tests" / "fixtures" / "checkpoint-13e79a1", tmp_path / "runs" / "lvae5")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYRO_LVAE_DATA", str(shared_data_root))
+    page = (REPO / "docs" / "saved-runs.md").read_text()
+    namespace: dict = {}
+    for block in re.findall(r"```python\n(.*?)```", page, flags=re.S):
+        exec(compile(block, "saved-runs.md", "exec"), namespace)
+    assert namespace["result"].metrics[-1]["epoch"] == 52
+    assert namespace["codes"]["mean_z2"].shape == (500, 2)  # the page's 500-image subset
+    assert (tmp_path / "my-lvae.pt").exists() and not namespace["model"].training

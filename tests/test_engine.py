@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig
-from pyro_lvae.engine import TrainingStep, trainable_parameters
+from pyro_lvae.engine import TrainingStep, clip_gradients, trainable_parameters
 from pyro_lvae.objectives import elbo_for
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -136,3 +136,40 @@ def test_fast_engine_registers_once_with_the_per_call_names(guide_cls):
     with pyro.poutine.trace(param_only=True) as capture:
         model(x)
     assert len(capture.trace.nodes) == len(list(model.parameters()))
+
+
+def test_clip_gradients_bounds_the_norm_then_every_entry():
+    a = torch.nn.Parameter(torch.zeros(3))
+    b = torch.nn.Parameter(torch.zeros(2))
+    a.grad = torch.tensor([30.0, -40.0, 0.0])
+    b.grad = torch.tensor([0.0, 0.5])
+    clip_gradients([a, b], max_norm=4.0, max_value=0.0)
+    norm = torch.cat([a.grad, b.grad]).norm()
+    assert norm.item() == pytest.approx(4.0, rel=1e-5)
+    torch.testing.assert_close(a.grad, torch.tensor([30.0, -40.0, 0.0]) * 4.0 / 50.0025, rtol=1e-4, atol=0)
+    clip_gradients([a, b], max_norm=0.0, max_value=0.9)
+    assert a.grad.abs().max().item() == pytest.approx(0.9) and b.grad[1].item() == pytest.approx(0.5 * 4 / 50.0025, rel=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["fast", "svi"])
+def test_both_engines_clip_and_use_adam_eps(engine):
+    """With every gradient entry clipped to 1e-12 and ε = 1, Adam's step m/(√v + ε) ≈ lr · 1e-12:
+    the parameters stay put; without clipping they move by about lr · g/(|g| + 1)."""
+    x = torch.bernoulli(torch.full((9, 12), 0.4, dtype=torch.float64))
+    moved = {}
+    for clip in (0.0, 1e-12):
+        pyro.clear_param_store()
+        (model, guide), _ = _pair(LadderGuide, "cpu")
+        before = [p.detach().clone() for p in trainable_parameters(model, guide)]
+        step = TrainingStep(model, guide, learning_rate=0.1, engine=engine, adam_eps=1.0, grad_clip_value=clip)
+        step(x, torch.tensor(1.0, dtype=torch.float64))
+        assert not step.skipped
+        moved[clip] = max((p - q).abs().max().item() for p, q in zip(trainable_parameters(model, guide), before))
+    assert moved[0.0] > 1e-3
+    assert moved[1e-12] < 1e-9
+
+
+def test_engine_rejects_a_non_positive_adam_eps():
+    model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
+    with pytest.raises(ValueError, match="adam_eps"):
+        TrainingStep(model, LadderGuide(model), learning_rate=1e-3, adam_eps=0.0)

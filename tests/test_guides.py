@@ -11,7 +11,15 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import Adam
 
-from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig, elbo_for, make_guide
+from pyro_lvae import (
+    BottomUpGuide,
+    GenerativeModel,
+    LadderGuide,
+    ModelConfig,
+    elbo_for,
+    make_guide,
+    precision_weighted_merge,
+)
 from pyro_lvae.evaluation import log_importance_weights
 
 
@@ -107,3 +115,50 @@ def test_trace_mean_field_elbo_is_unbiased_for_ladder_guide():
     # The analytic-KL estimate has no more variance than the Monte Carlo one: 2 se bounds both.
     assert abs(gap) < 4 * 2**0.5 * se, (gap, se)
     assert not any("mean field" in str(w.message) for w in caught)
+
+
+def test_ladder_guide_with_its_own_top_down_networks_merges_their_prior():
+    """``ladder_share_params=False``: q(z1 | z2, x) merges the guide's own prior, not the model's."""
+    model = _small_model(ladder_share_params=False)
+    guide = LadderGuide(model)
+    own = {id(p) for p in guide.top_down_net.parameters()}
+    assert own and own.isdisjoint(id(p) for p in model.parameters())
+    x = torch.bernoulli(torch.full((5, 10), 0.5))
+    trace = poutine.trace(guide).get_trace(x)
+    z2 = trace.nodes["z2"]["value"]
+    d = guide.top_down_net["mlps"][0](z2)
+    prior_loc, prior_var = guide.top_down_net["heads"][0](d)
+    loc, var = precision_weighted_merge(*guide.upward(x)[0], prior_loc, prior_var)
+    fn = trace.nodes["z1"]["fn"].base_dist
+    torch.testing.assert_close(fn.loc, loc)
+    torch.testing.assert_close(fn.scale, var.sqrt())
+    # The model's top-down networks do not enter the guide, the guide's own do.
+    log_q = trace.nodes["z1"]["fn"].log_prob(trace.nodes["z1"]["value"].detach()).sum()
+    model_grads = torch.autograd.grad(log_q, list(model.top_down_heads.parameters()), allow_unused=True, retain_graph=True)
+    assert all(g is None for g in model_grads)
+    own_grads = torch.autograd.grad(log_q, list(guide.top_down_net["heads"].parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in own_grads)
+    # Both sets are registered, under distinct names.
+    guide.register()
+    names = set(pyro.get_param_store().keys())
+    assert any(n.startswith("lvae.ladder.top_down$$$") for n in names)
+    assert any(n.startswith("lvae$$$top_down_heads") for n in names)
+
+
+def test_ladder_guide_upward_pass_reads_the_mean_below_with_only_mu_up():
+    model = _small_model(only_mu_up=True)
+    guide = LadderGuide(model)
+    # MLP n (n >= 2) reads μ̂_{n-1}, of the latent width, instead of d_{n-1}.
+    assert guide.upward_net["mlps"][1].net[0].in_features == 4
+    x = torch.bernoulli(torch.full((5, 10), 0.5))
+    estimates = guide.upward(x)
+    mlps, heads = guide.upward_net["mlps"], guide.upward_net["heads"]
+    first = heads[0](mlps[0](x))
+    second = heads[1](mlps[1](first[0]))
+    third = heads[2](mlps[2](second[0]))
+    for got, want in zip(estimates, (first, second, third)):
+        torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1])
+    # The default reads d_{n-1} (the paper's eq. 13).
+    default = LadderGuide(_small_model())
+    assert default.upward_net["mlps"][1].net[0].in_features == 16

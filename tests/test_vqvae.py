@@ -101,3 +101,45 @@ def test_vqvae_trains_from_its_preset_and_uses_several_codes(mnist, ema):
     assert result.results["test_log_likelihood"] == pytest.approx(result.results["test_elbo"], rel=1e-6)
     assert result.results["test_elbo"] == pytest.approx(vq["elbo"], rel=1e-4)
     assert result.metrics[-1]["test_elbo"] > -545  # better than an untrained Bernoulli(0.5) decoder
+
+
+def _ema_model(codes: int = 8) -> tuple[VQVAEModel, VQVAEGuide]:
+    model = make_model(ModelConfig(family="vqvae", guide="vae", input_dim=784, latent_sizes=(16,), hidden_sizes=(64,),
+                                   codebook_size=codes, code_dim=16, batch_norm=False, codebook_ema=True, ema_decay=0.9))
+    return model, make_guide(model)
+
+
+def test_one_ema_update_moves_the_used_codes_to_the_smoothed_average_and_keeps_the_others():
+    model, guide = _ema_model(64)
+    x = torch.bernoulli(torch.full((32, 784), 0.3))
+    before = model.codebook.clone()
+    with torch.no_grad():
+        z_e = guide.encode(x)
+        indices = guide.quantize(z_e)[0]
+    guide(x)  # training mode, gradients on: one EMA update
+    flat, idx = z_e.reshape(-1, 16), indices.reshape(-1)
+    counts = torch.bincount(idx, minlength=64).float()
+    used = counts > 0
+    assert 0 < used.sum() < 64  # both kinds of code exist in this batch
+    # N = (1 - γ) n, m = (1 - γ) Σ z_e, e = m / Ñ with Laplace smoothing of N.
+    n_ema = 0.1 * counts
+    smoothed = (n_ema + 1e-5) / (n_ema.sum() + 64e-5) * n_ema.sum()
+    sums = torch.zeros(64, 16).index_add_(0, idx, flat) * 0.1
+    torch.testing.assert_close(model.codebook[used], sums[used] / smoothed[used, None], rtol=1e-5, atol=1e-6)
+    assert torch.equal(model.codebook[~used], before[~used]) and torch.isfinite(model.codebook).all()
+    # The used codes sit among the encodings, not 10^4 times farther out.
+    assert model.codebook.norm(dim=1).max() < 2 * flat.norm(dim=1).max()
+
+
+def test_the_ema_codebook_gets_no_gradient_and_does_not_move_in_evaluation_mode():
+    model, guide = _ema_model()
+    assert not model.codebook.requires_grad and "codebook" not in dict(model.named_parameters())
+    x = torch.bernoulli(torch.full((16, 784), 0.3))
+    state = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("codebook", "ema_"))}
+    guide.eval()
+    guide(x)
+    with torch.no_grad():
+        guide.train()
+        guide(x)  # no gradient: an evaluation pass in training mode does not update either
+    for key, value in state.items():
+        assert torch.equal(model.state_dict()[key], value), key
