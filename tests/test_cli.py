@@ -29,6 +29,13 @@ def test_train_then_evaluate(tmp_path, shared_data_root, capsys):
     assert results["test_log_likelihood"] >= results["test_elbo"]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
 
+    # Both evaluations are seeded: the same K reproduces the training run's numbers exactly.
+    assert main(["evaluate", str(run), "--num-samples", "20", "--data-root", str(shared_data_root), "--no-progress"]) == 0
+    again = json.loads((run / "results.json").read_text())
+    assert again["test_elbo"] == results["test_elbo"]
+    assert again["test_log_likelihood"] == results["test_log_likelihood"]
+    assert again["test_kl_per_layer"] == results["test_kl_per_layer"]
+
     assert main(["evaluate", str(run), "--num-samples", "30", "--data-root", str(shared_data_root), "--no-progress"]) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["num_importance_samples"] == 30 and results["epochs"] == 2

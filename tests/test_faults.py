@@ -106,6 +106,20 @@ def _wait_for_epochs(proc, run_dir, at_least: int, timeout: float = 120) -> None
         time.sleep(0.02)
 
 
+def _wait_for_checkpoint_of_epoch(run_dir, epoch: int, timeout: float = 120) -> None:
+    """Poll until checkpoint.pt holds ``epoch`` (it is replaced atomically, so a read sees a whole file)."""
+    deadline, seen = time.time() + timeout, None
+    while time.time() < deadline:
+        path = run_dir / "checkpoint.pt"
+        stamp = path.stat().st_mtime_ns if path.exists() else None
+        if stamp is not None and stamp != seen:
+            seen = stamp
+            if torch.load(path, weights_only=False)["epoch"] >= epoch:
+                return
+        time.sleep(0.005)
+    raise AssertionError(f"no checkpoint of epoch {epoch} in {run_dir} within {timeout} s")
+
+
 def _final_model(run_dir):
     return torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
 
@@ -135,14 +149,18 @@ def test_signal_finishes_the_step_writes_a_checkpoint_and_resume_continues(tmp_p
     run_dir = tmp_path / "run"
     proc = _start(run_dir, shared_data_root)
     _wait_for_epochs(proc, run_dir, 2)
-    time.sleep(0.1)  # inside epoch 3
+    # Epoch 2's metrics line comes before its checkpoint; once that checkpoint is on disk
+    # the run is taking the 30 steps of epoch 3, and the signal stops it mid-epoch.
+    _wait_for_checkpoint_of_epoch(run_dir, 2)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err
     message = err.strip().splitlines()[-1]
     assert f"Interrupted by {signal.Signals(sig).name}" in message and "continue with --resume" in message
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    assert ckpt["epoch"] >= 2
+    assert ckpt["epoch"] == 2
+    assert ckpt["partial"] is not None and ckpt["partial"]["step"] > 0  # the position inside epoch 3
+    assert f"at epoch 3, step {ckpt['partial']['step']} of" in message
     proc = _start(run_dir, shared_data_root, "--resume")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err

@@ -69,6 +69,17 @@ def test_traverse_varies_one_layer_only():
     assert not torch.allclose(grid[0, 0], grid[-1, -1])
     with pytest.raises(ValueError, match="layer"):
         model.traverse(4)
+    # Codes built by hand: layer 2's first two units sweep the grid, everything else is `fixed`.
+    sizes = model.config.latent_sizes
+    fixed = [torch.randn(s) for s in sizes]
+    values = torch.linspace(-1.5, 1.5, 4)
+    grid = model.traverse(2, steps=4, span=1.5, fixed=fixed)
+    for r in range(4):
+        for c in range(4):
+            z2 = fixed[1].clone()
+            z2[0], z2[1] = values[c], values[r]
+            codes = [fixed[0][None], z2[None]] + [f[None] for f in fixed[2:]]
+            torch.testing.assert_close(grid[r, c], model.decode(codes).mean[0])
 
 
 def test_vlae_trains_from_its_preset_and_its_elbo_improves(mnist):
