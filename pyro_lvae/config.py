@@ -176,7 +176,7 @@ class TrainConfig:
     """Data, optimisation, warm-up and evaluation settings.
 
     :param dataset: One of ``mnist``, ``binarized_mnist``, ``fashion_mnist``,
-        ``omniglot28`` (the 28×28 OMNIGLOT in ``shared/data``) or ``omniglot``
+        ``omniglot28`` (28×28 OMNIGLOT images built from Lake's originals, with their own split) or ``omniglot``
         (the IWAE ``chardata.mat`` file).
     :param binarization: ``"dynamic"`` (resample x ~ Bernoulli(grey level) every
         epoch, paper §3), ``"static"`` (data already binary) or ``"none"``

@@ -23,7 +23,7 @@ prefix              setting
 ``omniglot-``       OMNIGLOT (``omniglot28``, binarized dynamically), 1500 epochs
 ``norb-gauss-``     NORB 32×32 grey levels, Gaussian likelihood, tanh, 2000 epochs
 ``fashion-gauss-``  the NORB setting on Fashion-MNIST grey levels: the stand-in for
-                    NORB, which cannot be obtained on this project's machines
+                    NORB where the NORB files are not at hand
 ==================  ==================================================================
 
 Table 1's fine-tuning (2000 more epochs, learning rate × 0.75 every 200, 10 Monte
@@ -34,7 +34,7 @@ Each MNIST preset also exists with the settings of the authors' public code, whi
 differ from the paper's text (docs/reproduce.md tabulates them): ``lvae-bn-wu-5-authors``
 and so on (:data:`AUTHORS_CODE`).
 
-Two more presets hold the other model families of the source documents:
+Two more presets hold two related model families:
 ``vlae-3`` (the Variational Ladder Autoencoder, three 2-unit layers, 200 epochs)
 and ``vqvae`` (an MLP VQ-VAE with 16 code positions, K = 64 codes of dimension 16,
 β = 0.25, 100 epochs).
@@ -145,7 +145,7 @@ for _variant in _VARIANTS:
         PRESETS[_name] = _base.replace(name=_name, **AUTHORS_CODE, **_extra)
 
 
-#: The other model families of the source documents (see :mod:`pyro_lvae.families`).
+#: Two related model families, the VLAE and the VQ-VAE (see :mod:`pyro_lvae.families`).
 PRESETS["vlae-3"] = ExperimentConfig(
     # Zhao et al.'s MNIST setting: three layers of two units each, so that each
     # layer's code can be shown as a 2-D grid with the others fixed.

@@ -88,3 +88,12 @@ def test_missing_sweep_and_preset_names(tmp_path):
     assert split_preset("fashion-gauss-lvae-bn-wu-4") == ("fashion-gauss", "lvae-bn-wu", 4, "")
     assert split_preset("lvae-bn-wu-5-ft-iw10") == ("mnist", "lvae-bn-wu", 5, "-ft-iw10")
     assert split_preset("vqvae") is None
+
+
+def test_a_withdrawn_setting_shows_its_reason_and_no_numbers(tmp_path):
+    _fake_run(tmp_path, "fashion-gauss-vae-bn-2", 321.77)
+    _fake_run(tmp_path, "vae-bn-2", -95.5)
+    text = write_results_page([tmp_path], tmp_path / "r.md").read_text()
+    section = text.split("## Gaussian setting on Fashion-MNIST")[1]
+    assert "**Withdrawn.**" in section and "dequantization" in section
+    assert "321.77" not in text and "-95.50" in text
