@@ -69,9 +69,12 @@ def test_page_content_claims_and_determinism(tmp_path, monkeypatch):
     assert "| LVAE+BN+WU (`lvae-bn-wu-5`) | 5 | -82.12 | -99.00 | -104.00 | 5 | 0 |" in text
     assert "in every run:** `epochs` = 5 (paper: 2000); `num_importance_samples` = 100 (paper: 5000)" in text
     assert "- In `lvae-bn-wu-1`, `lvae-bn-wu-2`, " in text and ": `warmup_epochs` = 1 (paper: 200)." in text
-    assert "*The LVAE beats the VAE at depth ≥ 3*: **partly holds** (2 of 3 depths" in text
-    assert "*Batch normalization helps* (VAE+BN vs VAE): **holds** (5 of 5 depths" in text
-    assert "*The LVAE uses more upper-layer units*: **holds**" in text and "z2–z5: 8 vs 16" in text
+    assert "*The LVAE beats the VAE at depth ≥ 3*: **mixed: holds at 2 of 3, fails at 1 of 3**" in text
+    assert "*Batch normalization helps* (VAE+BN vs VAE): **holds** (difference" in text
+    assert "Differences within ±0.6 nats are called inconclusive" in text and "with one seed per setting" in text
+    # Burda's count favours the LVAE (8 vs 16 in z2–z5), the KL > 0.01 count does not (60 vs 60).
+    assert "*The LVAE uses more upper-layer units*: **the measures disagree**" in text
+    assert "z2–z5 8 vs 16" in text and "z2–z5 60 vs 60" in text
     assert "Substituted data." in text and "| VAE+BN+WU (`omniglot-vae-bn-wu-2`) | 2 | -102.61 | -110.00 |" in text
     assert "Hardware: cpu (test, 1 threads)." in text
     figures = sorted(p.name for p in Path("page/results_figures").iterdir())
@@ -97,3 +100,13 @@ def test_a_withdrawn_setting_shows_its_reason_and_no_numbers(tmp_path):
     section = text.split("## Gaussian setting on Fashion-MNIST")[1]
     assert "**Withdrawn.**" in section and "dequantization" in section
     assert "321.77" not in text and "-95.50" in text
+
+
+def test_verdicts_use_the_tie_margin():
+    from pyro_lvae.results_page import TIE_MARGIN, _verdict
+
+    assert TIE_MARGIN == 0.6
+    assert _verdict([0.7, 2.0]) == "holds"
+    assert _verdict([0.5, -0.3]) == "inconclusive"
+    assert _verdict([-0.7, -1.0]) == "does not hold"
+    assert _verdict([1.0, 0.1, -1.0]) == "mixed: holds at 1 of 3, inconclusive at 1 of 3, fails at 1 of 3"
