@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .data import binarize
+from .engine import registered_once
 from .evaluation import check_examples, evaluate
 from .objectives import elbo_for
 
@@ -111,7 +112,9 @@ def fit_guide(
     pyro.set_rng_seed(seed)
     losses = []
     guide.train()
-    with _frozen(model):
+    # The parameters are optimized directly, so nothing needs Pyro's param store: several
+    # guides of one model can be fitted in one session without registering under one name.
+    with _frozen(model), registered_once(model, guide):
         for _ in range(epochs):
             x = binarize(data, generator=generator) if dynamic_binarization else data
             order = torch.randperm(len(x), generator=generator, device=data.device)
@@ -231,10 +234,11 @@ def compare(
         raise ValueError("Give at least one guide, as {name: guide}.")
     if num_samples < 11:
         raise ValueError(f"num_samples must be at least 11 for the PSIS diagnostic, got {num_samples}.")
-    results = {
-        name: evaluate(model, guide, data, num_samples=num_samples, seed=seed, return_log_weights=True)
-        for name, guide in guides.items()
-    }
+    with registered_once(model, *guides.values()):  # evaluation needs no param store
+        results = {
+            name: evaluate(model, guide, data, num_samples=num_samples, seed=seed, return_log_weights=True)
+            for name, guide in guides.items()
+        }
     reference = next(iter(guides))
     ref = results[reference]
     threshold = khat_threshold(num_samples)

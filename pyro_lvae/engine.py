@@ -257,10 +257,15 @@ class TrainingStep:
 
     def _fast_step(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         if self._ddp is not None:
-            loss = self._ddp(x, beta) / self.distributed.world_size
+            # DDP averages the gradients over the processes, and each process's loss is
+            # world_size × its part, so the average is the gradient of the global batch.
+            # The division below is for the reported loss only, not for the backward pass.
+            scaled = self._ddp(x, beta)
+            scaled.backward()
+            loss = scaled.detach() / self.distributed.world_size
         else:
             loss = self.loss(x, beta)
-        loss.backward()
+            loss.backward()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         finite = _all_finite(loss, [p.grad for p in params])
         # Every process must take the same decision, or their parameters would drift apart.

@@ -74,3 +74,14 @@ def test_compare_pairs_guides_on_the_same_draws():
     assert "| bottom-up |" in table.to_markdown() and "reference" in table.to_markdown()
     with pytest.raises(ValueError, match="at least 11"):
         compare(model, {"ladder": ladder}, x, num_samples=5)
+
+
+def test_several_guides_of_one_model_are_fitted_and_compared_without_renaming(recwarn):
+    model = _model()
+    first, second = LadderGuide(model), LadderGuide(model)
+    x = _data(32)
+    fit_guide(model, first, x, epochs=1, batch_size=16)
+    fit_guide(model, second, x, epochs=1, batch_size=16)
+    compare(model, {"first": first, "second": second}, x, num_samples=20)
+    assert first.name == second.name == "lvae.ladder"
+    assert not [w for w in recwarn if "param store" in str(w.message)]

@@ -28,6 +28,23 @@ def test_shards_partition_every_global_batch():
     assert shard(batch, SINGLE_PROCESS) is batch
 
 
+def test_one_two_process_step_equals_the_one_process_step_on_the_whole_batch(tmp_path):
+    """The gradient of the global batch, not of the mean over processes: DDP averages the
+    gradients, so each process's loss is scaled by the number of processes."""
+    two = subprocess.run(TORCHRUN + [str(HERE / "ddp_step.py"), str(tmp_path / "two-")], capture_output=True, text=True, env=ENV, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(HERE / "ddp_step.py"), str(tmp_path / "one-")], capture_output=True, text=True, env=ENV, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    single, rank0, rank1 = (torch.load(tmp_path / name) for name in ("one-0.pt", "two-0.pt", "two-1.pt"))
+    pyro.set_rng_seed(0)
+    initial = GenerativeModel(ModelConfig(input_dim=10, latent_sizes=(4, 2), hidden_sizes=(16, 8), batch_norm=False)).double()
+    initial_params = [p.detach() for p in dict.fromkeys(list(initial.parameters()) + list(LadderGuide(initial).double().parameters()))]
+    for a, b, c, p0 in zip(rank0, rank1, single, initial_params):
+        assert torch.equal(a, b)  # the processes stay identical
+        torch.testing.assert_close(a - p0, c - p0, rtol=1e-6, atol=1e-12)  # the same update
+    assert max((c - p0).abs().max().item() for c, p0 in zip(single, initial_params)) > 1e-7  # it moved
+
+
 def test_two_process_evaluation_gives_the_same_per_example_l_k(tmp_path):
     out = tmp_path / "ddp.pt"
     proc = subprocess.run(TORCHRUN + [str(HERE / "ddp_evaluate.py"), str(out)], capture_output=True, text=True, env=ENV, timeout=300)

@@ -1,0 +1,39 @@
+"""Run by tests/test_distributed.py under ``torchrun`` (or alone): one training step of a
+fixed model, with batch norm off and every Gaussian draw fixed at its mean, so that the
+step depends on the data alone. Writes each process's parameters after the step."""
+
+from __future__ import annotations
+
+import sys
+
+
+def one_step(out_prefix: str) -> None:
+    import pyro
+    import torch
+    import torch.distributed as dist
+    from torch.distributions import normal
+
+    from pyro_lvae import GenerativeModel, LadderGuide, ModelConfig
+    from pyro_lvae.distributed import init_from_environment, shard
+    from pyro_lvae.engine import TrainingStep
+
+    # Fixed draws: the reparametrized noise is zero, so z = loc on every process.
+    normal._standard_normal = lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device)
+    ctx = init_from_environment(torch.device("cpu"))
+    pyro.set_rng_seed(0)
+    model = GenerativeModel(ModelConfig(input_dim=10, latent_sizes=(4, 2), hidden_sizes=(16, 8), batch_norm=False)).double()
+    guide = LadderGuide(model).double()
+    x = torch.bernoulli(torch.full((12, 10), 0.4, dtype=torch.float64), generator=torch.Generator().manual_seed(1))
+    # ε = 1e6 ≫ |g| makes Adam's first update lr·g/ε, linear in the gradient: a wrong
+    # world-size scaling of the gradient would show in the parameters (Adam with a small ε
+    # divides any constant scale away).
+    step = TrainingStep(model, guide, learning_rate=1.0, adam_eps=1e6, distributed=ctx)
+    step(x[shard(torch.arange(12), ctx)], torch.tensor(1.0, dtype=torch.float64))
+    params = [p.detach().clone() for p in dict.fromkeys(list(model.parameters()) + list(guide.parameters()))]
+    torch.save(params, f"{out_prefix}{ctx.rank}.pt")
+    if ctx.enabled:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    one_step(sys.argv[1])
