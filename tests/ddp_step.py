@@ -1,13 +1,14 @@
 """Run by tests/test_distributed.py under ``torchrun`` (or alone): one training step of a
 fixed model, with batch norm off and every Gaussian draw fixed at its mean, so that the
-step depends on the data alone. Writes each process's parameters after the step."""
+step depends on the data alone. Writes each process's parameters after the step and
+whether it skipped it. A second argument puts a NaN into that rank's part of the batch."""
 
 from __future__ import annotations
 
 import sys
 
 
-def one_step(out_prefix: str) -> None:
+def one_step(out_prefix: str, poison_rank: int | None = None) -> None:
     import pyro
     import torch
     import torch.distributed as dist
@@ -28,12 +29,16 @@ def one_step(out_prefix: str) -> None:
     # world-size scaling of the gradient would show in the parameters (Adam with a small ε
     # divides any constant scale away).
     step = TrainingStep(model, guide, learning_rate=1.0, adam_eps=1e6, distributed=ctx)
-    step(x[shard(torch.arange(12), ctx)], torch.tensor(1.0, dtype=torch.float64))
+    mine = x[shard(torch.arange(12), ctx)].clone()
+    if ctx.rank == poison_rank:
+        mine[0, 0] = float("nan")  # a non-finite loss on this process only
+    step(mine, torch.tensor(1.0, dtype=torch.float64))
     params = [p.detach().clone() for p in dict.fromkeys(list(model.parameters()) + list(guide.parameters()))]
-    torch.save(params, f"{out_prefix}{ctx.rank}.pt")
+    torch.save({"params": params, "skipped": step.skipped}, f"{out_prefix}{ctx.rank}.pt")
     if ctx.enabled:
+        dist.barrier()  # both processes are done with every collective before either tears down gloo
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    one_step(sys.argv[1])
+    one_step(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)

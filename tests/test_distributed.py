@@ -35,7 +35,7 @@ def test_one_two_process_step_equals_the_one_process_step_on_the_whole_batch(tmp
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, str(HERE / "ddp_step.py"), str(tmp_path / "one-")], capture_output=True, text=True, env=ENV, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    single, rank0, rank1 = (torch.load(tmp_path / name) for name in ("one-0.pt", "two-0.pt", "two-1.pt"))
+    single, rank0, rank1 = (torch.load(tmp_path / name)["params"] for name in ("one-0.pt", "two-0.pt", "two-1.pt"))
     pyro.set_rng_seed(0)
     initial = GenerativeModel(ModelConfig(input_dim=10, latent_sizes=(4, 2), hidden_sizes=(16, 8), batch_norm=False)).double()
     initial_params = [p.detach() for p in dict.fromkeys(list(initial.parameters()) + list(LadderGuide(initial).double().parameters()))]
@@ -43,6 +43,18 @@ def test_one_two_process_step_equals_the_one_process_step_on_the_whole_batch(tmp
         assert torch.equal(a, b)  # the processes stay identical
         torch.testing.assert_close(a - p0, c - p0, rtol=1e-6, atol=1e-12)  # the same update
     assert max((c - p0).abs().max().item() for c, p0 in zip(single, initial_params)) > 1e-7  # it moved
+
+
+def test_a_non_finite_step_on_one_process_is_skipped_by_both(tmp_path):
+    proc = subprocess.run(TORCHRUN + [str(HERE / "ddp_step.py"), str(tmp_path / "nan-"), "1"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"nan-{r}.pt") for r in (0, 1))
+    assert rank0["skipped"] and rank1["skipped"]  # rank 0's own loss was finite
+    pyro.set_rng_seed(0)
+    initial = GenerativeModel(ModelConfig(input_dim=10, latent_sizes=(4, 2), hidden_sizes=(16, 8), batch_norm=False)).double()
+    initial_params = [p.detach() for p in dict.fromkeys(list(initial.parameters()) + list(LadderGuide(initial).double().parameters()))]
+    for a, b, p0 in zip(rank0["params"], rank1["params"], initial_params):
+        assert torch.equal(a, p0) and torch.equal(b, p0)
 
 
 def test_two_process_evaluation_gives_the_same_per_example_l_k(tmp_path):
@@ -93,3 +105,11 @@ def test_two_process_training_follows_the_one_process_loss_curve(tmp_path, share
     assert rb["test_log_likelihood"] == pytest.approx(ra["test_log_likelihood"], rel=0.02)
     ckpt = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)
     assert ckpt["world_size"] == 2 and len(ckpt["rng_by_rank"]) == 2
+    # A 2-process checkpoint resumes in one process, with a warning that ranks > 0 restart their streams.
+    more = subprocess.run(
+        [sys.executable, "-m", "pyro_lvae", "train", "--out", str(tmp_path / "two"), "--resume", "--epochs", "7",
+         "--no-final-eval", "--no-progress"] + data, capture_output=True, text=True, env=ENV,
+    )
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "written by 2 processes, not 1" in more.stderr
+    assert [m["epoch"] for m in _metrics(tmp_path / "two")] == list(range(1, 8))

@@ -40,11 +40,12 @@ def test_both_guides_train_on_mnist_subset(mnist, guide):
     assert last["train_elbo"] > before + 150
 
 
-def test_resume_gives_identical_parameters(tmp_path, make_synthetic):
+@pytest.mark.parametrize("engine", ["fast", "svi"])
+def test_resume_gives_identical_parameters(tmp_path, make_synthetic, engine):
     data = make_synthetic()
     config = ExperimentConfig(
         model=ModelConfig(input_dim=12, latent_sizes=(3, 2), hidden_sizes=(16, 8), batch_norm=True),
-        train=TrainConfig(epochs=2, batch_size=16, warmup_epochs=3, eval_every=1, num_importance_samples=3),
+        train=TrainConfig(epochs=2, batch_size=16, warmup_epochs=3, eval_every=1, num_importance_samples=3, engine=engine),
     )
     straight = train(config, out_dir=tmp_path / "a", dataset=data, progress=False)
     train(config.replace(epochs=1), out_dir=tmp_path / "b", dataset=data, progress=False)
@@ -144,3 +145,25 @@ def test_finetuning_phase_schedule_and_resume(tmp_path, make_synthetic):
     train(config.replace(finetune_iw_samples=2, finetune_epochs=1), out_dir=tmp_path / "c", dataset=data, progress=False, resume=True)
     with pytest.raises(ValueError, match="different configuration"):
         train(config.replace(finetune_iw_samples=4), out_dir=tmp_path / "c", dataset=data, progress=False, resume=True)
+
+
+def test_the_seed_changes_the_run_and_eval_particles_change_only_the_evaluation(make_synthetic):
+    data = make_synthetic()
+    config = ExperimentConfig(
+        model=ModelConfig(input_dim=12, latent_sizes=(3, 2), hidden_sizes=(16, 8), batch_norm=True),
+        train=TrainConfig(epochs=2, batch_size=16, eval_every=1, num_importance_samples=3),
+    )
+    runs = {
+        "a": train(config, dataset=data, progress=False, final_evaluation=False),
+        "again": train(config, dataset=data, progress=False, final_evaluation=False),
+        "seed": train(config.replace(seed=1), dataset=data, progress=False, final_evaluation=False),
+        "particles": train(config.replace(eval_particles=8), dataset=data, progress=False, final_evaluation=False),
+    }
+    objective = {k: [m["train_objective"] for m in r.metrics] for k, r in runs.items()}
+    test_elbo = {k: [m["test_elbo"] for m in r.metrics] for k, r in runs.items()}
+    assert objective["again"] == objective["a"] and test_elbo["again"] == test_elbo["a"]  # a seed fixes the run
+    assert objective["seed"] != objective["a"] and test_elbo["seed"] != test_elbo["a"]
+    # More evaluation particles change the periodic ELBO estimate, never the training trajectory.
+    assert objective["particles"] == objective["a"] and test_elbo["particles"] != test_elbo["a"]
+    for (name, p), (_, q) in zip(runs["particles"].model.state_dict().items(), runs["a"].model.state_dict().items()):
+        assert torch.equal(p, q), name
