@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -398,6 +399,38 @@ def check_data(x: torch.Tensor, *, input_dim: int, likelihood: str, what: str = 
             f"{what} has values other than 0 and 1, but the likelihood is Bernoulli; "
             "binarize it (binarization='dynamic') or use likelihood='gaussian'."
         )
+
+
+#: Grey levels of 8-bit images.
+LEVELS = 256
+
+
+def dequantize(x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniform dequantization of 8-bit grey levels: ``y = (k + u) / 256`` with
+    ``k = round(255 x)`` and ``u ~ U[0, 1)`` per pixel.
+
+    A continuous density p(y) on [0, 1)^D then bounds the probability of the discrete
+    image: log P(k) ≥ E_u[log p(y)] − D log 256 (Theis et al., 2016), which is finite,
+    whereas a density fitted to the 256 discrete values themselves can grow without bound.
+    :func:`dequantization_offset` is that −D log 256.
+
+    :param x: Grey levels ``k / 255`` in [0, 1], any shape.
+    :param generator: Random generator (default: torch's global one).
+    :raises ValueError: if ``x`` has values outside [0, 1].
+    """
+    if not ((x >= 0) & (x <= 1)).all():
+        raise ValueError("dequantization needs grey levels in [0, 1]; rescale the data (e.g. divide by 255).")
+    k = torch.round(x * (LEVELS - 1))
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return (k + u) / LEVELS
+
+
+def dequantization_offset(input_dim: int) -> float:
+    """−D log 256: the log-density of a dequantized image minus that of its discrete values.
+
+    :param input_dim: D, the number of pixels.
+    """
+    return -input_dim * math.log(LEVELS)
 
 
 def binarize(x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:

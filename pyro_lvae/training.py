@@ -41,6 +41,7 @@ import contextlib
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -59,7 +60,7 @@ from tqdm.auto import tqdm
 from .analysis import active_units, kl_per_unit
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config import ExperimentConfig
-from .data import Dataset, binarize, check_data, load_dataset
+from .data import Dataset, binarize, check_data, dequantization_offset, dequantize, load_dataset
 from .distributed import all_reduce_sum, all_true, gather_objects, init_from_environment, local_device, shard
 from .engine import TrainingStep
 from .objectives import ImportanceWeightedLoss
@@ -84,6 +85,7 @@ class PreparedData:
     :param train_labels: Labels of ``train``.
     :param test_labels: Labels of ``test``.
     :param dynamic: Whether ``train`` is re-binarized every epoch.
+    :param dequantized: Whether ``train`` is dequantized afresh every epoch (``test`` is, once).
     """
 
     train: torch.Tensor
@@ -91,6 +93,7 @@ class PreparedData:
     train_labels: torch.Tensor
     test_labels: torch.Tensor
     dynamic: bool
+    dequantized: bool = False
 
 
 @dataclass
@@ -157,12 +160,17 @@ def prepare_data(
         # The test set is binarized once, with a generator seeded by the run's seed.
         gen = torch.Generator(device=device).manual_seed(tc.seed)
         test_x = binarize(test_x, generator=gen)
+    if tc.dequantize:
+        # The test set is dequantized once, with a generator seeded by the run's seed.
+        gen = torch.Generator(device=device).manual_seed(tc.seed)
+        test_x = dequantize(test_x, generator=gen)
     return PreparedData(
         train=train_x,
         test=test_x,
         train_labels=train_y,
         test_labels=test_y,
         dynamic=tc.binarization == "dynamic",
+        dequantized=tc.dequantize,
     )
 
 
@@ -251,7 +259,11 @@ def epoch_batches(
         process an example (two with batch norm) is dropped.
     """
     gen = torch.Generator(device=data.train.device).manual_seed(epoch_seed(config.train.seed, epoch))
-    x_epoch = binarize(data.train, generator=gen) if data.dynamic else data.train
+    x_epoch = data.train
+    if data.dynamic:
+        x_epoch = binarize(data.train, generator=gen)
+    elif data.dequantized:
+        x_epoch = dequantize(data.train, generator=gen)
     batches = list(torch.randperm(len(data.train), generator=gen, device=data.train.device).split(config.train.batch_size))
     smallest = 2 if config.model.batch_norm else 1  # batch norm cannot normalize one example
     if len(batches) > 1 and len(batches[-1]) // world_size < smallest:
@@ -330,6 +342,15 @@ def finetune_learning_rate(config: ExperimentConfig, epoch: int) -> float:
         return tc.learning_rate
     decays = (epoch - tc.epochs) // tc.finetune_decay_every
     return tc.learning_rate * tc.finetune_lr_decay**decays
+
+
+def discrete_offset(config: ExperimentConfig) -> float:
+    """What turns a bound on the dequantized density into one on the 8-bit images:
+    −D log 256 with ``dequantize``, else 0.
+
+    :param config: The run's configuration.
+    """
+    return dequantization_offset(config.model.input_dim) if config.train.dequantize else 0.0
 
 
 def warn_about_schedule(config: ExperimentConfig) -> None:
@@ -630,7 +651,7 @@ def train(
                 # The β-weighted objective of eq. 20, running mean over the epoch's steps;
                 # it equals the running train ELBO once β = 1. While fine-tuning it is the
                 # importance-weighted bound being maximized.
-                "train_objective": -total_loss / total_seen,
+                "train_objective": -total_loss / total_seen + discrete_offset(config),
                 "seconds": seconds,
                 "skipped_steps": skipped,
             }
@@ -652,8 +673,8 @@ def train(
                 ev = evaluate(
                     model, guide, data.test, num_samples=tc.eval_particles, memory_budget=memory_budget, seed=eval_seed
                 )
-                record["train_elbo"] = ev_train["elbo"]
-                record["test_elbo"] = ev["elbo"]
+                record["train_elbo"] = ev_train["elbo"] + discrete_offset(config)
+                record["test_elbo"] = ev["elbo"] + discrete_offset(config)
                 record["test_kl_per_layer"] = ev["kl_per_layer"]
                 if config.model.family != "vqvae":  # per-unit KL needs Gaussian latents
                     record["test_kl_per_unit"] = [
@@ -740,9 +761,14 @@ def final_results(
         # The paper's Figs. 4-5: KL per unit and active units (Cov_x E_q[u] > 0.01) per layer.
         extra["test_kl_per_unit"] = [k.tolist() for k in kl_per_unit(model, guide, test)]
         extra["test_active_units"] = [int(c) for c in active_units(model, guide, test)["counts"]]
+    offset = discrete_offset(config)
+    if config.train.dequantize:
+        # Bounds on the 8-bit images: the dequantized density's, minus D log 256 (see data.dequantize).
+        extra["dequantized"] = True
+        extra["test_bits_per_dim"] = -(ev["log_likelihood"] + offset) / (config.model.input_dim * math.log(2))
     return extra | {
-        "test_elbo": ev["elbo"],
-        "test_log_likelihood": ev["log_likelihood"],
+        "test_elbo": ev["elbo"] + offset,
+        "test_log_likelihood": ev["log_likelihood"] + offset,
         "num_importance_samples": num_samples,
         "epochs": epochs,
         "config": config.to_dict(),

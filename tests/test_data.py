@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 
 import numpy as np
 import pytest
@@ -237,3 +238,17 @@ def test_the_real_static_binarized_mnist_files(shared_data_root):
     assert 0.10 < ds.train_x.mean().item() < 0.16
     images = ds.test_x.reshape(-1, 28, 28)
     assert images[:, 10:18, 10:18].mean() > 5 * images[:, :4, :4].mean() and images[:, :2, :2].sum() == 0
+
+
+def test_dequantize_fills_each_level_cell_uniformly():
+    from pyro_lvae.data import dequantization_offset, dequantize
+
+    k = torch.arange(256, dtype=torch.float64).repeat(400)
+    y = dequantize(k / 255, generator=torch.Generator().manual_seed(0))
+    cell = torch.floor(y * 256)
+    assert torch.equal(cell, k)  # every value stays in its own level's cell [k/256, (k+1)/256)
+    u = y * 256 - k
+    assert 0.45 < u.mean().item() < 0.55 and u.min() >= 0 and u.max() < 1
+    assert dequantization_offset(784) == pytest.approx(-784 * math.log(256))
+    with pytest.raises(ValueError, match=r"grey levels in \[0, 1\]"):
+        dequantize(torch.tensor([1.5]))

@@ -167,3 +167,31 @@ def test_the_seed_changes_the_run_and_eval_particles_change_only_the_evaluation(
     assert objective["particles"] == objective["a"] and test_elbo["particles"] != test_elbo["a"]
     for (name, p), (_, q) in zip(runs["particles"].model.state_dict().items(), runs["a"].model.state_dict().items()):
         assert torch.equal(p, q), name
+
+
+def test_dequantized_gaussian_runs_report_bounds_on_the_discrete_images(make_synthetic):
+    import math
+
+    from pyro_lvae import evaluate
+    from pyro_lvae.data import dequantization_offset
+
+    config = ExperimentConfig(
+        model=ModelConfig(input_dim=12, latent_sizes=(3, 2), hidden_sizes=(16, 8), activation="tanh", likelihood="gaussian"),
+        train=TrainConfig(binarization="none", dequantize=True, epochs=3, batch_size=16, eval_every=1,
+                          num_importance_samples=10, learning_rate=1e-2),
+    )
+    result = train(config, dataset=make_synthetic(), progress=False)
+    r = result.results
+    offset = dequantization_offset(12)
+    # The test set was dequantized once: values inside their level's cell, off the 1/255 grid.
+    levels = torch.round(make_synthetic().test_x * 255)
+    assert torch.equal(torch.floor(result.data.test * 256), levels)
+    ev = evaluate(result.model, result.guide, result.data.test, num_samples=10, seed=config.train.seed)
+    assert r["test_log_likelihood"] == pytest.approx(ev["log_likelihood"] + offset, abs=1e-4)
+    assert r["test_elbo"] == pytest.approx(ev["elbo"] + offset, abs=1e-4)
+    # A bound on the probability of a discrete image is at most 0 nats.
+    assert r["test_elbo"] <= r["test_log_likelihood"] < 0
+    assert r["test_bits_per_dim"] == pytest.approx(-r["test_log_likelihood"] / (12 * math.log(2)))
+    assert r["dequantized"] is True and result.metrics[-1]["test_elbo"] < 0
+    with pytest.raises(ValueError, match="dequantize applies to grey levels"):
+        TrainConfig(binarization="dynamic", dequantize=True)
