@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_train = sub.add_parser("train", allow_abbrev=False, help="train a preset and report test ELBO and L_K")
     p_train.add_argument(
-        "--preset", default=None, help=f"named configuration (default: {DEFAULT_PRESET}, or the run's own on --resume)"
+        "--preset",
+        default=None,
+        help=f"named configuration (default: {DEFAULT_PRESET}; on --resume, the run's stored configuration)",
     )
     p_train.add_argument("--out", required=True, help="run directory")
     p_train.add_argument(
@@ -235,16 +237,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train_config(args: argparse.Namespace) -> ExperimentConfig:
-    """The preset with the options applied, or on ``--resume`` the run's stored configuration with them."""
+    """The preset with the options applied; on ``--resume`` without ``--preset``, the run's
+    stored configuration with them. (``train`` checks that a resumed run's configuration
+    differs from the stored one only where a resume may change it.)"""
     overrides = _overrides(args)
-    if args.resume:
-        stored = ExperimentConfig.from_dict(load_checkpoint(args.out)["config"])
-        if args.preset is not None and args.preset != stored.name:
-            raise ValueError(
-                f"The run in {args.out} was trained as {stored.name!r}, not {args.preset!r}; omit --preset to "
-                "resume it with its stored configuration."
-            )
-        return stored.replace(**overrides)
+    if args.resume and args.preset is None:
+        return ExperimentConfig.from_dict(load_checkpoint(args.out)["config"]).replace(**overrides)
     return get_preset(args.preset or DEFAULT_PRESET).replace(**overrides)
 
 

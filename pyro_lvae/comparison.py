@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .data import binarize
-from .engine import registered_once
+from .registration import registered_once
 from .evaluation import check_examples, evaluate
 from .objectives import elbo_for
 
@@ -103,6 +103,8 @@ def fit_guide(
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be positive, got {learning_rate!r}.")
+    if getattr(getattr(model, "config", None), "family", "lvae") == "vqvae":
+        raise ValueError("fit_guide fits Gaussian guides; a VQ-VAE guide's EMA codebook would change the model.")
     params = own_parameters(model, guide)
     if not params:
         raise ValueError("The guide has no parameters of its own to fit; pass a guide, not the model.")
@@ -111,22 +113,26 @@ def fit_guide(
     generator = torch.Generator(device=data.device).manual_seed(seed)
     pyro.set_rng_seed(seed)
     losses = []
-    guide.train()
     # The parameters are optimized directly, so nothing needs Pyro's param store: several
     # guides of one model can be fitted in one session without registering under one name.
     with _frozen(model), registered_once(model, guide):
+        guide.train()
+        model.eval()  # the guide may hold the model (the ladder guide does): train() reached it
         for _ in range(epochs):
             x = binarize(data, generator=generator) if dynamic_binarization else data
-            order = torch.randperm(len(x), generator=generator, device=data.device)
-            total = 0.0
-            for idx in order.split(batch_size):
+            batches = list(torch.randperm(len(x), generator=generator, device=data.device).split(batch_size))
+            if len(batches) > 1 and len(batches[-1]) < 2:  # batch norm cannot normalize one example
+                batches = batches[:-1]
+            total, seen = 0.0, 0
+            for idx in batches:
                 # One ELBO step on the guide's own parameters.
                 loss = elbo.differentiable_loss(model, guide, x[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 total += loss.item()
-            losses.append(total / len(x))
+                seen += len(idx)
+            losses.append(total / seen)
             logger.debug("fit_guide epoch %d: -ELBO %.3f", len(losses), losses[-1])
         guide.eval()  # ready for compare and Importance; the model's own mode is restored on exit
     return losses

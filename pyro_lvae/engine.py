@@ -44,8 +44,7 @@ device (one host synchronization per step on a GPU).
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator
+from typing import Any
 
 import pyro
 import torch
@@ -59,6 +58,7 @@ from .config import ENGINES
 from .distributed import SINGLE_PROCESS, DistributedContext, all_true
 from .model import GenerativeModel
 from .objectives import elbo_for
+from .registration import registered_once
 
 
 def trainable_parameters(model: GenerativeModel, guide: nn.Module) -> list[nn.Parameter]:
@@ -71,23 +71,6 @@ def trainable_parameters(model: GenerativeModel, guide: nn.Module) -> list[nn.Pa
     for p in list(model.parameters()) + list(guide.parameters()):
         seen.setdefault(id(p), p)
     return list(seen.values())
-
-
-@contextlib.contextmanager
-def registered_once(*modules: nn.Module) -> Iterator[None]:
-    """Switch off the per-call ``pyro.module`` registration of ``modules`` (objects
-    with a ``register_params`` attribute) and restore each one's setting on exit.
-
-    :param modules: Models and guides; objects without ``register_params`` are ignored.
-    """
-    saved = [(m, m.register_params) for m in modules if hasattr(m, "register_params")]
-    for m, _ in saved:
-        m.register_params = False
-    try:
-        yield
-    finally:
-        for m, value in saved:
-            m.register_params = value
 
 
 class _ScaledLoss(nn.Module):

@@ -34,6 +34,7 @@ from pyro import poutine
 from torch import nn
 
 from .model import GenerativeModel
+from .registration import registered_once
 
 logger = logging.getLogger(__name__)
 
@@ -311,7 +312,9 @@ def evaluate(
     batches = data.split(batch_size)
     mine: dict[int, dict[str, torch.Tensor]] = {}
     start = time.perf_counter()
-    with eval_mode(model, guide):
+    # Evaluation needs no param store: without registration, a second model of the same
+    # name evaluated in one session is not renamed.
+    with eval_mode(model, guide), registered_once(model, guide):
         for b in tqdm(range(len(batches)), disable=not progress, desc=f"L_{num_samples}", leave=False):
             if b % ctx.world_size != ctx.rank:
                 continue

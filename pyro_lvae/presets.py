@@ -131,13 +131,19 @@ PRESETS["lvae-bn-wu-5-ft-iw10"] = PRESETS["lvae-bn-wu-5"].replace(
 )
 
 
+#: The paper's minibatch. This library's loss is the negative ELBO *summed* over the
+#: minibatch; the authors' Theano cost is, as usual in their Parmesan code, its *mean*.
+#: Their gradient thresholds and Adam's ε are therefore multiplied by the batch size here,
+#: which gives the same clipping and the same Adam steps.
+_AUTHORS_BATCH = 256
+
 #: Where the authors' public run commands (casperkaae/LVAE) differ from the paper's text.
 #: The two ladder settings matter only for the ladder guide.
 AUTHORS_CODE = dict(
     learning_rate=2e-4,  # README commands; the paper says 1e-3
-    adam_eps=1e-4,  # PyTorch's default is 1e-8
-    grad_clip=4.0,  # total-norm clipping, then ...
-    grad_clip_value=0.9,  # ... elementwise clipping
+    adam_eps=1e-4 * _AUTHORS_BATCH,  # their ε = 1e-4 on the mean loss
+    grad_clip=4.0 * _AUTHORS_BATCH,  # total norm 4 of the mean loss's gradient, then ...
+    grad_clip_value=0.9 * _AUTHORS_BATCH,  # ... each entry to ±0.9
     leaky_slope=0.01,  # Lasagne's leaky rectifier; the paper says 0.1
     variance_floor=1e-5,  # lv_eps_z, added to every latent variance
 )

@@ -15,8 +15,10 @@ and a warning says so. Give each model its own ``name=``, or call
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
+from typing import Iterator
 
 import pyro
 from pyro.params import param_with_module_name
@@ -54,3 +56,23 @@ def register_modules(name: str, parts: dict[str, nn.Module]) -> str:
     for suffix, module in parts.items():
         pyro.module(chosen + suffix, module)
     return chosen
+
+
+@contextlib.contextmanager
+def registered_once(*modules: nn.Module) -> Iterator[None]:
+    """Switch off the per-call ``pyro.module`` registration of ``modules`` (objects
+    with a ``register_params`` attribute) and restore each one's setting on exit.
+
+    For code that needs no param store: the fast training engine (which registers once
+    and optimizes the parameters directly), evaluation and guide fitting.
+
+    :param modules: Models and guides; objects without ``register_params`` are ignored.
+    """
+    saved = [(m, m.register_params) for m in modules if hasattr(m, "register_params")]
+    for m, _ in saved:
+        m.register_params = False
+    try:
+        yield
+    finally:
+        for m, value in saved:
+            m.register_params = value

@@ -35,7 +35,7 @@ from .analysis import (
     training_curves,
 )
 from .evaluation import DEFAULT_MEMORY_BUDGET, evaluate
-from .training import load_run, prepare_data
+from .training import discrete_offset, load_run, prepare_data
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +105,9 @@ def analyse_run(
         "run_dir": str(run_dir),
         "epochs": int(ckpt["epoch"]),
         "guide": config.model.guide,
-        "test_elbo": ev["elbo"],
-        "test_log_likelihood": ev["log_likelihood"],
+        # On the discrete images for a dequantized run, as in results.json.
+        "test_elbo": ev["elbo"] + discrete_offset(config),
+        "test_log_likelihood": ev["log_likelihood"] + discrete_offset(config),
         "num_samples": num_samples,
         "num_test_examples": ev["num_examples"],
         "khat_share_above": float((khat > KHAT_THRESHOLD).mean()),

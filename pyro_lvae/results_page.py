@@ -430,7 +430,7 @@ def _setting_section(setting: str, runs: list[RunResult], figures: Path, figures
     return out
 
 
-#: Settings whose committed runs are not shown, and why: one paragraph each.
+#: Settings whose runs without dequantization are not shown, and why: one paragraph each.
 WITHDRAWN = {
     "fashion-gauss": (
         "**Withdrawn.** These runs fit a continuous density (Gaussian likelihood) to 8-bit "
@@ -479,10 +479,16 @@ def render_results_page(runs: list[RunResult], figures: Path, figures_rel: str) 
         "",
     ]
     for setting in SETTINGS:
-        if setting in by_setting and setting in WITHDRAWN:
-            lines += [f"## {SETTINGS[setting][1]}", "", WITHDRAWN[setting], ""]
-        elif setting in by_setting:
-            lines += _setting_section(setting, by_setting[setting], figures, figures_rel)
+        runs_here = by_setting.get(setting, [])
+        if setting in WITHDRAWN:
+            # Runs made with dequantization are shown; the others are withdrawn.
+            valid = [r for r in runs_here if r.results.get("dequantized")]
+            if len(valid) < len(runs_here) and not valid:
+                lines += [f"## {SETTINGS[setting][1]}", "", WITHDRAWN[setting], ""]
+                continue
+            runs_here = valid
+        if runs_here:
+            lines += _setting_section(setting, runs_here, figures, figures_rel)
     if other:
         lines += ["## Other runs", "", "| run | preset | L_K | L1 | K | epochs |", "|---|---|---|---|---|---|"]
         for r in other:

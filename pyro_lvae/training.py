@@ -702,11 +702,13 @@ def train(
 
     result = TrainResult(model=model, guide=guide, config=config, data=data, metrics=metrics)
     if final_evaluation:
+        final_test = data.test[:final_eval_subset] if final_eval_subset else data.test
         result.results = final_results(
             model,
             guide,
-            config,
-            data.test[:final_eval_subset] if final_eval_subset else data.test,
+            # results.json records the subset that was evaluated
+            config.replace(test_subset=len(final_test)) if final_eval_subset else config,
+            final_test,
             epochs=len(metrics),
             num_samples=tc.num_importance_samples,
             train_seconds=train_seconds,

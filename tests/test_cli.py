@@ -116,10 +116,13 @@ def test_no_final_eval_runs_no_evaluation_and_resume_keeps_the_stored_overrides(
     # evaluate --test-subset
     assert main(["evaluate", str(run), "--test-subset", "20", "--data-root", str(shared_data_root), "--no-progress"]) == 0
     assert json.loads((run / "results.json").read_text())["num_test_examples"] == 20
-    # A preset that is not the run's own is refused on resume.
+    # With --preset, the configuration is the preset with the options (as the sweep resumes
+    # its runs); one that does not match the stored configuration is refused.
     with pytest.raises(SystemExit) as exit_info:
         main(resume[:3] + ["--resume", "--preset", "lvae-bn-wu-2"])
-    assert exit_info.value.code == 2 and "omit --preset" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "different configuration" in capsys.readouterr().err
+    assert main(_tiny_train_args(run, shared_data_root)[:-2] + ["--out", str(run), "--resume", "--epochs", "3",
+                                                               "--guide", "bottom-up", "--no-final-eval"]) == 0
 
 
 def test_a_warm_up_longer_than_training_warns_at_start(tmp_path, shared_data_root):

@@ -85,3 +85,10 @@ def test_several_guides_of_one_model_are_fitted_and_compared_without_renaming(re
     compare(model, {"first": first, "second": second}, x, num_samples=20)
     assert first.name == second.name == "lvae.ladder"
     assert not [w for w in recwarn if "param store" in str(w.message)]
+
+
+def test_fit_guide_keeps_an_evaluation_mode_model_in_evaluation_mode_and_drops_a_last_single_example():
+    model = _model().eval()
+    guide = LadderGuide(model)  # holds the model: guide.train() would reach it
+    losses = fit_guide(model, guide, _data(33), epochs=1, batch_size=16)  # batches of 16, 16 and 1
+    assert not model.training and len(losses) == 1

@@ -110,3 +110,11 @@ def test_verdicts_use_the_tie_margin():
     assert _verdict([0.5, -0.3]) == "inconclusive"
     assert _verdict([-0.7, -1.0]) == "does not hold"
     assert _verdict([1.0, 0.1, -1.0]) == "mixed: holds at 1 of 3, inconclusive at 1 of 3, fails at 1 of 3"
+
+
+def test_dequantized_runs_of_a_withdrawn_setting_are_shown(tmp_path):
+    _fake_run(tmp_path, "fashion-gauss-vae-bn-2", -1234.56)
+    path = tmp_path / "fashion-gauss-vae-bn-2-seed0" / "results.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"dequantized": True}))
+    text = write_results_page([tmp_path], tmp_path / "r.md").read_text()
+    assert "**Withdrawn.**" not in text and "-1234.56" in text

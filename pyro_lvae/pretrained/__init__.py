@@ -220,6 +220,11 @@ def export_run(
         raise ValueError(f"{run_dir} has no {RESULTS_NAME}; evaluate it first (pyro-lvae evaluate {run_dir}).")
     results = json.loads(results_path.read_text())
     model, guide, config, ckpt = load_run(run_dir)
+    if results["epochs"] != ckpt["epoch"]:
+        raise ValueError(
+            f"{results_path} was written after epoch {results['epochs']} but the checkpoint is at epoch "
+            f"{ckpt['epoch']}; evaluate the run again (pyro-lvae evaluate {run_dir}) before exporting it."
+        )
     out = Path(out_dir)
     save_pretrained(model, guide, config, out / f"{name}.pt", epochs=ckpt["epoch"])
     pyro.clear_param_store()
