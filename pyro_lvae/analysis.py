@@ -14,11 +14,12 @@ Every function here returns arrays or :mod:`xarray` objects and draws nothing;
 
 **What k̂ says.** L_K averages importance weights :math:`w = p(x,z)/q(z|x)`. PSIS fits a
 generalized Pareto distribution to the largest weights of each example; its shape k̂
-estimates how heavy their tail is. For k̂ < 0.5 the weights have finite variance and
-L_K converges quickly; for 0.5 ≤ k̂ < 0.7 it converges, slowly; for k̂ > 0.7 a few
-weights dominate, L_K with K = 5000 may still be far below log p(x) and its value is
-unreliable for that example (Vehtari et al., 2024). When comparing guides, a guide with a
-higher L_K *and* a small share of k̂ > 0.7 is genuinely better; a share near 1 means the
+estimates how heavy their tail is (Vehtari et al., 2024). For k̂ < 0.5 the weights have
+finite variance and L_K converges quickly. From k̂ > 0.5 their variance is infinite;
+PSIS stays reliable up to min(1 − 1/log10 S, 0.7) for S draws, and above it a few weights
+dominate, so L_K with K = 5000 may still be far below log p(x). From k̂ > 1 even their
+mean is infinite. When comparing guides, a guide with a higher L_K *and* a small share of
+k̂ above the threshold is genuinely better; a share near 1 means the
 guide's q is much narrower than the posterior and the reported L_K understates log p(x).
 """
 
@@ -29,14 +30,18 @@ import os
 import warnings
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-import xarray as xr
 from torch import nn
 from torch.distributions import kl_divergence
 
 from .evaluation import check_examples, eval_mode, evaluate, particle_traces
 from .model import GenerativeModel
+
+if TYPE_CHECKING:  # xarray is imported where a Dataset is built, so that training and the CLI do not load it
+    import xarray as xr
 
 #: Burda et al.'s threshold on Cov_x(E_q[u]) for an active unit.
 ACTIVE_THRESHOLD = 0.01
@@ -162,6 +167,8 @@ def latent_codes(
     :param labels: Class labels of ``data`` (stored as the ``label`` coordinate).
     :returns: Dataset with ``mean_z{i}`` and ``sample_z{i}`` of dims ``(example, z{i}_unit)``.
     """
+    import xarray as xr
+
     means: dict[str, list] = {n: [] for n in _layers(model)}
     samples: dict[str, list] = {n: [] for n in _layers(model)}
     for out in _posterior_passes(model, guide, data, num_samples=1, batch_size=batch_size):
@@ -190,6 +197,8 @@ def training_curves(run_dir: str | os.PathLike) -> xr.Dataset:
 
     :param run_dir: A run directory written by :func:`~pyro_lvae.training.train`.
     """
+    import xarray as xr
+
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; point at a run directory written by `pyro-lvae train`.")
@@ -261,6 +270,8 @@ def importance_inference_data(
     :param khat: PSIS k̂ per example (:func:`psis_khat`), shape ``(N,)``.
     :param codes: Latent codes of the examples (:func:`latent_codes`), or ``None``.
     """
+    import xarray as xr
+
     import arviz as az
 
     lw = torch.as_tensor(log_weights).double().cpu().numpy()

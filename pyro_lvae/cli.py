@@ -37,8 +37,6 @@ from .checkpoint import load_checkpoint
 from .config import CHOICES, ExperimentConfig, ModelConfig, TrainConfig
 from .evaluation import DEFAULT_MEMORY_BUDGET
 from .presets import PRESETS, get_preset
-from .report import write_report
-from .results_page import write_results_page
 from .sweep import SUMMARY_MD, load_grid, parse_override, run_sweep, shipped_grids
 from .training import TrainingInterrupted, evaluate_run, train
 
@@ -299,11 +297,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(json.dumps(entry, indent=2) + "\n")
             return 0
         if args.command == "results-page":
+            from .results_page import write_results_page  # matplotlib: only for this command
+
             page = write_results_page(args.sweeps, args.out)
             sys.stdout.write(f"written: {page}\n")
             return 0
         budget = int(args.memory_budget_gib * 2**30)
         if args.command == "report":
+            from .report import write_report  # matplotlib and arviz: only for this command
+
             report = write_report(
                 args.run_dirs,
                 args.out,

@@ -138,3 +138,9 @@ def test_option_help_comes_from_the_config_docstrings(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "N_t of eq. 20" in text  # --warmup-epochs, from TrainConfig's :param:
     assert "Adam's ε" in text and "{ladder,vae,bottom-up}" in text
+
+
+def test_the_cli_imports_no_plotting_or_analysis_libraries():
+    code = "import sys, pyro_lvae.cli; print(sorted(m for m in ('matplotlib', 'arviz', 'xarray', 'scipy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
