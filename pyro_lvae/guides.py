@@ -126,7 +126,9 @@ class LadderGuide(nn.Module):
         upward pass reads :math:`\\hat\\mu_{q,n-1}` instead of :math:`d_{n-1}`.
 
     The guide's own (upward) parameters are registered as ``f"{model.name}.ladder"``,
-    its own top-down networks, if any, as ``f"{model.name}.ladder.top_down"``.
+    its own top-down networks, if any, as ``f"{model.name}.ladder.top_down"`` (or under
+    a free variant of that name when another module holds it, see
+    :mod:`pyro_lvae.registration`).
     """
 
     #: Sites come in the model's order, conditioned like the model's: TraceMeanField_ELBO is valid.
