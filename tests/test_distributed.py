@@ -113,3 +113,47 @@ def test_two_process_training_follows_the_one_process_loss_curve(tmp_path, share
     assert more.returncode == 0, more.stderr[-3000:]
     assert "written by 2 processes, not 1" in more.stderr
     assert [m["epoch"] for m in _metrics(tmp_path / "two")] == list(range(1, 8))
+
+
+def _worker_of_rank(launcher_pid: int, rank: int, timeout: float = 60) -> int:
+    """The PID of torchrun's worker process with ``RANK=rank`` (its child with that environment)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+        for pid in children:
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ:
+                return int(pid)
+        time.sleep(0.1)
+    raise AssertionError(f"no worker of rank {rank} under {launcher_pid}")
+
+
+def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path, shared_data_root):
+    """SIGTERM reaches rank 1 only: the ranks agree to stop after the same step, rank 0 writes
+    the mid-epoch checkpoint, and a resume with two processes finishes the run."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    data = ["--data-root", str(shared_data_root)]
+    proc = subprocess.Popen(TORCHRUN + TRAIN + ["--out", str(run)] + data, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip()):
+        time.sleep(0.05)
+    checkpoint = run / "checkpoint.pt"
+    while time.time() < deadline and not (checkpoint.exists() and torch.load(checkpoint, weights_only=False)["epoch"] >= 1):
+        time.sleep(0.05)
+    os.kill(_worker_of_rank(proc.pid, 1), signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0  # the workers stopped with the signal's status
+    ckpt = torch.load(checkpoint, weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["partial"] is not None and ckpt["partial"]["step"] > 0, err[-2000:]
+    assert len(ckpt["partial"]["seen"]) == 2 and ckpt["partial"]["seen"][0] == ckpt["partial"]["seen"][1]  # the same steps
+    more = subprocess.run(TORCHRUN + TRAIN + ["--out", str(run), "--resume"] + data, capture_output=True, text=True, env=ENV)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert [m["epoch"] for m in _metrics(run)] == list(range(1, 7))
