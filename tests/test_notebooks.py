@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -24,3 +25,29 @@ def test_notebook_runs_in_smoke_mode(path, shared_data_root, monkeypatch):
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+
+
+def _output_text(nb) -> str:
+    parts = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        for out in cell.outputs:
+            parts.append(out.get("text", ""))
+            parts += [v if isinstance(v, str) else "".join(v) for k, v in out.get("data", {}).items() if k.startswith("text/")]
+    return " ".join(parts)
+
+
+def test_numbers_in_a_notebooks_summary_come_from_its_stored_outputs():
+    """Every number with two or more decimals in a "what the committed run shows" cell
+    (thresholds such as "> 0.01" aside) is printed by one of the notebook's cells."""
+    checked = 0
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        outputs = _output_text(nb)
+        for cell in nb.cells:
+            if cell.cell_type == "markdown" and "committed run" in cell.source:
+                for number in re.findall(r"(?<![<>≤≥\d.])(?<![<>≤≥] )(\d+\.\d{2,})", cell.source):
+                    assert number in outputs, f"{path.name}: {number} in the text is not in any output"
+                    checked += 1
+    assert checked >= 5  # notebook 02's summary quotes its bounds
