@@ -39,6 +39,7 @@ from torch.distributions import kl_divergence
 
 from .evaluation import check_examples, eval_mode, evaluate, particle_traces
 from .model import GenerativeModel
+from .run_files import METRICS_NAME
 
 if TYPE_CHECKING:  # xarray is imported where a Dataset is built, so that training and the CLI do not load it
     import xarray as xr
@@ -199,7 +200,7 @@ def training_curves(run_dir: str | os.PathLike) -> xr.Dataset:
     """
     import xarray as xr
 
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} not found; point at a run directory written by `pyro-lvae train`.")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

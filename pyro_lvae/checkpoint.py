@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
+from .run_files import CHECKPOINT_NAME, PREVIOUS_NAME
+
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pt"
-PREVIOUS_NAME = "checkpoint.prev.pt"
 FORMAT = "pyro-lvae-checkpoint"
 VERSION = 1
 

@@ -53,6 +53,7 @@ from typing import Any, Sequence
 
 from .config import ExperimentConfig, ModelConfig, TrainConfig
 from .presets import get_preset
+from .run_files import CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, PREVIOUS_NAME, RESULTS_NAME
 from .training import can_resume_as
 
 logger = logging.getLogger(__name__)
@@ -285,12 +286,12 @@ def run_state(run: Run, out_dir: Path) -> str:
     :param run: The run.
     :param out_dir: Its directory.
     """
-    if _stored_config(out_dir / "results.json") == run.config:
+    if _stored_config(out_dir / RESULTS_NAME) == run.config:
         return "done"
-    has_checkpoint = (out_dir / "checkpoint.pt").exists() or (out_dir / "checkpoint.prev.pt").exists()
+    has_checkpoint = (out_dir / CHECKPOINT_NAME).exists() or (out_dir / PREVIOUS_NAME).exists()
     if not has_checkpoint:
         return "new"
-    stored = _stored_config(out_dir / "config.json")
+    stored = _stored_config(out_dir / CONFIG_NAME)
     # Without reading the checkpoint the sweep cannot tell whether fine-tuning has
     # started, so it allows only the changes that are valid either way.
     if stored is not None and not can_resume_as(stored, run.config, finetuning_started=True):
@@ -341,7 +342,7 @@ def run_sweep(
             if state == "new" and run_dir.exists():
                 shutil.rmtree(run_dir)  # a run of another configuration, or a failed start
             run_dir.mkdir(parents=True, exist_ok=True)
-            log = open(run_dir / "train.log", "a")
+            log = open(run_dir / LOG_NAME, "a")
             cmd = run.command(
                 run_dir, resume=state == "resume", device=device, data_root=None if data_root is None else str(data_root)
             )
@@ -361,7 +362,7 @@ def run_sweep(
                 logger.info("%s: finished in %.0f s.", run.name, time.perf_counter() - t0)
             else:
                 failed.append(run.name)
-                logger.error("%s: failed (exit %d); see %s.", run.name, proc.returncode, out / run.name / "train.log")
+                logger.error("%s: failed (exit %d); see %s.", run.name, proc.returncode, out / run.name / LOG_NAME)
     rows = aggregate(grid, out)
     if failed:
         logger.error("%d run(s) failed: %s.", len(failed), ", ".join(failed))
@@ -381,7 +382,7 @@ def aggregate(grid: Grid, out: str | os.PathLike) -> list[dict[str, Any]]:
     rows = []
     for run in grid.runs():
         row: dict[str, Any] = {"run": run.name, "preset": run.preset, "seed": run.seed}
-        results = out / run.name / "results.json"
+        results = out / run.name / RESULTS_NAME
         if run_state(run, out / run.name) == "done":
             r = json.loads(results.read_text())
             row |= {"status": "done"} | {

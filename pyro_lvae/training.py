@@ -66,14 +66,12 @@ from .engine import TrainingStep
 from .objectives import ImportanceWeightedLoss
 from .evaluation import DEFAULT_MEMORY_BUDGET, evaluate
 from .families import make_guide, make_model
+from .run_files import CONFIG_NAME, METRICS_NAME, RESULTS_NAME
 from .vqvae import vq_statistics
 from .warmup import warmup_beta
 
 logger = logging.getLogger(__name__)
 
-METRICS_NAME = "metrics.jsonl"
-RESULTS_NAME = "results.json"
-CONFIG_NAME = "config.json"
 
 
 @dataclass(frozen=True)
