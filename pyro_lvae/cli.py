@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .checkpoint import load_checkpoint
-from .config import CHOICES, ExperimentConfig, ModelConfig, TrainConfig
+from .config import ALIASES, CHOICES, ExperimentConfig, ModelConfig, TrainConfig, parse_field
 from .evaluation import DEFAULT_MEMORY_BUDGET
 from .presets import PRESETS, get_preset
 from .sweep import SUMMARY_MD, load_grid, parse_override, run_sweep, shipped_grids
@@ -45,26 +45,6 @@ logger = logging.getLogger("pyro_lvae")
 #: The preset of ``pyro-lvae train`` without ``--preset``: the paper's 5-layer LVAE.
 DEFAULT_PRESET = "lvae-bn-wu-5"
 
-_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-def _parse_bool(text: str) -> bool:
-    try:
-        return _BOOLS[text.lower()]
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}") from None
-
-
-def _parse_sizes(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 64,32, got {text!r}") from None
-
-
-_PARSERS = {"int": int, "float": float, "str": str, "bool": _parse_bool, "tuple[int, ...]": _parse_sizes}
-#: Names the CLI accepts besides the stored ones: the docs call the VAE guide "bottom-up".
-_ALIASES = {"guide": {"bottom-up": "vae"}}
 
 
 def _config_fields() -> list[dataclasses.Field]:
@@ -84,14 +64,14 @@ def param_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _parse_choice(name: str, choices: tuple[str, ...]) -> Any:
-    aliases = _ALIASES.get(name, {})
+def _field_parser(name: str) -> Any:
+    """An argparse ``type`` for configuration field ``name`` (:func:`~pyro_lvae.config.parse_field`)."""
 
-    def parse(text: str) -> str:
-        value = aliases.get(text, text)
-        if value not in choices:
-            raise argparse.ArgumentTypeError(f"choose one of {', '.join(choices + tuple(aliases))}, got {text!r}")
-        return value
+    def parse(text: str) -> Any:
+        try:
+            return parse_field(name, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
     return parse
 
@@ -104,9 +84,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         group.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
-            type=_parse_choice(f.name, choices) if choices else _PARSERS[str(f.type)],
+            type=_field_parser(f.name),
             default=None,
-            metavar="{" + ",".join(choices + tuple(_ALIASES.get(f.name, {}))) + "}" if choices else str(f.type).split("[")[0].upper(),
+            metavar="{" + ",".join(choices + tuple(ALIASES.get(f.name, {}))) + "}" if choices else str(f.type).split("[")[0].upper(),
             help=docs.get(f.name, "").replace("%", "%%"),
         )
 

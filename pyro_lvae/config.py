@@ -366,3 +366,58 @@ class ExperimentConfig:
             train=dataclasses.replace(self.train, **train_updates),
             name=name,
         )
+
+
+#: Names accepted for a field's value besides the stored ones: the docs call the VAE guide "bottom-up".
+ALIASES = {"guide": {"bottom-up": "vae"}}
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def field_type(name: str) -> str:
+    """The annotated type of the configuration field ``name`` (``"int"``, ``"tuple[int, ...]"``, …).
+
+    :param name: A field of :class:`ModelConfig` or :class:`TrainConfig`.
+    :raises ValueError: if no section has that field.
+    """
+    for cls in (ModelConfig, TrainConfig):
+        for f in dataclasses.fields(cls):
+            if f.name == name:
+                return str(f.type)
+    raise ValueError(f"Unknown configuration key {name!r}; `pyro-lvae train --help` lists them.")
+
+
+def parse_field(name: str, text: str) -> Any:
+    """The value of configuration field ``name`` written as ``text``, as the CLI and the
+    sweep's ``--set`` read it: ``true``/``false`` for booleans, ``64,32`` for sizes, one of
+    the choices (or an alias) for a string field.
+
+    :param name: A field of :class:`ModelConfig` or :class:`TrainConfig`.
+    :param text: Its value as text.
+    :raises ValueError: with one line naming the expected form.
+
+    >>> parse_field("latent_sizes", "64,32"), parse_field("batch_norm", "no"), parse_field("guide", "bottom-up")
+    ((64, 32), False, 'vae')
+    """
+    kind = field_type(name)
+    text = text.strip()
+    try:
+        if kind == "bool":
+            if text.lower() not in _TRUE + _FALSE:
+                raise ValueError
+            return text.lower() in _TRUE
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind.startswith("tuple"):
+            return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        forms = {"bool": "true or false", "int": "an integer", "float": "a number"}
+        form = forms.get(kind, "comma-separated integers such as 64,32")
+        raise ValueError(f"{name} expects {form}, got {text!r}.") from None
+    value = ALIASES.get(name, {}).get(text, text)
+    choices = CHOICES.get(name)
+    if choices and value not in choices:
+        raise ValueError(f"{name}: choose one of {', '.join(choices + tuple(ALIASES.get(name, {})))}, got {text!r}.")
+    return value

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import ExperimentConfig, ModelConfig, TrainConfig
+from .config import ExperimentConfig, ModelConfig, TrainConfig, parse_field
 from .presets import get_preset
 from .run_files import CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, PREVIOUS_NAME, RESULTS_NAME
 from .training import can_resume_as
@@ -201,24 +201,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     """
     key, sep, raw = text.partition("=")
     key = key.strip().replace("-", "_")
-    types = _config_field_types()
-    if not sep or key not in types:
+    if not sep or key not in _config_field_types():
         raise ValueError(f"--set needs KEY=VALUE with a configuration field as KEY, got {text!r}; see `pyro-lvae train --help`.")
-    kind = str(types[key])
     try:
-        if kind == "int":
-            return key, int(raw)
-        if kind == "float":
-            return key, float(raw)
-        if kind == "bool":
-            if raw.lower() not in ("true", "false"):
-                raise ValueError
-            return key, raw.lower() == "true"
-        if kind.startswith("tuple"):
-            return key, tuple(int(v) for v in raw.split(","))
-    except ValueError:
-        raise ValueError(f"--set {key} expects a value of type {kind}, got {raw!r}.") from None
-    return key, raw
+        return key, parse_field(key, raw)
+    except ValueError as exc:
+        raise ValueError(f"--set {exc}") from None
 
 
 #: The grid files shipped with the package (``pyro-lvae sweep fig3`` finds ``fig3.toml``).

@@ -51,7 +51,7 @@ def test_train_then_evaluate(tmp_path, shared_data_root, capsys):
     "args, match",
     [
         (["train", "--epoch", "3"], "unknown argument '--epoch' for `pyro-lvae train`; did you mean --epochs?"),
-        (["train", "--batch-norm", "maybe"], "expected true or false"),
+        (["train", "--batch-norm", "maybe"], "batch_norm expects true or false, got 'maybe'"),
         (["train", "--latent-sizes", "a,b"], "comma-separated integers"),
         (["train", "--preset", "nope"], "Unknown preset"),
         (["train", "--activation", "relu6"], "choose one of leaky_relu, tanh, identity, got 'relu6'"),

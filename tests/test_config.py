@@ -131,3 +131,17 @@ def test_invalid_optimizer_settings(kwargs, match):
 def test_invalid_authors_code_model_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig(**kwargs)
+
+
+def test_one_parser_reads_every_field_type_for_the_cli_and_the_sweep():
+    from pyro_lvae.config import parse_field
+    from pyro_lvae.sweep import parse_override
+
+    assert parse_field("epochs", "12") == 12 and parse_field("learning_rate", "2e-4") == 2e-4
+    assert parse_field("hidden_sizes", "512,256") == (512, 256) and parse_field("only_mu_up", "yes") is True
+    assert parse_field("guide", "bottom-up") == "vae" and parse_field("dataset", "omniglot28") == "omniglot28"
+    assert parse_override("guide=bottom-up") == ("guide", "vae")  # the sweep reads values the same way
+    with pytest.raises(ValueError, match="activation: choose one of leaky_relu, tanh, identity, got 'relu6'"):
+        parse_field("activation", "relu6")
+    with pytest.raises(ValueError, match="Unknown configuration key 'epoch'"):
+        parse_field("epoch", "3")

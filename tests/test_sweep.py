@@ -109,7 +109,7 @@ def test_overrides_and_states(tmp_path):
     assert parse_override("batch_norm=false") == ("batch_norm", False)
     with pytest.raises(ValueError, match="configuration field"):
         parse_override("epoch=10")
-    with pytest.raises(ValueError, match="type int"):
+    with pytest.raises(ValueError, match="epochs expects an integer"):
         parse_override("epochs=ten")
     with pytest.raises(FileNotFoundError, match="shipped grid"):
         load_grid(tmp_path / "nope.toml")
