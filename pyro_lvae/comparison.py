@@ -240,11 +240,10 @@ def compare(
         raise ValueError("Give at least one guide, as {name: guide}.")
     if num_samples < 11:
         raise ValueError(f"num_samples must be at least 11 for the PSIS diagnostic, got {num_samples}.")
-    with registered_once(model, *guides.values()):  # evaluation needs no param store
-        results = {
-            name: evaluate(model, guide, data, num_samples=num_samples, seed=seed, return_log_weights=True)
-            for name, guide in guides.items()
-        }
+    results = {
+        name: evaluate(model, guide, data, num_samples=num_samples, seed=seed, return_log_weights=True)
+        for name, guide in guides.items()
+    }
     reference = next(iter(guides))
     ref = results[reference]
     threshold = khat_threshold(num_samples)

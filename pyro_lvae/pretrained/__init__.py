@@ -161,10 +161,14 @@ def check_value(
     return float(result["log_likelihood"])
 
 
+def _fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with its floating-point tensors in fp32 (counters such as BN's stay integers)."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
 def _guide_state(guide: nn.Module) -> dict[str, torch.Tensor]:
     """The guide's own state in fp32, without the model it holds."""
-    own = {k: v for k, v in guide.state_dict().items() if not k.startswith("model.")}
-    return {k: v.float() if v.is_floating_point() else v for k, v in own.items()}
+    return _fp32({k: v for k, v in guide.state_dict().items() if not k.startswith("model.")})
 
 
 def save_pretrained(
@@ -182,9 +186,8 @@ def save_pretrained(
     :param epochs: Epochs trained, stored for the record.
     :returns: The path written.
     """
-    fp32 = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     state = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "epochs": epochs}
-    state |= {"model": fp32, "guide": _guide_state(guide)}
+    state |= {"model": _fp32(model.state_dict()), "guide": _guide_state(guide)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
