@@ -1,8 +1,8 @@
 r"""The plain-PyTorch baseline: the library's training loss written without Pyro.
 
 It calls the *same* ``nn.Module`` objects as the library's model and guides
-(:class:`~pyro_lvae.model.GenerativeModel`, :class:`~pyro_lvae.guides.LadderGuide`,
-:class:`~pyro_lvae.guides.BottomUpGuide`) and draws its noise with
+(:class:`~pyro_lvae.models.model.GenerativeModel`, :class:`~pyro_lvae.models.guides.LadderGuide`,
+:class:`~pyro_lvae.models.guides.BottomUpGuide`) and draws its noise with
 ``torch.randn`` in the same order and shapes as Pyro's reparameterized
 ``Normal.rsample``, so on the same seed it computes the same number as the
 library's ELBO (the benchmark checks this before it times anything).
@@ -26,8 +26,8 @@ import math
 import torch
 from torch.nn import functional as F
 
-from pyro_lvae.guides import BottomUpGuide, LadderGuide
-from pyro_lvae.model import GenerativeModel
+from pyro_lvae.models.guides import BottomUpGuide, LadderGuide
+from pyro_lvae.models.model import GenerativeModel
 
 _LOG_2PI = math.log(2 * math.pi)
 

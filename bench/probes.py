@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import _build, _median_ms  # noqa: E402
 
 from pyro_lvae import get_preset  # noqa: E402
-from pyro_lvae.engine import TrainingStep  # noqa: E402
+from pyro_lvae.training.steps import TrainingStep  # noqa: E402
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ Measures, for the ladder and the bottom-up guide of one preset (default
   ``svi``, the textbook ``pyro.infer.SVI`` loop), of the intermediate stages
   between them (an ablation), and of the plain-PyTorch baseline in
   ``bench/baseline.py``; each divided by the baseline's time;
-* seconds per MNIST epoch with :func:`pyro_lvae.training.train`, with each engine;
+* seconds per MNIST epoch with :func:`pyro_lvae.training.loop.train`, with each engine;
 * L_K evaluation throughput, in (examples × samples)/s, and its peak memory;
 * FLOPs per step (counted by ``torch.utils.flop_counter``) and the achieved
   FLOP/s, against a matmul of the model's largest layer shape timed in the same
@@ -45,11 +45,11 @@ from baseline import plain_loss  # noqa: E402
 
 from pyro_lvae import get_preset  # noqa: E402
 from pyro_lvae.data import load_dataset  # noqa: E402
-from pyro_lvae.engine import TrainingStep, registered_once, trainable_parameters  # noqa: E402
-from pyro_lvae.evaluation import evaluate  # noqa: E402
-from pyro_lvae.families import make_guide  # noqa: E402
-from pyro_lvae.model import GenerativeModel  # noqa: E402
-from pyro_lvae.objectives import elbo_for  # noqa: E402
+from pyro_lvae.training.steps import TrainingStep, registered_once, trainable_parameters  # noqa: E402
+from pyro_lvae.inference.evaluation import evaluate  # noqa: E402
+from pyro_lvae.models.families import make_guide  # noqa: E402
+from pyro_lvae.models.model import GenerativeModel  # noqa: E402
+from pyro_lvae.inference.objectives import elbo_for  # noqa: E402
 from pyro_lvae.training import train  # noqa: E402
 
 GUIDES = ("ladder", "vae")

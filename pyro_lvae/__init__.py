@@ -1,16 +1,28 @@
-"""pyro-lvae: Ladder Variational Autoencoders (Sønderby et al., NIPS 2016) in Pyro."""
+"""pyro-lvae: Ladder Variational Autoencoders (Sønderby et al., NIPS 2016) in Pyro.
 
-from .comparison import compare, fit_guide
+The package is laid out by role: ``models`` (the model families and their contract),
+``inference`` (warm-up, objectives, L_K, guide fitting), ``training`` (the loop, the step
+engines, checkpoints), ``analysis`` (latent studies, plots, reports), ``repro`` (the
+paper's numbers, presets, sweeps, the results page), ``pretrained``, and ``config``,
+``data`` and ``cli`` at the top. The module paths of the earlier flat layout
+(``pyro_lvae.model``, ``pyro_lvae.engine``, …) still import (:mod:`pyro_lvae._aliases`).
+"""
+
+from . import _aliases
+
+from .inference.comparison import compare, fit_guide
 from .config import ExperimentConfig, ModelConfig, TrainConfig
-from .evaluation import evaluate, importance_sampled_bounds, log_importance_weights
-from .families import make_guide, make_model
-from .guides import BottomUpGuide, LadderGuide
-from .merge import precision_weighted_merge
-from .model import GenerativeModel
-from .objectives import elbo_for
-from .presets import PRESETS, get_preset
+from .inference.evaluation import evaluate, importance_sampled_bounds, log_importance_weights
+from .models.families import make_guide, make_model
+from .models.guides import BottomUpGuide, LadderGuide
+from .models.merge import precision_weighted_merge
+from .models.model import GenerativeModel
+from .inference.objectives import elbo_for
+from .repro.presets import PRESETS, get_preset
 from .pretrained import load_pretrained
-from .warmup import kl_weight, warmup_beta
+from .inference.warmup import kl_weight, warmup_beta
+
+_aliases.install()
 
 __version__ = "0.1.0"
 

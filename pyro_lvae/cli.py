@@ -7,13 +7,13 @@
 ``pyro-lvae evaluate RUN_DIR [--num-samples K]``
     Re-evaluate a trained run (e.g. with K = 5000) and rewrite its ``results.json``.
 ``pyro-lvae report RUN_DIR [RUN_DIR ...] --out DIR [--num-samples K]``
-    Every analysis figure, PSIS k̂ diagnostics and ``report.md`` (:mod:`pyro_lvae.report`).
+    Every analysis figure, PSIS k̂ diagnostics and ``report.md`` (:mod:`pyro_lvae.analysis.report`).
 ``pyro-lvae sweep GRID --out DIR [--workers N] [--set KEY=VALUE ...]``
     Run a grid of presets × depths × seeds as parallel, resumable processes and
-    aggregate their results (:mod:`pyro_lvae.sweep`).
+    aggregate their results (:mod:`pyro_lvae.repro.sweep`).
 ``pyro-lvae results-page SWEEP_DIR [...] --out docs/results.md``
     The results page, paper beside measured numbers, from the sweeps' ``results.json``
-    (:mod:`pyro_lvae.results_page`).
+    (:mod:`pyro_lvae.repro.results_page`).
 ``pyro-lvae export RUN_DIR --name NAME --out DIR [--commit SHA]``
     Write a trained run's model and guide as a pretrained file with a manifest entry
     (:mod:`pyro_lvae.pretrained`), for :func:`~pyro_lvae.pretrained.load_pretrained`.
@@ -33,12 +33,12 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .checkpoint import load_checkpoint
+from .training.checkpoint import load_checkpoint
 from .config import ALIASES, CHOICES, ExperimentConfig, ModelConfig, TrainConfig, parse_field
-from .evaluation import DEFAULT_MEMORY_BUDGET
-from .presets import PRESETS, get_preset
-from .sweep import SUMMARY_MD, load_grid, parse_override, run_sweep, shipped_grids
-from .training import TrainingInterrupted, evaluate_run, train
+from .inference.evaluation import DEFAULT_MEMORY_BUDGET
+from .repro.presets import PRESETS, get_preset
+from .repro.sweep import SUMMARY_MD, load_grid, parse_override, run_sweep, shipped_grids
+from .training.loop import TrainingInterrupted, evaluate_run, train
 
 logger = logging.getLogger("pyro_lvae")
 
@@ -277,14 +277,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(json.dumps(entry, indent=2) + "\n")
             return 0
         if args.command == "results-page":
-            from .results_page import write_results_page  # matplotlib: only for this command
+            from .repro.results_page import write_results_page  # matplotlib: only for this command
 
             page = write_results_page(args.sweeps, args.out)
             sys.stdout.write(f"written: {page}\n")
             return 0
         budget = int(args.memory_budget_gib * 2**30)
         if args.command == "report":
-            from .report import write_report  # matplotlib and arviz: only for this command
+            from .analysis.report import write_report  # matplotlib and arviz: only for this command
 
             report = write_report(
                 args.run_dirs,

@@ -73,12 +73,12 @@ class ModelConfig:
     :param batch_norm: Batch normalization after each hidden linear layer.
     :param likelihood: ``"bernoulli"`` (sigmoid mean) or ``"gaussian"`` (linear mean,
         softplus variance).
-    :param guide: ``"ladder"`` (:class:`~pyro_lvae.guides.LadderGuide`) or ``"vae"``
-        (:class:`~pyro_lvae.guides.BottomUpGuide`). The VLAE and the VQ-VAE have one
+    :param guide: ``"ladder"`` (:class:`~pyro_lvae.models.guides.LadderGuide`) or ``"vae"``
+        (:class:`~pyro_lvae.models.guides.BottomUpGuide`). The VLAE and the VQ-VAE have one
         (bottom-up) inference network each and need ``"vae"``.
     :param family: The model family: ``"lvae"`` (the hierarchical model of the LVAE
         paper, with either guide), ``"vlae"`` (the Variational Ladder Autoencoder,
-        :mod:`pyro_lvae.vlae`) or ``"vqvae"`` (:mod:`pyro_lvae.vqvae`, one layer of
+        :mod:`pyro_lvae.models.vlae`) or ``"vqvae"`` (:mod:`pyro_lvae.models.vqvae`, one layer of
         ``latent_sizes[0]`` code positions).
     :param codebook_size: VQ-VAE: number K of codebook vectors.
     :param code_dim: VQ-VAE: dimension D of each codebook vector.
@@ -196,10 +196,10 @@ class TrainConfig:
     :param engine: How a training step is taken: ``"fast"`` (one fused
         ``torch.optim.Adam``, no per-step host sync; the default) or ``"svi"``
         (``pyro.infer.SVI`` with ``pyro.optim.Adam``, the textbook loop). Both give
-        the same updates; see :mod:`pyro_lvae.engine`.
+        the same updates; see :mod:`pyro_lvae.training.steps`.
     :param finetune_epochs: Fine-tuning epochs after the ``epochs`` of ordinary
         training (paper §3: 2000; 0 = none). Fine-tuning trains with β = 1 on the
-        importance-weighted bound (:func:`~pyro_lvae.objectives.importance_weighted_loss`)
+        importance-weighted bound (:func:`~pyro_lvae.inference.objectives.importance_weighted_loss`)
         and an annealed learning rate.
     :param finetune_mc_samples: Monte Carlo samples M of the fine-tuning objective (paper: 10).
     :param finetune_iw_samples: Importance-weighted samples K per Monte Carlo sample

@@ -11,8 +11,8 @@ def main(out: str) -> None:
     import torch.distributed as dist
 
     from pyro_lvae import GenerativeModel, LadderGuide, ModelConfig
-    from pyro_lvae.distributed import init_from_environment
-    from pyro_lvae.evaluation import evaluate
+    from pyro_lvae.training.distributed import init_from_environment
+    from pyro_lvae.inference.evaluation import evaluate
 
     ctx = init_from_environment(torch.device("cpu"))
     pyro.set_rng_seed(0)

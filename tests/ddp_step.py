@@ -15,8 +15,8 @@ def one_step(out_prefix: str, poison_rank: int | None = None) -> None:
     from torch.distributions import normal
 
     from pyro_lvae import GenerativeModel, LadderGuide, ModelConfig
-    from pyro_lvae.distributed import init_from_environment, shard
-    from pyro_lvae.engine import TrainingStep
+    from pyro_lvae.training.distributed import init_from_environment, shard
+    from pyro_lvae.training.steps import TrainingStep
 
     # Fixed draws: the reparametrized noise is zero, so z = loc on every process.
     normal._standard_normal = lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device)

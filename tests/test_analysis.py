@@ -20,7 +20,7 @@ from pyro_lvae.analysis import (
     training_curves,
 )
 from pyro_lvae.training import train
-from pyro_lvae.warmup import kl_weight
+from pyro_lvae.inference.warmup import kl_weight
 
 
 def _model(**kw) -> GenerativeModel:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pyro_lvae import ExperimentConfig
-from pyro_lvae.checkpoint import load_checkpoint
+from pyro_lvae.training.checkpoint import load_checkpoint
 from pyro_lvae.training import evaluate_run, load_run, train
 
 FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint-13e79a1"

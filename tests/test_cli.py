@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pyro_lvae.cli import main
-from pyro_lvae.presets import PRESETS
+from pyro_lvae.repro.presets import PRESETS
 
 REQUIRED = {"test_elbo", "test_log_likelihood", "num_importance_samples", "epochs", "config"}
 

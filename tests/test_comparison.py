@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig
-from pyro_lvae.comparison import compare, fit_guide, khat_threshold, own_parameters, paired_difference
+from pyro_lvae.inference.comparison import compare, fit_guide, khat_threshold, own_parameters, paired_difference
 
 
 def _model() -> GenerativeModel:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pyro_lvae import PRESETS, ExperimentConfig, ModelConfig, TrainConfig, get_preset
-from pyro_lvae.presets import AUTHORS_CODE
+from pyro_lvae.repro.presets import AUTHORS_CODE
 
 
 @pytest.mark.parametrize(
@@ -135,7 +135,7 @@ def test_invalid_authors_code_model_settings(kwargs, match):
 
 def test_one_parser_reads_every_field_type_for_the_cli_and_the_sweep():
     from pyro_lvae.config import parse_field
-    from pyro_lvae.sweep import parse_override
+    from pyro_lvae.repro.sweep import parse_override
 
     assert parse_field("epochs", "12") == 12 and parse_field("learning_rate", "2e-4") == 2e-4
     assert parse_field("hidden_sizes", "512,256") == (512, 256) and parse_field("only_mu_up", "yes") is True

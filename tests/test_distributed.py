@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from pyro_lvae import GenerativeModel, LadderGuide, ModelConfig
-from pyro_lvae.distributed import SINGLE_PROCESS, DistributedContext, shard
-from pyro_lvae.evaluation import evaluate
+from pyro_lvae.training.distributed import SINGLE_PROCESS, DistributedContext, shard
+from pyro_lvae.inference.evaluation import evaluate
 
 HERE = Path(__file__).parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

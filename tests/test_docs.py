@@ -50,8 +50,8 @@ def test_quickstart_page_holds_the_code_of_notebook_one():
 
 
 def _public_objects():
-    for info in pkgutil.iter_modules(pyro_lvae.__path__):
-        module = importlib.import_module(f"pyro_lvae.{info.name}")
+    for info in pkgutil.walk_packages(pyro_lvae.__path__, prefix="pyro_lvae."):
+        module = importlib.import_module(info.name)
         for name, obj in vars(module).items():
             if not name.startswith("_") and getattr(obj, "__module__", None) == module.__name__:
                 if inspect.isfunction(obj) or inspect.isclass(obj):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig
-from pyro_lvae.engine import TrainingStep, clip_gradients, trainable_parameters
-from pyro_lvae.objectives import elbo_for
+from pyro_lvae.training.steps import TrainingStep, clip_gradients, trainable_parameters
+from pyro_lvae.inference.objectives import elbo_for
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -9,7 +9,7 @@ from pyro import poutine
 from pyro.infer import Importance
 
 from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig
-from pyro_lvae.evaluation import evaluate, importance_sampled_bounds, particle_chunk_size
+from pyro_lvae.inference.evaluation import evaluate, importance_sampled_bounds, particle_chunk_size
 
 
 def _model() -> GenerativeModel:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pyro_lvae import ExperimentConfig, ModelConfig, TrainConfig
-from pyro_lvae import training
+from pyro_lvae.training import loop as training
 from pyro_lvae.training import train
 
 

@@ -20,7 +20,7 @@ from pyro_lvae import (
     make_guide,
     precision_weighted_merge,
 )
-from pyro_lvae.evaluation import log_importance_weights
+from pyro_lvae.inference.evaluation import log_importance_weights
 
 
 def _small_model(**kw) -> GenerativeModel:

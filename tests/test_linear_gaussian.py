@@ -17,7 +17,7 @@ from pyro.infer import Trace_ELBO
 from torch.nn import functional as F
 
 from pyro_lvae import GenerativeModel, LadderGuide, ModelConfig
-from pyro_lvae.evaluation import importance_sampled_bounds
+from pyro_lvae.inference.evaluation import importance_sampled_bounds
 
 
 def _affine(fn, in_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

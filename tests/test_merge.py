@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.distributions import Normal
 
-from pyro_lvae.merge import precision_weighted_merge
+from pyro_lvae.models.merge import precision_weighted_merge
 
 
 def test_merge_is_normalized_product_of_gaussians():

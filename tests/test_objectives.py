@@ -10,9 +10,9 @@ import torch
 from pyro.infer import RenyiELBO
 
 from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig
-from pyro_lvae.engine import TrainingStep
-from pyro_lvae.evaluation import importance_sampled_bounds
-from pyro_lvae.objectives import ImportanceWeightedLoss, importance_weighted_loss
+from pyro_lvae.training.steps import TrainingStep
+from pyro_lvae.inference.evaluation import importance_sampled_bounds
+from pyro_lvae.inference.objectives import ImportanceWeightedLoss, importance_weighted_loss
 
 GUIDES = {"ladder": LadderGuide, "vae": BottomUpGuide}
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from pyro_lvae.cli import main
-from pyro_lvae.plots import DPI
+from pyro_lvae.analysis.plots import DPI
 
-# figsize of each figure, in inches (see pyro_lvae.plots)
+# figsize of each figure, in inches (see pyro_lvae.analysis.plots)
 EXPECTED = {
     "kl_units": (3 * 2, 3),
     "pca": (3 * 2, 3),

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from pyro_lvae.cli import main
-from pyro_lvae.presets import get_preset
-from pyro_lvae.results_page import split_preset, write_results_page
-from pyro_lvae.sweep import shorten_schedule
+from pyro_lvae.repro.presets import get_preset
+from pyro_lvae.repro.results_page import split_preset, write_results_page
+from pyro_lvae.repro.sweep import shorten_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = ["experiments/fig3", "experiments/table1", "experiments/table2-omniglot", "experiments/table2-fashion-gauss"]
@@ -103,7 +103,7 @@ def test_a_withdrawn_setting_shows_its_reason_and_no_numbers(tmp_path):
 
 
 def test_verdicts_use_the_tie_margin():
-    from pyro_lvae.results_page import TIE_MARGIN, _verdict
+    from pyro_lvae.repro.results_page import TIE_MARGIN, _verdict
 
     assert TIE_MARGIN == 0.6
     assert _verdict([0.7, 2.0]) == "holds"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pyro_lvae.cli import main
-from pyro_lvae.sweep import Grid, load_grid, parse_override, run_state, shipped_grids
+from pyro_lvae.repro.sweep import Grid, load_grid, parse_override, run_state, shipped_grids
 
 TINY = """
 description = "tiny test grid"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pyro_lvae import ExperimentConfig, ModelConfig, TrainConfig
-from pyro_lvae.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, load_checkpoint
-from pyro_lvae.evaluation import evaluate
+from pyro_lvae.training.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, load_checkpoint
+from pyro_lvae.inference.evaluation import evaluate
 from pyro_lvae.training import load_run, train
 
 

@@ -12,9 +12,9 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_lvae import get_preset, make_guide, make_model
 from pyro_lvae.config import ModelConfig
-from pyro_lvae.objectives import elbo_for
+from pyro_lvae.inference.objectives import elbo_for
 from pyro_lvae.training import train
-from pyro_lvae.vlae import VLAEGuide, VLAEModel
+from pyro_lvae.models.vlae import VLAEGuide, VLAEModel
 
 
 def _small(batch_norm: bool = False) -> tuple[VLAEModel, VLAEGuide]:
@@ -99,7 +99,7 @@ def test_vlae_trains_from_its_preset_and_its_elbo_improves(mnist):
 def test_traversal_figure_has_one_panel_per_layer(tmp_path):
     from PIL import Image
 
-    from pyro_lvae.plots import vlae_traversals
+    from pyro_lvae.analysis.plots import vlae_traversals
 
     cfg = ModelConfig(family="vlae", guide="vae", input_dim=16, latent_sizes=(2, 1), hidden_sizes=(8, 8))
     fig = vlae_traversals(make_model(cfg), steps=3, image_shape=(4, 4), path=tmp_path / "t.png")

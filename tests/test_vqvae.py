@@ -12,7 +12,7 @@ from pyro.infer import Trace_ELBO
 from pyro_lvae import evaluate, get_preset, make_guide, make_model
 from pyro_lvae.config import ModelConfig
 from pyro_lvae.training import train
-from pyro_lvae.vqvae import VQVAEGuide, VQVAEModel, vq_statistics
+from pyro_lvae.models.vqvae import VQVAEGuide, VQVAEModel, vq_statistics
 
 
 def _small(**overrides) -> tuple[VQVAEModel, VQVAEGuide]:

@@ -10,7 +10,7 @@ from pyro.infer import Trace_ELBO
 
 from pyro_lvae import BottomUpGuide, ExperimentConfig, GenerativeModel, LadderGuide, ModelConfig, TrainConfig
 from pyro_lvae.training import train
-from pyro_lvae.warmup import kl_weight, warmup_beta
+from pyro_lvae.inference.warmup import kl_weight, warmup_beta
 
 
 def _model() -> GenerativeModel:

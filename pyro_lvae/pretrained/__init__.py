@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from ..config import ExperimentConfig
-from ..evaluation import evaluate
-from ..families import make_guide, make_model
+from ..inference.evaluation import evaluate
+from ..models.families import make_guide, make_model
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def load_pretrained(
 ) -> tuple[nn.Module, nn.Module]:
     """A trained model and its guide, in evaluation mode.
 
-    Ready for :func:`~pyro_lvae.evaluation.evaluate`, ``pyro.infer.Importance``,
+    Ready for :func:`~pyro_lvae.inference.evaluation.evaluate`, ``pyro.infer.Importance``,
     ``model.sample`` and the analysis functions; nothing is trained or downloaded.
 
     :param name_or_path: The name of a shipped model (``"lvae-bn-wu-5"``; see
@@ -152,7 +152,7 @@ def check_value(
     :param data_root: Data root (default ``$PYRO_LVAE_DATA`` or ``./data``).
     :param download: Allow torchvision to download missing MNIST files.
     """
-    from ..training import prepare_data  # the trainer's data path, so that binarization matches
+    from ..training.loop import prepare_data  # the trainer's data path, so that binarization matches
 
     subset = config.replace(test_subset=CHECK["num_examples"], seed=CHECK["seed"])
     device = next(model.parameters()).device
@@ -216,7 +216,7 @@ def export_run(
     :param download: Allow torchvision to download missing MNIST files.
     :returns: The manifest entry.
     """
-    from ..training import RESULTS_NAME, load_run
+    from ..training.loop import RESULTS_NAME, load_run
 
     results_path = Path(run_dir) / RESULTS_NAME
     if not results_path.exists():

@@ -11,7 +11,7 @@ values only those quoted in §3.1 are available.
 
 from __future__ import annotations
 
-from .config import PAPER_LATENT_SIZES
+from ..config import PAPER_LATENT_SIZES
 
 #: Table 2's columns, in order, as preset variants.
 _VARIANTS = ("vae", "vae-bn", "vae-bn-wu", "lvae-bn-wu")

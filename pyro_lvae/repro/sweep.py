@@ -51,10 +51,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import ExperimentConfig, ModelConfig, TrainConfig, parse_field
+from ..config import ExperimentConfig, ModelConfig, TrainConfig, parse_field
 from .presets import get_preset
-from .run_files import CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, PREVIOUS_NAME, RESULTS_NAME
-from .training import can_resume_as
+from ..training.run_files import CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, PREVIOUS_NAME, RESULTS_NAME
+from ..training.loop import can_resume_as
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def shorten_schedule(config: ExperimentConfig, epochs: int) -> ExperimentConfig:
     :param config: A preset.
     :param epochs: Training epochs of the shortened run.
 
-    >>> from pyro_lvae.presets import get_preset
+    >>> from pyro_lvae.repro.presets import get_preset
     >>> t = shorten_schedule(get_preset("lvae-bn-wu-5-ft"), 100).train
     >>> t.epochs, t.warmup_epochs, t.finetune_epochs, t.finetune_decay_every
     (100, 10, 100, 10)

@@ -6,26 +6,26 @@
    when it is binarized dynamically, the test set binarized once with the run's
    seed);
 2. build the model, the guide named by the config and the ELBO valid for that
-   guide (:func:`~pyro_lvae.objectives.elbo_for`), and the training step of the
-   configured engine (:class:`~pyro_lvae.engine.TrainingStep`);
+   guide (:func:`~pyro_lvae.inference.objectives.elbo_for`), and the training step of the
+   configured engine (:class:`~pyro_lvae.training.steps.TrainingStep`);
 3. for every epoch: draw a fresh binarization x ~ Bernoulli(grey) (paper §3)
    and an index permutation from a generator seeded by (seed, epoch)
    (:func:`epoch_batches`), and take one step per minibatch with the warm-up weight
-   β of that epoch (:func:`~pyro_lvae.warmup.warmup_beta`) as a tensor. A step
+   β of that epoch (:func:`~pyro_lvae.inference.warmup.warmup_beta`) as a tensor. A step
    whose loss or gradients are not finite is skipped and counted
    (``max_consecutive_skips`` in a row stop the run);
 4. append one JSON line per epoch to ``metrics.jsonl`` and write an atomic
-   checkpoint (:mod:`pyro_lvae.checkpoint`). Every line has ``epoch``, ``beta``,
+   checkpoint (:mod:`pyro_lvae.training.checkpoint`). Every line has ``epoch``, ``beta``,
    ``seconds`` and ``train_objective`` (the β-weighted bound of eq. 20, running
    mean over the epoch's steps, which is the running train ELBO once β = 1);
    every ``eval_every`` epochs (and the last) it also has ``train_elbo`` (the
    ELBO on the first ``len(test)`` training examples of the epoch),
    ``test_elbo``, ``test_kl_per_layer`` and ``test_kl_per_unit`` (one list per
-   layer, see :func:`~pyro_lvae.analysis.kl_per_unit`), all in nats per example;
+   layer, see :func:`~pyro_lvae.analysis.latents.kl_per_unit`), all in nats per example;
 5. with ``finetune_epochs`` > 0, continue for that many epochs on the
    importance-weighted bound with an annealed learning rate (paper §3; see
    :func:`finetune_learning_rate` and
-   :func:`~pyro_lvae.objectives.importance_weighted_loss`);
+   :func:`~pyro_lvae.inference.objectives.importance_weighted_loss`);
 6. finally evaluate the test ELBO and L_K and write ``results.json``.
 
 ``resume=True`` restores parameters, batch-norm statistics, optimizer and RNG
@@ -57,18 +57,18 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from .analysis import active_units, kl_per_unit
+from ..analysis.latents import active_units, kl_per_unit
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from .config import ExperimentConfig
-from .data import Dataset, binarize, check_data, dequantization_offset, dequantize, load_dataset
+from ..config import ExperimentConfig
+from ..data import Dataset, binarize, check_data, dequantization_offset, dequantize, load_dataset
 from .distributed import all_reduce_sum, all_true, gather_objects, init_from_environment, local_device, shard
-from .engine import TrainingStep
-from .objectives import ImportanceWeightedLoss
-from .evaluation import DEFAULT_MEMORY_BUDGET, evaluate
-from .families import make_guide, make_model
+from .steps import TrainingStep
+from ..inference.objectives import ImportanceWeightedLoss
+from ..inference.evaluation import DEFAULT_MEMORY_BUDGET, evaluate
+from ..models.families import make_guide, make_model
 from .run_files import CONFIG_NAME, METRICS_NAME, RESULTS_NAME
-from .vqvae import vq_statistics
-from .warmup import warmup_beta
+from ..models.vqvae import vq_statistics
+from ..inference.warmup import warmup_beta
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def epoch_batches(
     :param config: The run's configuration.
     :param epoch: The 0-based epoch.
     :param world_size: Processes that split every minibatch
-        (:func:`~pyro_lvae.distributed.shard`); a last minibatch too small to give every
+        (:func:`~pyro_lvae.training.distributed.shard`); a last minibatch too small to give every
         process an example (two with batch norm) is dropped.
     """
     gen = torch.Generator(device=data.train.device).manual_seed(epoch_seed(config.train.seed, epoch))
@@ -330,7 +330,7 @@ def finetune_learning_rate(config: ExperimentConfig, epoch: int) -> float:
     :param config: The run's configuration.
     :param epoch: The 0-based epoch, counting the training epochs first.
 
-    >>> from pyro_lvae.presets import get_preset
+    >>> from pyro_lvae.repro.presets import get_preset
     >>> cfg = get_preset("lvae-bn-wu-5-ft")
     >>> [round(finetune_learning_rate(cfg, e), 8) for e in (1999, 2000, 2199, 2200, 2400)]
     [0.001, 0.001, 0.001, 0.00075, 0.0005625]
@@ -747,7 +747,7 @@ def final_results(
         ``config``, ``test_kl_per_layer``, ``num_test_examples``, the hardware,
         the library versions and the date; for Gaussian latents also
         ``test_kl_per_unit`` (one list per layer) and ``test_active_units`` (count per
-        layer, :func:`~pyro_lvae.analysis.active_units`).
+        layer, :func:`~pyro_lvae.analysis.latents.active_units`).
     """
     t0 = time.perf_counter()
     ev = evaluate(

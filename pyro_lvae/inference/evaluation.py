@@ -33,8 +33,8 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from .model import GenerativeModel
-from .registration import registered_once
+from ..models.model import GenerativeModel
+from ..models.registration import registered_once
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def particle_traces(model: GenerativeModel, guide: nn.Module, x: torch.Tensor, n
     ``pyro.plate("particles", num_particles, dim=-2)``; ``poutine.block`` keeps these
     internal traces from any handler the caller has installed. The ladder guide's
     top-down priors are computed once and reused by the model
-    (:meth:`~pyro_lvae.model.GenerativeModel.shared_priors`).
+    (:meth:`~pyro_lvae.models.model.GenerativeModel.shared_priors`).
 
     :param model: The generative model.
     :param guide: A guide for it.
@@ -303,7 +303,7 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    from .distributed import current_context, gather_batches
+    from ..training.distributed import current_context, gather_batches
 
     check_examples(data)
     if batch_size <= 0:

@@ -1,6 +1,6 @@
 r"""How one training step is taken: the textbook ``SVI`` loop or the fast path.
 
-Both engines minimize the same Pyro ELBO (:func:`~pyro_lvae.objectives.elbo_for`)
+Both engines minimize the same Pyro ELBO (:func:`~pyro_lvae.inference.objectives.elbo_for`)
 of the same model and guide with Adam, and take the same update on the same
 random draws (``tests/test_engine.py`` checks loss, gradients and parameters in
 float64).
@@ -33,7 +33,7 @@ with these changes, each measured in ``docs/performance.md``:
   ``SVI`` needs the per-call registration to find the parameters, this engine
   optimizes the modules' parameters directly);
 * the model's top-down priors are shared with the ladder guide
-  (:meth:`~pyro_lvae.model.GenerativeModel.shared_priors`);
+  (:meth:`~pyro_lvae.models.model.GenerativeModel.shared_priors`);
 * the loss stays a tensor; the caller sums it on the device.
 
 Both engines skip an update whose loss or gradients are not finite (a NaN in a
@@ -54,11 +54,11 @@ from pyro.infer.util import zero_grads
 from pyro.optim import Adam as PyroAdam
 from torch import nn
 
-from .config import ENGINES
+from ..config import ENGINES
 from .distributed import SINGLE_PROCESS, DistributedContext, all_true
-from .model import GenerativeModel
-from .objectives import elbo_for
-from .registration import registered_once
+from ..models.model import GenerativeModel
+from ..inference.objectives import elbo_for
+from ..models.registration import registered_once
 
 
 def trainable_parameters(model: GenerativeModel, guide: nn.Module) -> list[nn.Parameter]:
@@ -124,7 +124,7 @@ class TrainingStep:
     :param guide: A guide for it.
     :param learning_rate: Adam's learning rate.
     :param engine: ``"fast"`` or ``"svi"`` (see the module docstring).
-    :param distributed: In a data-parallel run (:mod:`pyro_lvae.distributed`), the
+    :param distributed: In a data-parallel run (:mod:`pyro_lvae.training.distributed`), the
         fast engine's loss goes through
         :class:`~torch.nn.parallel.DistributedDataParallel`, which averages the
         gradients across processes; the loss is multiplied by the number of processes
@@ -276,7 +276,7 @@ class TrainingStep:
         """Minimize ``objective`` from now on, with the same optimizer and its state.
 
         :param objective: A Pyro ELBO or a loss with the same interface, such as
-            :class:`~pyro_lvae.objectives.ImportanceWeightedLoss` for fine-tuning.
+            :class:`~pyro_lvae.inference.objectives.ImportanceWeightedLoss` for fine-tuning.
         """
         self.elbo = objective
         if self.engine == "svi":

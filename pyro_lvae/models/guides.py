@@ -1,4 +1,4 @@
-r"""The two inference models of the paper, as Pyro guides for one :class:`~pyro_lvae.model.GenerativeModel`.
+r"""The two inference models of the paper, as Pyro guides for one :class:`~pyro_lvae.models.model.GenerativeModel`.
 
 Both guides are built from a model instance, ``BottomUpGuide(model)`` or
 ``LadderGuide(model)``, and can be swapped on it without touching the model.
@@ -22,12 +22,12 @@ samples :math:`z_L \sim \mathcal{N}(\hat\mu_{q,L}, \hat\sigma^2_{q,L})` and, for
 i = L−1, …, 1, computes the model's own prior :math:`(\mu_{p,i}, \sigma^2_{p,i})`
 from the sampled :math:`z_{i+1}` with the *model's* top-down networks and merges
 it with the bottom-up estimate by precision weighting
-(:func:`~pyro_lvae.merge.precision_weighted_merge`). Its sites come in the
+(:func:`~pyro_lvae.models.merge.precision_weighted_merge`). Its sites come in the
 model's top-down order and :math:`q(z_i|z_{i+1},x)` conditions on the same
 :math:`z_{i+1}` as :math:`p(z_i|z_{i+1})`, so the analytic per-layer KL of
 :class:`~pyro.infer.TraceMeanField_ELBO` is exact in expectation.
 
-:func:`~pyro_lvae.objectives.elbo_for` picks the right ELBO from the guide's
+:func:`~pyro_lvae.inference.objectives.elbo_for` picks the right ELBO from the guide's
 ``mean_field_compatible`` attribute.
 """
 
@@ -38,12 +38,12 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .merge import precision_weighted_merge
 from .model import GenerativeModel
 from .nn import gaussian_head_for, mlp_for
 from .registration import register_modules
-from .warmup import kl_weight
+from ..inference.warmup import kl_weight
 
 
 def _mlps_and_heads(cfg: ModelConfig, inputs: tuple[int, ...]) -> tuple[nn.ModuleList, nn.ModuleList]:
@@ -128,7 +128,7 @@ class LadderGuide(nn.Module):
     The guide's own (upward) parameters are registered as ``f"{model.name}.ladder"``,
     its own top-down networks, if any, as ``f"{model.name}.ladder.top_down"`` (or under
     a free variant of that name when another module holds it, see
-    :mod:`pyro_lvae.registration`).
+    :mod:`pyro_lvae.models.registration`).
     """
 
     #: Sites come in the model's order, conditioned like the model's: TraceMeanField_ELBO is valid.
@@ -164,7 +164,7 @@ class LadderGuide(nn.Module):
 
     def prior_params(self, layer: int, z_above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-down :math:`(\\mu_{p,layer}, \\sigma^2_{p,layer})` merged at ``layer``:
-        the model's own (:meth:`~pyro_lvae.model.GenerativeModel.prior_params`) unless the guide has its own networks.
+        the model's own (:meth:`~pyro_lvae.models.model.GenerativeModel.prior_params`) unless the guide has its own networks.
 
         :param layer: 1-based index of the lower layer, 1 ≤ layer < L.
         :param z_above: A sample of :math:`z_{layer+1}`.

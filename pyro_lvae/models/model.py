@@ -22,10 +22,10 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .nn import gaussian_head_for, mlp_for
 from .registration import register_modules
-from .warmup import kl_weight
+from ..inference.warmup import kl_weight
 
 
 class GenerativeModel(nn.Module):
@@ -34,7 +34,7 @@ class GenerativeModel(nn.Module):
     Calling the module runs the model: ``model(x, beta=β)`` observes ``x`` of shape
     ``(batch, input_dim)``. Its parameters are registered in Pyro's param store
     under ``name`` (see :func:`pyro.module`), so a guide that uses the model's own
-    networks (the :class:`~pyro_lvae.guides.LadderGuide`) shares them rather
+    networks (the :class:`~pyro_lvae.models.guides.LadderGuide`) shares them rather
     than copying them. Give two models in one Python session different names, or
     clear the param store between them.
 
@@ -50,7 +50,7 @@ class GenerativeModel(nn.Module):
 
     #: Whether :meth:`forward` registers the parameters with :func:`pyro.module`, as
     #: a Pyro model must for ``SVI`` to find them. The fast training engine
-    #: (:mod:`pyro_lvae.engine`) registers them once and switches this off inside its
+    #: (:mod:`pyro_lvae.training.steps`) registers them once and switches this off inside its
     #: own steps only.
     register_params: bool = True
 
@@ -78,7 +78,7 @@ class GenerativeModel(nn.Module):
 
     def register(self) -> None:
         """Register the parameters in Pyro's param store under its ``name`` (a free
-        name if another module holds that one, see :mod:`pyro_lvae.registration`)."""
+        name if another module holds that one, see :mod:`pyro_lvae.models.registration`)."""
         self.name = register_modules(self.name, {"": self})
 
     @property
@@ -105,7 +105,7 @@ class GenerativeModel(nn.Module):
     def shared_priors(self) -> Iterator[None]:
         """Compute each top-down prior once per sample inside this context.
 
-        The :class:`~pyro_lvae.guides.LadderGuide` evaluates
+        The :class:`~pyro_lvae.models.guides.LadderGuide` evaluates
         :math:`p(z_i | z_{i+1})` on its own sample of :math:`z_{i+1}` to merge it
         with the bottom-up estimate; the model, replayed on the guide's trace, then
         evaluates the same networks on the same tensor. Inside this context
@@ -138,7 +138,7 @@ class GenerativeModel(nn.Module):
 
         :param x: Data of shape ``(batch, input_dim)``.
         :param beta: Warm-up KL weight applied to the latent sites only (see
-            :func:`~pyro_lvae.warmup.kl_weight`); ``None`` for the plain model. It
+            :func:`~pyro_lvae.inference.warmup.kl_weight`); ``None`` for the plain model. It
             is positional on purpose: a JIT-compiled ELBO traces positional tensor
             arguments as inputs, so one compiled graph serves every β, whereas a
             keyword tensor would be baked in as a constant and recompiled.
@@ -184,7 +184,7 @@ class GenerativeModel(nn.Module):
         """Reconstruct ``x``: z ~ q(z|x) from ``guide``, then the mean of p(x|z1).
 
         :param x: Data of shape ``(batch, input_dim)``.
-        :param guide: A guide for this model (e.g. :class:`~pyro_lvae.guides.LadderGuide`).
+        :param guide: A guide for this model (e.g. :class:`~pyro_lvae.models.guides.LadderGuide`).
         :returns: Tensor of the same shape as ``x``.
         """
         guide_trace = poutine.trace(guide).get_trace(x)

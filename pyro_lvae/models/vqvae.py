@@ -46,11 +46,11 @@ from pyro.distributions import constraints
 from torch import nn
 from torch.nn import functional as F
 
-from .config import ModelConfig
-from .evaluation import check_examples, eval_mode
+from ..config import ModelConfig
+from ..inference.evaluation import check_examples, eval_mode
 from .nn import gaussian_head_for, mlp_for
 from .registration import register_modules
-from .warmup import kl_weight
+from ..inference.warmup import kl_weight
 
 
 class UniformCodebook(dist.TorchDistribution):

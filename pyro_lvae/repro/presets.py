@@ -39,7 +39,7 @@ Two more presets hold two related model families:
 and ``vqvae`` (an MLP VQ-VAE with 16 code positions, K = 64 codes of dimension 16,
 β = 0.25, 100 epochs).
 
->>> from pyro_lvae.presets import get_preset
+>>> from pyro_lvae.repro.presets import get_preset
 >>> cfg = get_preset("lvae-bn-wu-5")
 >>> cfg.model.latent_sizes, cfg.model.guide, cfg.train.warmup_epochs
 ((64, 32, 16, 8, 4), 'ladder', 200)
@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import difflib
 
-from .config import PAPER_HIDDEN_SIZES, PAPER_LATENT_SIZES, ExperimentConfig, ModelConfig, TrainConfig
+from ..config import PAPER_HIDDEN_SIZES, PAPER_LATENT_SIZES, ExperimentConfig, ModelConfig, TrainConfig
 
 _VARIANTS = {
     "vae": dict(guide="vae", batch_norm=False, warmup_epochs=0),
@@ -157,7 +157,7 @@ for _variant in _VARIANTS:
         PRESETS[_name] = _base.replace(name=_name, **AUTHORS_CODE, **_extra)
 
 
-#: Two related model families, the VLAE and the VQ-VAE (see :mod:`pyro_lvae.families`).
+#: Two related model families, the VLAE and the VQ-VAE (see :mod:`pyro_lvae.models.families`).
 PRESETS["vlae-3"] = ExperimentConfig(
     # Zhao et al.'s MNIST setting: three layers of two units each, so that each
     # layer's code can be shown as a 2-D grid with the others fixed.

@@ -8,7 +8,7 @@ active units and the latent codes, and writes into ``out_dir``:
   ``{run}_samples.png``, ``{run}_reconstructions.png``;
 * ``{run}_importance.nc``: an :class:`arviz.InferenceData` with the per-example
   log-weights, L_K, k̂ and latent codes (see
-  :func:`~pyro_lvae.analysis.importance_inference_data`);
+  :func:`~pyro_lvae.analysis.latents.importance_inference_data`);
 * ``layer_kl.png`` and ``elbo_curves.png`` comparing all runs;
 * ``report.md``: the table and links to every figure.
 """
@@ -25,7 +25,7 @@ import pyro
 import torch
 
 from . import plots
-from .analysis import (
+from .latents import (
     KHAT_THRESHOLD,
     active_units,
     importance_inference_data,
@@ -34,8 +34,8 @@ from .analysis import (
     psis_khat,
     training_curves,
 )
-from .evaluation import DEFAULT_MEMORY_BUDGET, evaluate
-from .training import discrete_offset, load_run, prepare_data
+from ..inference.evaluation import DEFAULT_MEMORY_BUDGET, evaluate
+from ..training.loop import discrete_offset, load_run, prepare_data
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def analyse_run(
     :param name: Prefix of the files written for this run.
     :param num_samples: K of L_K and of the PSIS diagnostics.
     :param max_codes: Test examples in the PCA plot and in the stored latent codes.
-    :param active_samples: Draws per example for E_q[u] in :func:`~pyro_lvae.analysis.active_units`.
+    :param active_samples: Draws per example for E_q[u] in :func:`~pyro_lvae.analysis.latents.active_units`.
     :param test_subset: Analyse the first this many test examples (default: the run's setting).
     :returns: The run's row of the report table, plus its figure file names.
     """
@@ -71,7 +71,7 @@ def analyse_run(
     if config.model.family == "vqvae":
         raise ValueError(
             f"{run_dir} is a VQ-VAE run, whose latents are discrete: the report's per-unit KL, active units "
-            "and PSIS analyses do not apply; see results.json's 'vq' entry (pyro_lvae.vqvae.vq_statistics) instead."
+            "and PSIS analyses do not apply; see results.json's 'vq' entry (pyro_lvae.models.vqvae.vq_statistics) instead."
         )
     if test_subset is not None:
         config = config.replace(test_subset=test_subset)
@@ -146,7 +146,7 @@ def write_report(
 ) -> Path:
     """Analyse every run in ``run_dirs`` and write figures and ``report.md`` into ``out_dir``.
 
-    :param run_dirs: Run directories written by :func:`~pyro_lvae.training.train`.
+    :param run_dirs: Run directories written by :func:`~pyro_lvae.training.loop.train`.
     :param out_dir: Where the figures, netCDF files and ``report.md`` go.
     :param num_samples: K of L_K and of the PSIS diagnostics.
     :param data_root: Data root (default ``$PYRO_LVAE_DATA`` or ``./data``).

@@ -6,16 +6,16 @@
 =======  ==========================================  ======================================
 family   model                                       guide
 =======  ==========================================  ======================================
-lvae     :class:`~pyro_lvae.model.GenerativeModel`   ``ladder``: :class:`~pyro_lvae.guides.LadderGuide`,
-                                                     ``vae``: :class:`~pyro_lvae.guides.BottomUpGuide`
-vlae     :class:`~pyro_lvae.vlae.VLAEModel`          :class:`~pyro_lvae.vlae.VLAEGuide`
-vqvae    :class:`~pyro_lvae.vqvae.VQVAEModel`        :class:`~pyro_lvae.vqvae.VQVAEGuide`
+lvae     :class:`~pyro_lvae.models.model.GenerativeModel`   ``ladder``: :class:`~pyro_lvae.models.guides.LadderGuide`,
+                                                     ``vae``: :class:`~pyro_lvae.models.guides.BottomUpGuide`
+vlae     :class:`~pyro_lvae.models.vlae.VLAEModel`          :class:`~pyro_lvae.models.vlae.VLAEGuide`
+vqvae    :class:`~pyro_lvae.models.vqvae.VQVAEModel`        :class:`~pyro_lvae.models.vqvae.VQVAEGuide`
 =======  ==========================================  ======================================
 
 All of them name their sites ``z{L}``, …, ``z1`` and ``x`` inside one
 ``pyro.plate("data")``, so training, the ELBO and L_K work on each unchanged.
 
->>> from pyro_lvae.presets import get_preset
+>>> from pyro_lvae.repro.presets import get_preset
 >>> model = make_model(get_preset("vlae-3").model)
 >>> type(model).__name__, type(make_guide(model)).__name__
 ('VLAEModel', 'VLAEGuide')
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .guides import BottomUpGuide, LadderGuide
 from .model import GenerativeModel
 from .vlae import VLAEGuide, VLAEModel

@@ -3,7 +3,7 @@
 Each function returns a :class:`matplotlib.figure.Figure` and, given ``path``, saves
 it as a PNG of exactly ``figsize × dpi`` pixels (no tight bounding box, so sizes are
 predictable). The functions only draw: the numbers come from
-:mod:`pyro_lvae.analysis`.
+:mod:`pyro_lvae.analysis.latents`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import xarray as xr
 from matplotlib.figure import Figure
 
-from .evaluation import eval_mode
+from ..inference.evaluation import eval_mode
 
 DPI = 100
 
@@ -34,7 +34,7 @@ def kl_heatmap(curves: xr.Dataset, *, title: str = "", path: str | os.PathLike |
 
     Units are sorted by their final KL; white is an inactive unit.
 
-    :param curves: From :func:`~pyro_lvae.analysis.training_curves`; needs ``test_kl_z{i}``.
+    :param curves: From :func:`~pyro_lvae.analysis.latents.training_curves`; needs ``test_kl_z{i}``.
     """
     layers = sorted((v for v in curves.data_vars if v.startswith("test_kl_z")), key=lambda v: int(v[9:]))
     if not layers:
@@ -74,7 +74,7 @@ def layer_kl_bars(kl_by_run: Mapping[str, np.ndarray], *, path: str | os.PathLik
 def pca_scatter(codes: xr.Dataset, *, title: str = "", path: str | os.PathLike | None = None) -> Figure:
     """First two principal components of each layer's posterior samples, coloured by class (Fig. 6).
 
-    :param codes: From :func:`~pyro_lvae.analysis.latent_codes` (with labels, for the colours).
+    :param codes: From :func:`~pyro_lvae.analysis.latents.latent_codes` (with labels, for the colours).
     :param title: Figure title.
     :param path: Save the figure here as a PNG, if given.
     """
@@ -148,7 +148,7 @@ def reconstructions(model, guide, x: torch.Tensor, *, title: str = "", path: str
 def elbo_curves(curves_by_run: Mapping[str, xr.Dataset], *, path: str | os.PathLike | None = None) -> Figure:
     """Train (solid) and test (dashed) ELBO over epochs for several runs (Fig. 2).
 
-    :param curves_by_run: :func:`~pyro_lvae.analysis.training_curves` of each run, keyed by label.
+    :param curves_by_run: :func:`~pyro_lvae.analysis.latents.training_curves` of each run, keyed by label.
     :param path: Save the figure here as a PNG, if given.
     """
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -179,7 +179,7 @@ def vlae_traversals(
     ``seed``), so each panel shows what its layer alone changes in x: in Zhao et
     al.'s MNIST figure, stroke width for z1, width and tilt for z2, digit identity for z3.
 
-    :param model: A trained :class:`~pyro_lvae.vlae.VLAEModel`.
+    :param model: A trained :class:`~pyro_lvae.models.vlae.VLAEModel`.
     :param steps: Grid points per axis (each layer's first two units).
     :param span: The grid covers ``[-span, span]`` in prior standard deviations.
     """

@@ -6,7 +6,7 @@ Launch any ``pyro-lvae train`` or ``evaluate`` command with ``torchrun``::
 
 ``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address;
 :func:`init_from_environment` joins the process group (NCCL on CUDA, gloo on CPU).
-Then, in :func:`~pyro_lvae.training.train`:
+Then, in :func:`~pyro_lvae.training.loop.train`:
 
 * every process draws the same epoch permutation from the generator seeded by
   (seed, epoch) and takes its own part of every global minibatch of ``batch_size``

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 if TYPE_CHECKING:
-    from .config import ModelConfig
+    from ..config import ModelConfig
 
 
 #: The variance floor of the authors' code (``lv_eps_z = 1e-5``); see :class:`GaussianHead`.

@@ -1,7 +1,7 @@
 r"""How a trained hierarchy is used: the paper's §3.2 studies and importance-sampling diagnostics.
 
 Every function here returns arrays or :mod:`xarray` objects and draws nothing;
-:mod:`pyro_lvae.plots` draws them.
+:mod:`pyro_lvae.analysis.plots` draws them.
 
 * :func:`kl_per_unit` — mean :math:`\mathrm{KL}[q(z_{i,k}|\cdot)\,\|\,p(z_{i,k}|\cdot)]` for every
   unit k of every layer i (paper Fig. 4).
@@ -37,9 +37,9 @@ import torch
 from torch import nn
 from torch.distributions import kl_divergence
 
-from .evaluation import check_examples, eval_mode, evaluate, particle_traces
-from .model import GenerativeModel
-from .run_files import METRICS_NAME
+from ..inference.evaluation import check_examples, eval_mode, evaluate, particle_traces
+from ..models.model import GenerativeModel
+from ..training.run_files import METRICS_NAME
 
 if TYPE_CHECKING:  # xarray is imported where a Dataset is built, so that training and the CLI do not load it
     import xarray as xr
@@ -87,7 +87,7 @@ def kl_per_unit(
     their drawn values. For the ladder guide the units of all layers sum to the KL term
     of :class:`~pyro.infer.TraceMeanField_ELBO`. For the bottom-up guide this is the
     per-unit picture of the paper's Fig. 4 but, summed, not its ELBO's KL term (see
-    :mod:`pyro_lvae.guides`); use :func:`kl_per_layer` for that.
+    :mod:`pyro_lvae.models.guides`); use :func:`kl_per_layer` for that.
 
     :param data: Data of shape ``(N, input_dim)`` on the model's device.
     :returns: One array of shape ``(latent_sizes[i],)`` per layer, z1 first.
@@ -196,7 +196,7 @@ def training_curves(run_dir: str | os.PathLike) -> xr.Dataset:
     ``test_kl_per_layer`` becomes ``(epoch, layer)`` and ``test_kl_per_unit`` one
     ``test_kl_z{i}`` of dims ``(epoch, z{i}_unit)`` per layer.
 
-    :param run_dir: A run directory written by :func:`~pyro_lvae.training.train`.
+    :param run_dir: A run directory written by :func:`~pyro_lvae.training.loop.train`.
     """
     import xarray as xr
 
@@ -233,7 +233,7 @@ def psis_khat(log_weights: torch.Tensor | np.ndarray) -> np.ndarray:
     """Pareto-smoothed importance sampling shape k̂ per example, with :func:`arviz.psislw`.
 
     :param log_weights: Log importance weights of shape ``(K, N)`` (particles first, as
-        returned by :func:`~pyro_lvae.evaluation.evaluate` with ``return_log_weights=True``).
+        returned by :func:`~pyro_lvae.inference.evaluation.evaluate` with ``return_log_weights=True``).
     :returns: Array of shape ``(N,)``. Examples whose weights are all equal (the guide
         is the exact posterior) have bounded weights and get k̂ = 0; arviz's fit is
         undefined there.

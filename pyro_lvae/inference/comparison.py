@@ -37,8 +37,8 @@ import pyro
 import torch
 from torch import nn
 
-from .data import binarize
-from .registration import registered_once
+from ..data import binarize
+from ..models.registration import registered_once
 from .evaluation import check_examples, evaluate
 from .objectives import elbo_for
 
@@ -85,8 +85,8 @@ def fit_guide(
     """Train ``guide`` on the ELBO of a fixed ``model`` (β = 1); the model does not change.
 
     :param model: A trained generative model; its parameters and batch-norm statistics stay as they are.
-    :param guide: A guide for it, e.g. a new :class:`~pyro_lvae.guides.BottomUpGuide` or
-        :class:`~pyro_lvae.guides.LadderGuide` of ``model``.
+    :param guide: A guide for it, e.g. a new :class:`~pyro_lvae.models.guides.BottomUpGuide` or
+        :class:`~pyro_lvae.models.guides.LadderGuide` of ``model``.
     :param data: Training examples, shape ``(N, input_dim)``: binary, or grey levels in
         [0, 1] with ``dynamic_binarization``.
     :param epochs: Passes over ``data``.
@@ -234,7 +234,7 @@ def compare(
     :param num_samples: K of L_K and of the PSIS diagnostic (K ≥ 11 so that the threshold is positive).
     :param seed: Evaluation seed, the same for every guide.
     """
-    from .analysis import psis_khat
+    from ..analysis.latents import psis_khat
 
     if len(guides) < 1:
         raise ValueError("Give at least one guide, as {name: guide}.")

@@ -4,9 +4,9 @@ importance-weighted bound used for fine-tuning.
 :class:`~pyro.infer.TraceMeanField_ELBO` replaces each latent site's
 ``log q - log p`` by its analytic KL divergence. That is unbiased only when every
 guide site is drawn in the model's order and conditioned on the same upstream
-values as the model's site: true for :class:`~pyro_lvae.guides.LadderGuide`,
-false for :class:`~pyro_lvae.guides.BottomUpGuide` (several nats of bias, see
-:mod:`pyro_lvae.guides`). Guides declare this with a ``mean_field_compatible``
+values as the model's site: true for :class:`~pyro_lvae.models.guides.LadderGuide`,
+false for :class:`~pyro_lvae.models.guides.BottomUpGuide` (several nats of bias, see
+:mod:`pyro_lvae.models.guides`). Guides declare this with a ``mean_field_compatible``
 attribute; any guide without it gets the always-valid
 :class:`~pyro.infer.Trace_ELBO`.
 """
@@ -58,7 +58,7 @@ def importance_weighted_loss(
 
     With K = 1 this is the Monte Carlo ELBO averaged over M samples; with M = 1 it
     is the IWAE bound of Burda et al. Its value equals the vectorized L_K estimator
-    (:func:`~pyro_lvae.evaluation.importance_sampled_bounds`) on the same draws.
+    (:func:`~pyro_lvae.inference.evaluation.importance_sampled_bounds`) on the same draws.
 
     Why not ``pyro.infer.RenyiELBO(alpha=0)``: it takes the logsumexp over particles
     of log-weights summed over the whole minibatch, which bounds log p(batch) and is

@@ -12,7 +12,7 @@ through more nonlinear steps before they reach x,
     x \sim r(x; f_0(\tilde z_1)),
 
 with :math:`[\cdot,\cdot]` concatenation and every :math:`f_l` a two-hidden-layer
-MLP (:class:`~pyro_lvae.nn.MLP`); :math:`f_0` is a linear map to the Bernoulli
+MLP (:class:`~pyro_lvae.models.nn.MLP`); :math:`f_0` is a linear map to the Bernoulli
 logits (or a Gaussian head). The inference network mirrors it bottom-up,
 
 .. math::
@@ -25,7 +25,7 @@ Because the prior layers are independent and each guide site depends on x only,
 the analytic KL of :class:`~pyro.infer.TraceMeanField_ELBO` is exact here; the guide
 samples in the model's site order (zL, …, z1) so that Pyro's mean-field check agrees.
 
-Sites are named as in :class:`~pyro_lvae.model.GenerativeModel` (``z{L}``, …,
+Sites are named as in :class:`~pyro_lvae.models.model.GenerativeModel` (``z{L}``, …,
 ``z1``, ``x`` in one ``pyro.plate("data")``), so training, the ELBO, L_K and the
 per-unit KL analysis run unchanged.
 """
@@ -40,10 +40,10 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .nn import gaussian_head_for, mlp_for
 from .registration import register_modules
-from .warmup import kl_weight
+from ..inference.warmup import kl_weight
 
 
 class VLAEModel(nn.Module):
@@ -103,7 +103,7 @@ class VLAEModel(nn.Module):
     def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> None:
         """Run the model, observing ``x`` of shape ``(batch, input_dim)``.
 
-        :param beta: Warm-up KL weight on the latent sites (see :func:`~pyro_lvae.warmup.kl_weight`).
+        :param beta: Warm-up KL weight on the latent sites (see :func:`~pyro_lvae.inference.warmup.kl_weight`).
         """
         if self.register_params:
             self.register()
@@ -118,7 +118,7 @@ class VLAEModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, num_samples: int, *, mean: bool = True) -> torch.Tensor:
-        """Samples from the prior; the mean of p(x|z) when ``mean`` (see :meth:`pyro_lvae.model.GenerativeModel.sample`)."""
+        """Samples from the prior; the mean of p(x|z) when ``mean`` (see :meth:`pyro_lvae.models.model.GenerativeModel.sample`)."""
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}.")
         param = next(self.parameters())
