@@ -215,3 +215,51 @@ def test_optimizer_state_round_trips_so_that_the_next_step_is_the_same(engine):
     state = torch.load(buffer, weights_only=False)
     with pytest.raises(ValueError, match="resume with the engine"):
         other.load_state_dict({**state, "engine": "svi" if engine == "fast" else "fast"})
+
+
+@pytest.mark.parametrize("engine", ["fast", "svi"])
+def test_a_learning_rate_set_after_restoring_the_state_is_the_one_used(engine):
+    """Fine-tuning sets the annealed rate at the start of every epoch, also right after a
+    resume, before the SVI engine has handed the restored Adam states to pyro.optim."""
+    x = torch.bernoulli(torch.full((9, 12), 0.4, dtype=torch.float64))
+    beta = torch.tensor(1.0, dtype=torch.float64)
+    (model, guide), (model_b, guide_b) = _pair(LadderGuide, "cpu")
+    step = TrainingStep(model, guide, learning_rate=1e-2, engine=engine)
+    pyro.set_rng_seed(20)
+    step(x, beta)
+    state = copy.deepcopy(step.state_dict())
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(guide.state_dict()))
+    step.set_learning_rate(1e-1)
+    pyro.set_rng_seed(30)
+    step(x, beta)
+    expected = [p.detach().clone() for p in trainable_parameters(model, guide)]
+
+    pyro.clear_param_store()
+    model_b.name, guide_b.name = model.name, guide.name
+    model_b.load_state_dict(saved[0])
+    guide_b.load_state_dict(saved[1])
+    other = TrainingStep(model_b, guide_b, learning_rate=1e-2, engine=engine)
+    other.load_state_dict(state)
+    assert other.state_dict().keys() == state.keys()  # a checkpoint right after resuming keeps the state
+    other.set_learning_rate(1e-1)
+    pyro.set_rng_seed(30)
+    other(x, beta)
+    for p, q in zip(expected, trainable_parameters(model_b, guide_b)):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12)
+    rates = [g["lr"] for s in other.state_dict()["optimizer"].values() for g in s["param_groups"]] if engine == "svi" else [
+        g["lr"] for g in other.state_dict()["optimizer"]["param_groups"]
+    ]
+    assert rates and set(rates) == {1e-1}
+
+
+def test_the_engines_are_two_classes_built_by_one_factory():
+    from pyro_lvae.training.steps import FastStep, SVIStep, make_step
+
+    model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)), name="f")
+    guide = LadderGuide(model)
+    assert type(make_step(model, guide, learning_rate=1e-3, engine="svi")) is SVIStep
+    assert type(TrainingStep(model, guide, learning_rate=1e-3)) is FastStep
+    with pytest.raises(ValueError, match="Unknown engine 'turbo'"):
+        make_step(model, guide, learning_rate=1e-3, engine="turbo")
+    with pytest.raises(ValueError, match="is the 'fast' engine"):
+        FastStep(model, guide, learning_rate=1e-3, engine="svi")

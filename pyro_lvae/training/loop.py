@@ -62,7 +62,7 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from ..config import ExperimentConfig
 from ..data import Dataset, binarize, check_data, dequantization_offset, dequantize, load_dataset
 from .distributed import all_reduce_sum, all_true, gather_objects, init_from_environment, local_device, shard
-from .steps import TrainingStep
+from .steps import make_step
 from ..inference.objectives import ImportanceWeightedLoss
 from ..inference.evaluation import DEFAULT_MEMORY_BUDGET, evaluate
 from ..models.families import make_guide, make_model
@@ -476,7 +476,7 @@ def train(
 
     model = make_model(config.model).to(device)
     guide = make_guide(model).to(device)
-    step = TrainingStep(
+    step = make_step(
         model,
         guide,
         learning_rate=tc.learning_rate,

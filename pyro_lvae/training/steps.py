@@ -1,5 +1,11 @@
 r"""How one training step is taken: the textbook ``SVI`` loop or the fast path.
 
+Two small classes, :class:`SVIStep` and :class:`FastStep`, implement one contract, the base
+class :class:`TrainingStep`: ``step(x, beta)`` takes one update and returns the loss,
+:attr:`~TrainingStep.skipped` says whether the update was skipped, and the learning rate,
+the objective and the optimizer state can be changed or saved. :func:`make_step` builds
+the one an engine name asks for (``TrainingStep(..., engine=...)`` does the same).
+
 Both engines minimize the same Pyro ELBO (:func:`~pyro_lvae.inference.objectives.elbo_for`)
 of the same model and guide with Adam, and take the same update on the same
 random draws (``tests/test_engine.py`` checks loss, gradients and parameters in
@@ -44,7 +50,10 @@ device (one host synchronization per step on a GPU).
 
 from __future__ import annotations
 
-from typing import Any
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
 
 import pyro
 import torch
@@ -55,13 +64,12 @@ from pyro.optim import Adam as PyroAdam
 from torch import nn
 
 from ..config import ENGINES
-from .distributed import SINGLE_PROCESS, DistributedContext, all_true
-from ..models.model import GenerativeModel
 from ..inference.objectives import elbo_for
 from ..models.registration import registered_once
+from .distributed import SINGLE_PROCESS, DistributedContext, all_true
 
 
-def trainable_parameters(model: GenerativeModel, guide: nn.Module) -> list[nn.Parameter]:
+def trainable_parameters(model: nn.Module, guide: nn.Module) -> list[nn.Parameter]:
     """Every parameter of ``model`` and ``guide``, each once (the ladder guide holds the model).
 
     :param model: The generative model.
@@ -71,20 +79,6 @@ def trainable_parameters(model: GenerativeModel, guide: nn.Module) -> list[nn.Pa
     for p in list(model.parameters()) + list(guide.parameters()):
         seen.setdefault(id(p), p)
     return list(seen.values())
-
-
-class _ScaledLoss(nn.Module):
-    """The fast engine's loss as a module for DDP: ``world_size × loss(x, beta)``."""
-
-    def __init__(self, step: "TrainingStep") -> None:
-        super().__init__()
-        self.model = step.model
-        self.guide = step.guide
-        self._step = [step]  # a list, so that the step is not registered as a submodule
-
-    def forward(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        step = self._step[0]
-        return step.loss(x, beta) * step.distributed.world_size
 
 
 def _all_finite(loss: torch.Tensor, grads: list[torch.Tensor | None]) -> bool:
@@ -112,23 +106,26 @@ def clip_gradients(params: list[torch.Tensor], *, max_norm: float, max_value: fl
         torch.nn.utils.clip_grad_value_(params, max_value)
 
 
-def _fused_available(params: list[nn.Parameter]) -> bool:
-    # torch ships fused Adam kernels for CPU and CUDA floating-point tensors.
-    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+def _check_options(learning_rate: float, adam_eps: float, grad_clip: float, grad_clip_value: float) -> None:
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate!r}.")
+    if not adam_eps > 0 or not grad_clip >= 0 or not grad_clip_value >= 0:
+        raise ValueError(
+            f"adam_eps must be positive and grad_clip, grad_clip_value non-negative, got "
+            f"{adam_eps!r}, {grad_clip!r}, {grad_clip_value!r}."
+        )
 
 
 class TrainingStep:
-    """One optimization step on a minibatch, with either engine.
+    """One optimization step on a minibatch: the contract of both engines.
 
     :param model: The generative model.
     :param guide: A guide for it.
     :param learning_rate: Adam's learning rate.
-    :param engine: ``"fast"`` or ``"svi"`` (see the module docstring).
-    :param distributed: In a data-parallel run (:mod:`pyro_lvae.training.distributed`), the
-        fast engine's loss goes through
-        :class:`~torch.nn.parallel.DistributedDataParallel`, which averages the
-        gradients across processes; the loss is multiplied by the number of processes
-        so that the average is the gradient of the whole global batch.
+    :param engine: ``"fast"`` or ``"svi"``; only read when the base class itself is
+        called, which builds that engine's class (see :func:`make_step`).
+    :param distributed: The data-parallel context (:mod:`pyro_lvae.training.distributed`);
+        only the fast engine runs distributed.
     :param adam_eps: Adam's ε.
     :param grad_clip: Clip the global gradient norm to this before each update (0 = off).
     :param grad_clip_value: Then clip each gradient entry to ± this (0 = off).
@@ -136,77 +133,67 @@ class TrainingStep:
     Call it as ``step(x, beta)``; it returns the minibatch loss (the negative
     β-weighted ELBO summed over the batch) as a 0-dim tensor on the
     parameters' device. When that loss or any gradient is not finite the update is
-    skipped and :attr:`skipped` is ``True`` until the next call.
+    skipped, the batch-norm statistics are restored, and :attr:`skipped` is ``True``
+    until the next call. A subclass implements :meth:`_update` and the optimizer's
+    learning rate and state.
 
     >>> import torch
     >>> from pyro_lvae import GenerativeModel, LadderGuide, ModelConfig
-    >>> model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
+    >>> model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)), name="doc")
     >>> step = TrainingStep(model, LadderGuide(model), learning_rate=1e-3)
-    >>> step(torch.ones(3, 4), torch.tensor(1.0)).shape
-    torch.Size([])
+    >>> type(step).__name__, step(torch.ones(3, 4), torch.tensor(1.0)).shape
+    ('FastStep', torch.Size([]))
     """
+
+    #: The engine name this class implements.
+    engine: ClassVar[str]
+
+    def __new__(cls, model: nn.Module, guide: nn.Module, *, engine: str = "fast", **options: Any) -> "TrainingStep":
+        if cls is TrainingStep:
+            if engine not in _ENGINES:
+                raise ValueError(f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
+            cls = _ENGINES[engine]
+        return super().__new__(cls)
 
     def __init__(
         self,
-        model: GenerativeModel,
+        model: nn.Module,
         guide: nn.Module,
         *,
         learning_rate: float,
-        engine: str = "fast",
+        engine: str | None = None,
         distributed: DistributedContext = SINGLE_PROCESS,
         adam_eps: float = 1e-8,
         grad_clip: float = 0.0,
         grad_clip_value: float = 0.0,
     ) -> None:
-        if engine not in ENGINES:
-            raise ValueError(f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
-        if distributed.enabled and engine != "fast":
-            raise ValueError("Distributed training runs on the fast engine; set engine='fast'.")
-        if not learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {learning_rate!r}.")
-        if not adam_eps > 0 or not grad_clip >= 0 or not grad_clip_value >= 0:
-            raise ValueError(
-                f"adam_eps must be positive and grad_clip, grad_clip_value non-negative, got "
-                f"{adam_eps!r}, {grad_clip!r}, {grad_clip_value!r}."
-            )
-        self.clip = {"max_norm": float(grad_clip), "max_value": float(grad_clip_value)}
+        if engine is not None and engine != self.engine:
+            raise ValueError(f"{type(self).__name__} is the {self.engine!r} engine, not {engine!r}; use make_step.")
+        _check_options(learning_rate, adam_eps, grad_clip, grad_clip_value)
         self.model = model
         self.guide = guide
-        self.engine = engine
         self.distributed = distributed
+        self.clip = {"max_norm": float(grad_clip), "max_value": float(grad_clip_value)}
+        #: The objective minimized (:func:`~pyro_lvae.inference.objectives.elbo_for` of the guide).
         self.elbo = elbo_for(guide)
         #: Whether the last call skipped its update (non-finite loss or gradient).
         self.skipped = False
-        if engine == "svi":
-            self.optimizer: Any = PyroAdam({"lr": learning_rate, "eps": adam_eps})
-            self.svi = SVI(model, guide, self.optimizer, loss=self.elbo)
-        else:
-            # Register every parameter in Pyro's param store once, under the names the
-            # per-call registration of model and guide uses.
-            model.register()
-            if hasattr(guide, "register"):
-                guide.register()
-            params = trainable_parameters(model, guide)
-            self.optimizer = torch.optim.Adam(
-                params, lr=learning_rate, eps=adam_eps, fused=_fused_available(params) or None
-            )
-            self._ddp: nn.Module | None = None
-            if distributed.enabled:
-                from torch.nn.parallel import DistributedDataParallel
-
-                # DDP broadcasts rank 0's parameters and buffers now and its buffers
-                # before every forward pass; the backward pass all-reduces the gradients.
-                self._ddp = DistributedDataParallel(_ScaledLoss(self))
+        self._build_optimizer(learning_rate, adam_eps)
 
     def __call__(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        """Take one step on ``x`` with warm-up weight ``beta`` (a 0-dim tensor)."""
+        """Take one step on ``x`` with warm-up weight ``beta`` (a 0-dim tensor).
+
+        :param x: A minibatch, shape ``(batch, input_dim)``.
+        :param beta: The warm-up weight.
+        """
         # Batch-norm statistics change in the forward pass; a skipped step restores them.
-        buffers = [b.clone() for b in self._buffers()]
-        loss = self._svi_step(x, beta) if self.engine == "svi" else self._fast_step(x, beta)
+        buffers = self._buffers()
+        saved = [b.clone() for b in buffers]
+        loss = self._update(x, beta)
         if self.skipped:
             with torch.no_grad():
-                for b, saved in zip(self._buffers(), buffers):
-                    b.copy_(saved)
+                for b, s in zip(buffers, saved):
+                    b.copy_(s)
         return loss
 
     def _buffers(self) -> list[torch.Tensor]:
@@ -215,7 +202,82 @@ class TrainingStep:
             seen.setdefault(id(b), b)
         return list(seen.values())
 
-    def _svi_step(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    def _build_optimizer(self, learning_rate: float, adam_eps: float) -> None:
+        raise NotImplementedError
+
+    def _update(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """Compute the loss and gradients, set :attr:`skipped`, and update unless skipped."""
+        raise NotImplementedError
+
+    def loss(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """The differentiable loss this engine minimizes, without a step.
+
+        :param x: A minibatch, shape ``(batch, input_dim)``.
+        :param beta: The warm-up weight, a 0-dim tensor.
+        """
+        return self.elbo.differentiable_loss(self.model, self.guide, x, beta)
+
+    def use_objective(self, objective: Any) -> None:
+        """Minimize ``objective`` from now on, with the same optimizer and its state.
+
+        :param objective: A Pyro ELBO or a loss with the same interface, such as
+            :class:`~pyro_lvae.inference.objectives.ImportanceWeightedLoss` for fine-tuning.
+        """
+        self.elbo = objective
+
+    def set_learning_rate(self, learning_rate: float) -> None:
+        """Set Adam's learning rate for every parameter (fine-tuning anneals it).
+
+        :param learning_rate: The new rate, positive.
+        """
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state, for checkpoints, tagged with the engine."""
+        return {"engine": self.engine, "optimizer": self._optimizer_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the engines' states are not interchangeable.
+
+        :param state: A dict from :meth:`state_dict`.
+        :raises ValueError: if it was written by the other engine.
+        """
+        if state.get("engine") != self.engine:
+            raise ValueError(
+                f"The checkpoint's optimizer state is for engine {state.get('engine')!r}, not "
+                f"{self.engine!r}; resume with the engine the run was started with."
+            )
+        self._load_optimizer_state(state["optimizer"])
+
+    def _optimizer_state(self) -> Any:
+        raise NotImplementedError
+
+    def _load_optimizer_state(self, state: Any) -> None:
+        raise NotImplementedError
+
+
+class SVIStep(TrainingStep):
+    """The loop of Pyro's tutorials: ``SVI(model, guide, pyro.optim.Adam(...), loss=elbo)``,
+    with the finiteness check between the gradients and the update (see the module docstring).
+
+    Parameters as :class:`TrainingStep`.
+    """
+
+    engine = "svi"
+
+    def __init__(self, model: nn.Module, guide: nn.Module, *, learning_rate: float, **options: Any) -> None:
+        if options.get("distributed", SINGLE_PROCESS).enabled:
+            raise ValueError("Distributed training runs on the fast engine; set engine='fast'.")
+        super().__init__(model, guide, learning_rate=learning_rate, **options)
+
+    def _build_optimizer(self, learning_rate: float, adam_eps: float) -> None:
+        self.optimizer = PyroAdam({"lr": learning_rate, "eps": adam_eps})
+        self.svi = SVI(self.model, self.guide, self.optimizer, loss=self.elbo)
+        # Optimizer states restored from a checkpoint and not yet handed to pyro.optim,
+        # which builds each parameter's optimizer when SVI first sees the parameter.
+        self._restored: dict[str, Any] | None = None
+
+    def _update(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         """The body of ``SVI.step``, with the finiteness check between gradients and update."""
         try:
             with poutine.trace(param_only=True) as param_capture:
@@ -234,25 +296,95 @@ class TrainingStep:
         self.skipped = not _all_finite(loss, [p.grad for p in params])
         if not self.skipped:
             clip_gradients(list(params), **self.clip)
+            if self._restored is not None:
+                self.optimizer.set_state(self._restored)
+                self._restored = None
             self.optimizer(params)
         zero_grads(params)
         return loss
 
-    def _fast_step(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    def use_objective(self, objective: Any) -> None:  # noqa: D102 - documented on the base class
+        super().use_objective(objective)
+        self.svi = SVI(self.model, self.guide, self.optimizer, loss=objective)
+
+    def set_learning_rate(self, learning_rate: float) -> None:  # noqa: D102
+        _check_options(learning_rate, 1.0, 0.0, 0.0)
+        for optimizer in self.optimizer.optim_objs.values():
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate
+        self.optimizer.pt_optim_args["lr"] = learning_rate  # for parameters SVI has not seen yet
+        for state in (self._restored or {}).values():
+            for group in state["param_groups"]:
+                group["lr"] = learning_rate
+
+    def _optimizer_state(self) -> Any:
+        return {**(self._restored or {}), **self.optimizer.get_state()}
+
+    def _load_optimizer_state(self, state: Any) -> None:
+        self._restored = copy.deepcopy(state)
+
+
+class _ScaledLoss(nn.Module):
+    """The fast engine's loss as a module for DDP: ``world_size × loss(x, beta)``."""
+
+    def __init__(self, step: "FastStep") -> None:
+        super().__init__()
+        self.model = step.model
+        self.guide = step.guide
+        self._step = [step]  # a list, so that the step is not registered as a submodule
+
+    def forward(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        step = self._step[0]
+        return step.loss(x, beta) * step.distributed.world_size
+
+
+def _fused_available(params: list[nn.Parameter]) -> bool:
+    # torch ships fused Adam kernels for CPU and CUDA floating-point tensors.
+    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+
+
+class FastStep(TrainingStep):
+    """Pyro's "custom objectives" pattern: ``elbo.differentiable_loss``, ``backward`` and
+    one ``torch.optim.Adam`` over every parameter (see the module docstring).
+
+    Parameters as :class:`TrainingStep`. In a data-parallel run the loss goes through
+    :class:`~torch.nn.parallel.DistributedDataParallel`, which averages the gradients
+    across processes; the loss is multiplied by the number of processes so that the
+    average is the gradient of the whole global batch.
+    """
+
+    engine = "fast"
+
+    def _build_optimizer(self, learning_rate: float, adam_eps: float) -> None:
+        # Register every parameter in Pyro's param store once, under the names the
+        # per-call registration of model and guide uses.
+        self.model.register()
+        self.guide.register()
+        params = trainable_parameters(self.model, self.guide)
+        self.optimizer = torch.optim.Adam(params, lr=learning_rate, eps=adam_eps, fused=_fused_available(params) or None)
+        self._ddp: nn.Module | None = None
+        if self.distributed.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # DDP broadcasts rank 0's parameters and buffers now and its buffers
+            # before every forward pass; the backward pass all-reduces the gradients.
+            self._ddp = DistributedDataParallel(_ScaledLoss(self))
+
+    def _update(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        # Forward and backward: through DDP, each process's loss is world_size × its part,
+        # so that the averaged gradient is the global batch's.
         if self._ddp is not None:
-            # DDP averages the gradients over the processes, and each process's loss is
-            # world_size × its part, so the average is the gradient of the global batch.
-            # The division below is for the reported loss only, not for the backward pass.
-            scaled = self._ddp(x, beta)
-            scaled.backward()
-            loss = scaled.detach() / self.distributed.world_size
+            loss = self._ddp(x, beta)
+            loss.backward()
+            loss = loss.detach() / self.distributed.world_size  # the reported loss only
         else:
             loss = self.loss(x, beta)
             loss.backward()
+        # Skip on a non-finite loss or gradient, the same decision on every process.
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         finite = _all_finite(loss, [p.grad for p in params])
-        # Every process must take the same decision, or their parameters would drift apart.
         self.skipped = not all_true(finite, self.distributed, loss.device)
+        # Clip, update, clear.
         if not self.skipped:
             clip_gradients(params, **self.clip)
             self.optimizer.step()
@@ -263,8 +395,8 @@ class TrainingStep:
         """The differentiable loss the fast engine minimizes, without a step.
 
         It is ``elbo.differentiable_loss(model, guide, x, beta)`` with validation off,
-        the parameters registered once and the top-down priors shared; its value and gradients equal the reference
-        ELBO's on the same random draws.
+        the parameters registered once and the top-down priors shared; its value and
+        gradients equal the reference ELBO's on the same random draws.
 
         :param x: A minibatch, shape ``(batch, input_dim)``.
         :param beta: The warm-up weight, a 0-dim tensor.
@@ -272,53 +404,30 @@ class TrainingStep:
         with pyro.validation_enabled(False), self.model.shared_priors(), registered_once(self.model, self.guide):
             return self.elbo.differentiable_loss(self.model, self.guide, x, beta)
 
-    def use_objective(self, objective: Any) -> None:
-        """Minimize ``objective`` from now on, with the same optimizer and its state.
+    def set_learning_rate(self, learning_rate: float) -> None:  # noqa: D102
+        _check_options(learning_rate, 1.0, 0.0, 0.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
 
-        :param objective: A Pyro ELBO or a loss with the same interface, such as
-            :class:`~pyro_lvae.inference.objectives.ImportanceWeightedLoss` for fine-tuning.
-        """
-        self.elbo = objective
-        if self.engine == "svi":
-            self.svi = SVI(self.model, self.guide, self.optimizer, loss=objective)
+    def _optimizer_state(self) -> Any:
+        return self.optimizer.state_dict()
 
-    def set_learning_rate(self, learning_rate: float) -> None:
-        """Set Adam's learning rate for every parameter (fine-tuning anneals it).
+    def _load_optimizer_state(self, state: Any) -> None:
+        self.optimizer.load_state_dict(state)
 
-        :param learning_rate: The new rate, positive.
-        """
-        if not learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {learning_rate!r}.")
-        optimizers = self.optimizer.optim_objs.values() if self.engine == "svi" else [self.optimizer]
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate
-        if self.engine == "svi":
-            # pyro.optim builds each parameter's optimizer when SVI first sees it, from
-            # these defaults and, after a resume, from the saved state that waits for it.
-            self.optimizer.pt_optim_args["lr"] = learning_rate
-            for state in self.optimizer._state_waiting_to_be_consumed.values():
-                for group in state["param_groups"]:
-                    group["lr"] = learning_rate
 
-    def state_dict(self) -> dict[str, Any]:
-        """The optimizer's state, for checkpoints."""
-        if self.engine == "svi":
-            return {"engine": "svi", "optimizer": self.optimizer.get_state()}
-        return {"engine": "fast", "optimizer": self.optimizer.state_dict()}
+_ENGINES: dict[str, type[TrainingStep]] = {cls.engine: cls for cls in (FastStep, SVIStep)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the engines' states are not interchangeable.
 
-        :param state: A dict from :meth:`state_dict`.
-        :raises ValueError: if it was written by the other engine.
-        """
-        if state.get("engine") != self.engine:
-            raise ValueError(
-                f"The checkpoint's optimizer state is for engine {state.get('engine')!r}, not "
-                f"{self.engine!r}; resume with the engine the run was started with."
-            )
-        if self.engine == "svi":
-            self.optimizer.set_state(state["optimizer"])
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
+def make_step(model: nn.Module, guide: nn.Module, *, engine: str = "fast", **options: Any) -> TrainingStep:
+    """The training step of ``engine`` for ``model`` and ``guide``.
+
+    :param model: The generative model.
+    :param guide: A guide for it.
+    :param engine: ``"fast"`` (:class:`FastStep`) or ``"svi"`` (:class:`SVIStep`).
+    :param options: The keyword options of :class:`TrainingStep`.
+    :raises ValueError: for an unknown engine.
+    """
+    if engine not in _ENGINES:
+        raise ValueError(f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
+    return _ENGINES[engine](model, guide, **options)
