@@ -38,7 +38,9 @@ from .config import ALIASES, CHOICES, ExperimentConfig, ModelConfig, TrainConfig
 from .inference.evaluation import DEFAULT_MEMORY_BUDGET
 from .repro.presets import PRESETS, get_preset
 from .repro.sweep import SUMMARY_MD, load_grid, parse_override, run_sweep, shipped_grids
-from .training.loop import TrainingInterrupted, evaluate_run, train
+from .training.loop import train
+from .training.results import evaluate_run
+from .training.signals import TrainingInterrupted
 
 logger = logging.getLogger("pyro_lvae")
 

@@ -85,7 +85,7 @@ def test_other_families_train_from_the_cli(preset, extra, tmp_path, shared_data_
         # The analysis report refuses discrete latents with a one-line reason.
         with pytest.raises(SystemExit) as exit_info:
             main(["report", str(run), "--out", str(tmp_path / "report"), "--data-root", str(shared_data_root)])
-        assert exit_info.value.code == 2 and "VQ-VAE" in capsys.readouterr().err
+        assert exit_info.value.code == 2 and "family 'vqvae'" in capsys.readouterr().err
 
 
 def _tiny_train_args(run, root) -> list[str]:

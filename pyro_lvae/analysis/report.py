@@ -35,7 +35,9 @@ from .latents import (
     training_curves,
 )
 from ..inference.evaluation import DEFAULT_MEMORY_BUDGET, evaluate
-from ..training.loop import discrete_offset, load_run, prepare_data
+from ..training.batches import prepare_data
+from ..training.results import discrete_offset
+from ..training.run_dir import load_run
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +70,10 @@ def analyse_run(
     """
     out = Path(out_dir)
     model, guide, config, ckpt = load_run(run_dir, device=device)
-    if config.model.family == "vqvae":
+    if not model.gaussian_latents:
         raise ValueError(
-            f"{run_dir} is a VQ-VAE run, whose latents are discrete: the report's per-unit KL, active units "
-            "and PSIS analyses do not apply; see results.json's 'vq' entry (pyro_lvae.models.vqvae.vq_statistics) instead."
+            f"{run_dir} is a run of family {config.model.family!r}, whose latents are not Gaussian: the report's per-unit KL, "
+            "active units and PSIS analyses do not apply; see the family's entries in its results.json instead."
         )
     if test_subset is not None:
         config = config.replace(test_subset=test_subset)

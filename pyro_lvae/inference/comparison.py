@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..data import binarize
+from ..models.protocol import HierarchicalModel
 from ..models.registration import registered_once
 from .evaluation import check_examples, evaluate
 from .objectives import elbo_for
@@ -103,7 +104,7 @@ def fit_guide(
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be positive, got {learning_rate!r}.")
-    if getattr(getattr(model, "config", None), "family", "lvae") == "vqvae":
+    if isinstance(model, HierarchicalModel) and not model.gaussian_latents:
         raise ValueError("fit_guide fits Gaussian guides; a VQ-VAE guide's EMA codebook would change the model.")
     params = own_parameters(model, guide)
     if not params:

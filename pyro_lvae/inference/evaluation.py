@@ -34,7 +34,9 @@ from pyro import poutine
 from torch import nn
 
 from ..models.model import GenerativeModel
+from ..models.protocol import check_examples, eval_mode  # noqa: F401 - also importable from here
 from ..models.registration import registered_once
+from ..rng import preserved_rng, rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -69,34 +71,6 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 def _site_log_prob(site: dict, shape: torch.Size) -> torch.Tensor:
     return site["fn"].log_prob(site["value"]).expand(shape)
-
-
-def check_examples(data: torch.Tensor) -> None:
-    """Raise :class:`ValueError` unless ``data`` is a non-empty ``(N, input_dim)`` batch of examples.
-
-    :param data: The tensor to check.
-    """
-    if data.dim() != 2 or data.shape[0] == 0:
-        raise ValueError(f"data must have shape (N, input_dim) with N > 0, got {tuple(data.shape)}.")
-
-
-@contextlib.contextmanager
-def eval_mode(*modules: object) -> Iterator[None]:
-    """Put every :class:`torch.nn.Module` among ``modules`` in evaluation mode (batch norm
-    uses its running statistics) and restore each one's mode on exit. Other callables,
-    such as a guide written as a plain function, are left alone.
-
-    :param modules: Models, guides or any other objects.
-    """
-    nets = [m for m in modules if isinstance(m, nn.Module)]
-    modes = [m.training for m in nets]
-    for m in nets:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, mode in zip(nets, modes):
-            m.train(mode)
 
 
 def particle_traces(model: GenerativeModel, guide: nn.Module, x: torch.Tensor, num_particles: int):
@@ -210,8 +184,7 @@ def importance_sampled_bounds(
     done = 0
     while done < num_samples:
         k = min(chunk_size, num_samples - done)
-        rng = pyro.util.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
+        rng = rng_state()
         try:
             lw = log_importance_weights(model, guide, x, k)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
@@ -219,9 +192,7 @@ def importance_sampled_bounds(
                 raise
             # Retry the same draws in half-size chunks: the RNG is rewound, so the result
             # equals that of a run started with the smaller chunk size.
-            pyro.util.set_rng_state(rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state(cuda_rng, x.device)
+            set_rng_state(rng)
             chunk_size = max(1, k // 2)
             logger.warning("Out of memory with %d particles per chunk; retrying with %d.", k, chunk_size)
             if x.device.type == "cuda":
@@ -320,10 +291,7 @@ def evaluate(
                 continue
             if b == ctx.world_size:  # one batch done here: say how long the rest will take
                 _log_expected_duration(time.perf_counter() - start, len(batches), ctx.world_size, num_samples)
-            with contextlib.ExitStack() as stack:
-                if seed is not None:
-                    stack.enter_context(torch.random.fork_rng(devices=[data.device] if data.device.type == "cuda" else []))
-                    torch.manual_seed(batch_seed(seed, b))
+            with preserved_rng(batch_seed(seed, b)) if seed is not None else contextlib.nullcontext():
                 out = importance_sampled_bounds(
                     model, guide, batches[b], num_samples=num_samples, chunk_size=chunk_size, memory_budget=memory_budget
                 )

@@ -19,6 +19,8 @@ from typing import Any, Callable
 import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
+from ..models.protocol import HierarchicalGuide, HierarchicalModel
+
 
 def elbo_for(guide: Callable[..., Any], **kwargs: Any) -> ELBO:
     """The ELBO estimator to train ``guide`` with.
@@ -33,7 +35,7 @@ def elbo_for(guide: Callable[..., Any], **kwargs: Any) -> ELBO:
     >>> type(elbo_for(LadderGuide(model))).__name__, type(elbo_for(BottomUpGuide(model))).__name__
     ('TraceMeanField_ELBO', 'Trace_ELBO')
     """
-    if getattr(guide, "mean_field_compatible", False):
+    if isinstance(guide, HierarchicalGuide) and guide.mean_field_compatible:
         return TraceMeanField_ELBO(**kwargs)
     return Trace_ELBO(**kwargs)
 
@@ -112,7 +114,7 @@ class ImportanceWeightedLoss:
         if beta is not None and float(beta) != 1.0:
             raise ValueError(f"The importance-weighted objective has no warm-up weight; got beta={float(beta)}, pass 1.")
         for module in (model, guide):
-            if hasattr(module, "register") and getattr(module, "register_params", True):
+            if isinstance(module, (HierarchicalModel, HierarchicalGuide)) and module.register_params:
                 module.register()
         return importance_weighted_loss(model, guide, x, mc_samples=self.mc_samples, iw_samples=self.iw_samples)
 

@@ -3,14 +3,11 @@
 ``config.family`` picks the model family and, for the LVAE family,
 ``config.guide`` picks the guide:
 
-=======  ==========================================  ======================================
-family   model                                       guide
-=======  ==========================================  ======================================
-lvae     :class:`~pyro_lvae.models.model.GenerativeModel`   ``ladder``: :class:`~pyro_lvae.models.guides.LadderGuide`,
-                                                     ``vae``: :class:`~pyro_lvae.models.guides.BottomUpGuide`
-vlae     :class:`~pyro_lvae.models.vlae.VLAEModel`          :class:`~pyro_lvae.models.vlae.VLAEGuide`
-vqvae    :class:`~pyro_lvae.models.vqvae.VQVAEModel`        :class:`~pyro_lvae.models.vqvae.VQVAEGuide`
-=======  ==========================================  ======================================
+* ``lvae``: :class:`~pyro_lvae.models.model.GenerativeModel`, with the guide
+  :class:`~pyro_lvae.models.guides.LadderGuide` (``guide="ladder"``) or
+  :class:`~pyro_lvae.models.guides.BottomUpGuide` (``guide="vae"``);
+* ``vlae``: :class:`~pyro_lvae.models.vlae.VLAEModel` and :class:`~pyro_lvae.models.vlae.VLAEGuide`;
+* ``vqvae``: :class:`~pyro_lvae.models.vqvae.VQVAEModel` and :class:`~pyro_lvae.models.vqvae.VQVAEGuide`.
 
 All of them name their sites ``z{L}``, …, ``z1`` and ``x`` inside one
 ``pyro.plate("data")``, so training, the ELBO and L_K work on each unchanged.

@@ -42,6 +42,7 @@ from ..config import ModelConfig
 from .merge import precision_weighted_merge
 from .model import GenerativeModel
 from .nn import gaussian_head_for, mlp_for
+from .protocol import HierarchicalGuide
 from .registration import register_modules
 from ..inference.warmup import kl_weight
 
@@ -63,7 +64,7 @@ def _top_down_networks(cfg: ModelConfig) -> nn.ModuleDict:
     return nn.ModuleDict({"mlps": mlps, "heads": heads})
 
 
-class BottomUpGuide(nn.Module):
+class BottomUpGuide(HierarchicalGuide):
     """The VAE inference model :math:`q(z_1|x)\\prod_{i\\ge2} q(z_i|z_{i-1})`.
 
     :param model: The generative model this guide approximates the posterior of;
@@ -74,8 +75,6 @@ class BottomUpGuide(nn.Module):
 
     #: Site order differs from the model's; use Trace_ELBO (see module docstring).
     mean_field_compatible = False
-    #: Whether :meth:`forward` calls :func:`pyro.module` (see ``GenerativeModel.register_params``).
-    register_params: bool = True
 
     def __init__(self, model: GenerativeModel) -> None:
         super().__init__()
@@ -103,7 +102,7 @@ class BottomUpGuide(nn.Module):
                 h = pyro.sample(f"z{i + 1}", dist.Normal(loc, var.sqrt()).to_event(1))
 
 
-class LadderGuide(nn.Module):
+class LadderGuide(HierarchicalGuide):
     """The ladder inference model of eqs. 13–19, sharing the model's top-down networks.
 
     Data flow, for L = 3 (``d_0 = x``; ``⊕`` is the precision-weighted merge of eqs. 17–18)::
@@ -133,8 +132,6 @@ class LadderGuide(nn.Module):
 
     #: Sites come in the model's order, conditioned like the model's: TraceMeanField_ELBO is valid.
     mean_field_compatible = True
-    #: Whether :meth:`forward` calls :func:`pyro.module` (see ``GenerativeModel.register_params``).
-    register_params: bool = True
 
     def __init__(self, model: GenerativeModel) -> None:
         super().__init__()

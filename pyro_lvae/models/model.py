@@ -24,11 +24,12 @@ from torch import nn
 
 from ..config import ModelConfig
 from .nn import gaussian_head_for, mlp_for
+from .protocol import HierarchicalModel
 from .registration import register_modules
 from ..inference.warmup import kl_weight
 
 
-class GenerativeModel(nn.Module):
+class GenerativeModel(HierarchicalModel):
     """The LVAE/VAE generative model as a Pyro ``model``.
 
     Calling the module runs the model: ``model(x, beta=β)`` observes ``x`` of shape

@@ -61,14 +61,16 @@ def register_modules(name: str, parts: dict[str, nn.Module]) -> str:
 @contextlib.contextmanager
 def registered_once(*modules: nn.Module) -> Iterator[None]:
     """Switch off the per-call ``pyro.module`` registration of ``modules`` (objects
-    with a ``register_params`` attribute) and restore each one's setting on exit.
+    of the families, :mod:`pyro_lvae.models.protocol`) and restore each one's setting on exit.
 
     For code that needs no param store: the fast training engine (which registers once
     and optimizes the parameters directly), evaluation and guide fitting.
 
     :param modules: Models and guides; objects without ``register_params`` are ignored.
     """
-    saved = [(m, m.register_params) for m in modules if hasattr(m, "register_params")]
+    from .protocol import HierarchicalGuide, HierarchicalModel  # the protocol registers through this module
+
+    saved = [(m, m.register_params) for m in modules if isinstance(m, (HierarchicalModel, HierarchicalGuide))]
     for m, _ in saved:
         m.register_params = False
     try:

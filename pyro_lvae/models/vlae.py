@@ -32,7 +32,6 @@ per-unit KL analysis run unchanged.
 
 from __future__ import annotations
 
-import contextlib
 
 import pyro
 import pyro.distributions as dist
@@ -42,11 +41,12 @@ from torch import nn
 
 from ..config import ModelConfig
 from .nn import gaussian_head_for, mlp_for
+from .protocol import HierarchicalGuide, HierarchicalModel
 from .registration import register_modules
 from ..inference.warmup import kl_weight
 
 
-class VLAEModel(nn.Module):
+class VLAEModel(HierarchicalModel):
     """The VLAE generative model: independent N(0, I) layers and a ladder generator.
 
     :param config: Architecture; ``latent_sizes[l-1]`` is the size of z_l and
@@ -58,8 +58,6 @@ class VLAEModel(nn.Module):
     >>> model.sample(3).shape
     torch.Size([3, 6])
     """
-
-    register_params: bool = True
 
     def __init__(self, config: ModelConfig, *, name: str = "vlae") -> None:
         super().__init__()
@@ -83,11 +81,6 @@ class VLAEModel(nn.Module):
     def register(self) -> None:
         """Register the parameters in Pyro's param store under its ``name``."""
         self.name = register_modules(self.name, {"": self})
-
-    def shared_priors(self) -> contextlib.AbstractContextManager:
-        """A no-op context: the VLAE's priors are fixed, there is nothing to share with
-        the guide. It exists so that the engine and the evaluation treat every model alike."""
-        return contextlib.nullcontext()
 
     def decode(self, zs: list[torch.Tensor]) -> dist.Distribution:
         """The observation distribution p(x | z_1, …, z_L) for ``zs = [z1, …, zL]``."""
@@ -159,14 +152,13 @@ class VLAEModel(nn.Module):
         return self.decode([z.reshape(-1, z.shape[-1]) for z in zs]).mean.reshape(len(rows), steps, -1)
 
 
-class VLAEGuide(nn.Module):
+class VLAEGuide(HierarchicalGuide):
     """The VLAE inference network :math:`q(z_l|x) = \\mathcal{N}(\\mu_l(h_l), \\sigma_l^2(h_l))`.
 
     :param model: The :class:`VLAEModel` (its configuration sizes the networks).
     """
 
     mean_field_compatible = True
-    register_params: bool = True
 
     def __init__(self, model: VLAEModel) -> None:
         super().__init__()

@@ -35,8 +35,8 @@ Warm-up does not apply here: the KL term is a constant.
 
 from __future__ import annotations
 
-import contextlib
 import math
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import ModelConfig
-from ..inference.evaluation import check_examples, eval_mode
+from .protocol import HierarchicalGuide, HierarchicalModel, check_examples, eval_mode
 from .nn import gaussian_head_for, mlp_for
 from .registration import register_modules
 from ..inference.warmup import kl_weight
@@ -89,7 +89,7 @@ class UniformCodebook(dist.TorchDistribution):
         return value.new_full(batch, -self.positions * math.log(self.codebook.shape[0]))
 
 
-class VQVAEModel(nn.Module):
+class VQVAEModel(HierarchicalModel):
     """The VQ-VAE decoder with its codebook and the uniform prior over codes.
 
     :param config: ``latent_sizes[0]`` code positions P, ``code_dim`` D,
@@ -102,7 +102,7 @@ class VQVAEModel(nn.Module):
     torch.Size([5, 6])
     """
 
-    register_params: bool = True
+    gaussian_latents = False
 
     def __init__(self, config: ModelConfig, *, name: str = "vqvae") -> None:
         super().__init__()
@@ -138,9 +138,14 @@ class VQVAEModel(nn.Module):
         """Register the parameters in Pyro's param store under its ``name``."""
         self.name = register_modules(self.name, {"": self})
 
-    def shared_priors(self) -> contextlib.AbstractContextManager:
-        """A no-op context, so that the engine and the evaluation treat every model alike."""
-        return contextlib.nullcontext()
+    def test_metrics(self, guide: nn.Module, data: torch.Tensor) -> dict[str, Any]:
+        """``vq``: the codebook statistics of :func:`vq_statistics` (the latents are codes, not
+        Gaussian, so KL per unit and active units do not apply).
+
+        :param guide: The trained :class:`VQVAEGuide`.
+        :param data: Test examples on the model's device.
+        """
+        return {"vq": vq_statistics(self, guide, data)}
 
     def likelihood(self, z_q: torch.Tensor) -> dist.Distribution:
         """p(x | z_q) for quantized vectors of shape ``(..., P, D)``."""
@@ -175,7 +180,7 @@ class VQVAEModel(nn.Module):
         return self.likelihood(z_q).mean
 
 
-class VQVAEGuide(nn.Module):
+class VQVAEGuide(HierarchicalGuide):
     """The VQ-VAE encoder and quantizer, a deterministic (Delta) guide.
 
     :param model: The :class:`VQVAEModel`, whose codebook it quantizes with.
@@ -184,7 +189,6 @@ class VQVAEGuide(nn.Module):
     #: The Delta posterior has no analytic KL against the codebook prior; Trace_ELBO
     #: computes log q - log p = P log K exactly from the site log-densities.
     mean_field_compatible = False
-    register_params: bool = True
 
     def __init__(self, model: VQVAEModel) -> None:
         super().__init__()

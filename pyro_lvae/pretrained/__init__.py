@@ -152,7 +152,7 @@ def check_value(
     :param data_root: Data root (default ``$PYRO_LVAE_DATA`` or ``./data``).
     :param download: Allow torchvision to download missing MNIST files.
     """
-    from ..training.loop import prepare_data  # the trainer's data path, so that binarization matches
+    from ..training.batches import prepare_data  # the trainer's data path, so that binarization matches
 
     subset = config.replace(test_subset=CHECK["num_examples"], seed=CHECK["seed"])
     device = next(model.parameters()).device
@@ -216,7 +216,8 @@ def export_run(
     :param download: Allow torchvision to download missing MNIST files.
     :returns: The manifest entry.
     """
-    from ..training.loop import RESULTS_NAME, load_run
+    from ..training.run_dir import load_run
+    from ..training.run_files import RESULTS_NAME
 
     results_path = Path(run_dir) / RESULTS_NAME
     if not results_path.exists():

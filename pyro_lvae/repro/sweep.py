@@ -54,7 +54,7 @@ from typing import Any, Sequence
 from ..config import ExperimentConfig, ModelConfig, TrainConfig, parse_field
 from .presets import get_preset
 from ..training.run_files import CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, PREVIOUS_NAME, RESULTS_NAME
-from ..training.loop import can_resume_as
+from ..training.resume import can_resume_as
 
 logger = logging.getLogger(__name__)
 

@@ -1,37 +1,48 @@
-"""Training a run: the loop (:mod:`.loop`), the two step engines (:mod:`.steps`), the run
-directory, checkpoints, signals, RNG state and data-parallel processes.
+"""Training a run.
 
-The names of :mod:`pyro_lvae.training.loop` are importable from here
-(``from pyro_lvae.training import train``).
+* :mod:`.loop` — :func:`~pyro_lvae.training.loop.train`, the epoch loop;
+* :mod:`.steps` — one optimization step, with the ``fast`` or the ``svi`` engine;
+* :mod:`.schedule` — what each epoch trains (β, learning rate, objective);
+* :mod:`.batches` — the data on the device and each epoch's minibatches;
+* :mod:`.run_dir`, :mod:`.run_files`, :mod:`.checkpoint` — the run directory;
+* :mod:`.resume` — which configuration a run may be resumed with;
+* :mod:`.signals` — stopping cleanly on SIGINT/SIGTERM;
+* :mod:`.results` — the final evaluation, ``results.json``;
+* :mod:`.distributed` — data-parallel processes.
+
+The names below are importable from here (``from pyro_lvae.training import train``), as
+they were from the single module this package replaced.
 """
 
 import importlib
 from typing import Any
 
-# Loaded on first use, so that modules below ``training`` (the run-file names, the
+# Loaded on first use, so that the modules below ``training`` (the run-file names, the
 # distributed helpers) can be imported by analysis code without importing the loop.
-_LOOP_NAMES = {
-    "PreparedData",
-    "TrainResult",
-    "TrainingInterrupted",
-    "can_resume_as",
-    "discrete_offset",
-    "epoch_batches",
-    "epoch_seed",
-    "evaluate_run",
-    "final_results",
-    "finetune_learning_rate",
-    "load_run",
-    "prepare_data",
-    "train",
-    "warn_about_schedule",
+_NAMES = {
+    "PreparedData": "batches",
+    "epoch_batches": "batches",
+    "epoch_seed": "batches",
+    "prepare_data": "batches",
+    "TrainResult": "loop",
+    "train": "loop",
+    "can_resume_as": "resume",
+    "RunResults": "results",
+    "discrete_offset": "results",
+    "evaluate_run": "results",
+    "final_results": "results",
+    "load_run": "run_dir",
+    "RESULTS_NAME": "run_files",
+    "finetune_learning_rate": "schedule",
+    "warn_about_schedule": "schedule",
+    "TrainingInterrupted": "signals",
 }
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LOOP_NAMES:
-        return getattr(importlib.import_module(".loop", __name__), name)
+    if name in _NAMES:
+        return getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = sorted(_LOOP_NAMES)
+__all__ = sorted(_NAMES)

@@ -134,7 +134,7 @@ class TrainingStep:
     β-weighted ELBO summed over the batch) as a 0-dim tensor on the
     parameters' device. When that loss or any gradient is not finite the update is
     skipped, the batch-norm statistics are restored, and :attr:`skipped` is ``True``
-    until the next call. A subclass implements :meth:`_update` and the optimizer's
+    until the next call. A subclass implements ``_update`` and the optimizer's
     learning rate and state.
 
     >>> import torch

@@ -1,0 +1,122 @@
+"""The contract every model family meets, so that training, evaluation and analysis need
+no family-specific code.
+
+A family is a pair of classes:
+
+* a model, subclass of :class:`HierarchicalModel`: a Pyro model ``model(x, beta)`` with
+  latent sites ``z{L}``, …, ``z1`` and an observed site ``x`` inside one
+  ``pyro.plate("data")``;
+* a guide, subclass of :class:`HierarchicalGuide`: the matching Pyro guide.
+
+Both register their parameters in Pyro's param store on every call unless
+``register_params`` is ``False``, through one helper
+(:func:`~pyro_lvae.models.registration.register_modules`), which their ``register`` calls.
+What differs between families is declared here as class attributes and methods:
+whether the latents are Gaussian (so that KL per unit, active units and PSIS apply),
+which ELBO is unbiased for the guide, and the extra test metrics the family reports.
+
+The module also holds the two helpers every family uses on its inputs and modes,
+:func:`check_examples` and :func:`eval_mode`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+
+
+def check_examples(data: torch.Tensor) -> None:
+    """Raise :class:`ValueError` unless ``data`` is a non-empty ``(N, input_dim)`` batch of examples.
+
+    :param data: The tensor to check.
+    """
+    if data.dim() != 2 or data.shape[0] == 0:
+        raise ValueError(f"data must have shape (N, input_dim) with N > 0, got {tuple(data.shape)}.")
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: object) -> Iterator[None]:
+    """Put every :class:`torch.nn.Module` among ``modules`` in evaluation mode (batch norm
+    uses its running statistics) and restore each one's mode on exit. Other callables,
+    such as a guide written as a plain function, are left alone.
+
+    :param modules: Models, guides or any other objects.
+    """
+    nets = [m for m in modules if isinstance(m, nn.Module)]
+    modes = [m.training for m in nets]
+    for m in nets:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(nets, modes):
+            m.train(mode)
+
+
+class HierarchicalModel(nn.Module):
+    """The model side of a family.
+
+    Subclasses set :attr:`config` and :attr:`name` and implement ``forward(x, beta)`` and
+    :meth:`register`.
+    """
+
+    #: The architecture.
+    config: ModelConfig
+    #: Prefix of the parameters in Pyro's param store.
+    name: str
+    #: Whether each call registers the parameters with ``pyro.module`` (``SVI`` needs it;
+    #: the fast engine and evaluation switch it off, see ``registered_once``).
+    register_params: bool = True
+    #: Whether the latent layers are Gaussian, so that KL per unit, active units and
+    #: PSIS diagnostics apply.
+    gaussian_latents: ClassVar[bool] = True
+
+    def register(self) -> None:
+        """Register the parameters in Pyro's param store (once, or on every call)."""
+        raise NotImplementedError
+
+    def shared_priors(self) -> contextlib.AbstractContextManager[None]:
+        """A context in which the guide may reuse the model's prior of the same draw
+        (the ladder guide does, see :meth:`~pyro_lvae.models.model.GenerativeModel.shared_priors`);
+        by default nothing is shared."""
+        return contextlib.nullcontext()
+
+    def test_metrics(self, guide: nn.Module, data: torch.Tensor) -> dict[str, Any]:
+        """The family's entries of ``results.json`` besides the bounds.
+
+        For Gaussian latents: ``test_kl_per_unit`` (one list per layer) and
+        ``test_active_units`` (count per layer), the paper's Figs. 4-5.
+
+        :param guide: The trained guide.
+        :param data: Test examples on the model's device.
+        """
+        # The §3.2 studies live with the analysis code, which builds on the models.
+        from ..analysis.latents import active_units, kl_per_unit
+
+        return {
+            "test_kl_per_unit": [k.tolist() for k in kl_per_unit(self, guide, data)],
+            "test_active_units": [int(c) for c in active_units(self, guide, data)["counts"]],
+        }
+
+
+class HierarchicalGuide(nn.Module):
+    """The guide side of a family. Subclasses set :attr:`name` and implement
+    ``forward(x, beta)`` and :meth:`register`."""
+
+    #: Prefix of the parameters in Pyro's param store.
+    name: str
+    #: As :attr:`HierarchicalModel.register_params`.
+    register_params: bool = True
+    #: Whether the guide's layers factorize like the model's, so that
+    #: ``TraceMeanField_ELBO`` (analytic KL per layer) is unbiased for it; otherwise
+    #: ``Trace_ELBO`` is used (:func:`~pyro_lvae.inference.objectives.elbo_for`).
+    mean_field_compatible: ClassVar[bool] = False
+
+    def register(self) -> None:
+        """Register the parameters in Pyro's param store (once, or on every call)."""
+        raise NotImplementedError

@@ -1,0 +1,244 @@
+"""The final evaluation of a run: :class:`RunResults`, the contents of ``results.json``.
+
+:func:`final_results` evaluates the test ELBO and L_K of a trained model and describes the
+run (epochs, time, hardware, library versions, date); :func:`evaluate_run` does it for a
+run directory. Every number is in nats per example; for a dequantized run the bounds are
+on the 8-bit images (see :func:`discrete_offset`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+from ..config import ExperimentConfig
+from ..data import dequantization_offset
+from ..inference.evaluation import DEFAULT_MEMORY_BUDGET, evaluate
+from .batches import prepare_data
+from .distributed import init_from_environment, local_device
+from .run_dir import load_run, read_metrics, write_json_atomic
+from .run_files import RESULTS_NAME
+
+
+@dataclass(frozen=True)
+class RunResults(Mapping):
+    """The final evaluation of a run, as stored in ``results.json``.
+
+    It reads like that file's dict too (``results["test_elbo"]``), as code written
+    before this class did.
+
+    :param test_elbo: Test ELBO (nats per example).
+    :param test_log_likelihood: Test L_K, K = ``num_importance_samples``.
+    :param num_importance_samples: K.
+    :param epochs: Epochs trained.
+    :param config: The run's configuration (with ``test_subset`` set to the evaluated
+        examples when a subset was evaluated).
+    :param test_kl_per_layer: KL(q||p) per layer, bottom first.
+    :param num_test_examples: Test examples evaluated.
+    :param test_reconstruction: Mean log p(x|z1).
+    :param train_seconds: Training time.
+    :param eval_seconds: Time of this evaluation.
+    :param device: The hardware.
+    :param versions: ``torch`` and ``pyro`` versions.
+    :param date: UTC date and time of the evaluation (ISO 8601).
+    :param test_kl_per_unit: KL per unit, one list per layer (Gaussian latents).
+    :param test_active_units: Active units per layer (Gaussian latents).
+    :param dequantized: Whether the bounds are of a dequantized run, on the 8-bit images.
+    :param test_bits_per_dim: -L_K in bits per dimension (dequantized runs).
+    :param vq: The VQ-VAE's codebook statistics (``vq_statistics``).
+    """
+
+    test_elbo: float
+    test_log_likelihood: float
+    num_importance_samples: int
+    epochs: int
+    config: ExperimentConfig
+    test_kl_per_layer: list[float]
+    num_test_examples: int
+    test_reconstruction: float | None = None
+    train_seconds: float | None = None
+    eval_seconds: float | None = None
+    device: str = ""
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    date: str = ""
+    test_kl_per_unit: list[list[float]] | None = None
+    test_active_units: list[int] | None = None
+    dequantized: bool = False
+    test_bits_per_dim: float | None = None
+    vq: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of ``results.json`` (optional entries only when present)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["config"] = self.config.to_dict()
+        return {k: v for k, v in d.items() if v is not None and (k != "dequantized" or v)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunResults":
+        """Read the JSON object of ``results.json``.
+
+        :param d: The object.
+        :raises ValueError: if it has entries this class does not know.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"results.json has unknown entries {unknown}; it was written by another pyro-lvae version.")
+        return cls(**{**d, "config": ExperimentConfig.from_dict(d["config"])})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RunResults":
+        """Read ``results.json``, or the one in the run directory ``path``.
+
+        :param path: The file or its run directory.
+        """
+        path = Path(path)
+        return cls.from_dict(json.loads((path / RESULTS_NAME if path.is_dir() else path).read_text()))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically as ``path`` (a file) or ``path/results.json`` (a directory).
+
+        :param path: The file or its run directory.
+        """
+        path = Path(path)
+        write_json_atomic(path / RESULTS_NAME if path.is_dir() else path, self.to_dict())
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+
+def discrete_offset(config: ExperimentConfig) -> float:
+    """What turns a bound on the dequantized density into one on the 8-bit images:
+    −D log 256 with ``dequantize``, else 0.
+
+    :param config: The run's configuration.
+    """
+    return dequantization_offset(config.model.input_dim) if config.train.dequantize else 0.0
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def final_results(
+    model: torch.nn.Module,
+    guide: torch.nn.Module,
+    config: ExperimentConfig,
+    test: torch.Tensor,
+    *,
+    epochs: int,
+    num_samples: int,
+    train_seconds: float | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool = False,
+) -> RunResults:
+    """Evaluate test ELBO and L_K and describe the run, in nats per example.
+
+    Besides the bounds it records the model's family-specific metrics
+    (:meth:`~pyro_lvae.models.protocol.HierarchicalModel.test_metrics`: for Gaussian
+    latents the paper's Figs. 4-5, KL per unit and active units per layer).
+
+    :param model: The trained model.
+    :param guide: Its guide.
+    :param config: The run's configuration (stored in the results).
+    :param test: Test data on the model's device.
+    :param epochs: Epochs trained.
+    :param num_samples: K of L_K.
+    :param train_seconds: Training time, stored in the results.
+    :param memory_budget: Bytes per particle chunk of the L_K evaluation.
+    :param progress: Show a progress bar.
+    """
+    t0 = time.perf_counter()
+    ev = evaluate(
+        model, guide, test, num_samples=num_samples, memory_budget=memory_budget, progress=progress, seed=config.train.seed
+    )
+    extra = model.test_metrics(guide, test)
+    offset = discrete_offset(config)
+    if config.train.dequantize:
+        # Bounds on the 8-bit images: the dequantized density's, minus D log 256 (see data.dequantize).
+        extra["dequantized"] = True
+        extra["test_bits_per_dim"] = -(ev["log_likelihood"] + offset) / (config.model.input_dim * math.log(2))
+    return RunResults(
+        test_elbo=ev["elbo"] + offset,
+        test_log_likelihood=ev["log_likelihood"] + offset,
+        num_importance_samples=num_samples,
+        epochs=epochs,
+        config=config,
+        test_kl_per_layer=ev["kl_per_layer"],
+        test_reconstruction=ev["reconstruction"],
+        num_test_examples=ev["num_examples"],
+        train_seconds=train_seconds,
+        eval_seconds=time.perf_counter() - t0,
+        device=_device_name(next(model.parameters()).device),
+        versions={"torch": torch.__version__, "pyro": pyro.__version__},
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    )
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    *,
+    num_samples: int | None = None,
+    data_root: str | os.PathLike | None = None,
+    download: bool = True,
+    device: str | torch.device = "cpu",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool = True,
+    test_subset: int | None = None,
+) -> RunResults:
+    """Evaluate a trained run's test ELBO and L_K and write ``results.json`` into it.
+
+    :param run_dir: The run directory.
+    :param num_samples: K (default: the run's ``num_importance_samples``).
+    :param data_root: Data root (default ``$PYRO_LVAE_DATA`` or ``./data``).
+    :param download: Allow torchvision to download missing MNIST files.
+    :param device: Where to evaluate.
+    :param memory_budget: Bytes per particle chunk of the L_K evaluation.
+    :param progress: Show a progress bar.
+    :param test_subset: Evaluate the first this many test examples only (default: the
+        run's ``test_subset``, usually all of them).
+    """
+    ctx = init_from_environment(torch.device(device))
+    device = local_device(torch.device(device), ctx)
+    model, guide, config, ckpt = load_run(run_dir, device=device)
+    if num_samples is not None:
+        config = config.replace(num_importance_samples=num_samples)
+    if test_subset is not None:
+        config = config.replace(test_subset=test_subset)
+    pyro.set_rng_seed(config.train.seed)
+    data = prepare_data(config, data_root=data_root, download=download, device=device)
+    results = final_results(
+        model,
+        guide,
+        config,
+        data.test,
+        epochs=ckpt["epoch"],
+        num_samples=config.train.num_importance_samples,
+        train_seconds=sum(m["seconds"] for m in read_metrics(run_dir, ckpt["epoch"])),
+        memory_budget=memory_budget,
+        progress=progress,
+    )
+    if ctx.is_main:
+        results.save(Path(run_dir) / RESULTS_NAME)
+    return results

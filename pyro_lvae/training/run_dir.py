@@ -1,0 +1,161 @@
+"""A run directory as the trainer uses it: created or checked against ``resume`` and
+``overwrite``, its metric lines, configuration, results and checkpoints, and the model and
+guide rebuilt from it (:func:`load_run`).
+
+The file names are those of :mod:`pyro_lvae.training.run_files`. In a data-parallel run
+every process holds a :class:`RunDirectory`, and only rank 0's (``writer=True``) writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+from ..config import ExperimentConfig
+from ..models.families import make_guide, make_model
+from .checkpoint import load_checkpoint, save_checkpoint
+from .run_files import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, RESULTS_NAME
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` through a temporary file and a rename.
+
+    :param path: The file.
+    :param obj: A JSON-serializable object.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_metrics(run_dir: str | os.PathLike, up_to_epoch: int) -> list[dict[str, Any]]:
+    """The metric lines of epochs ≤ ``up_to_epoch`` (later ones were not checkpointed).
+
+    :param run_dir: The run directory.
+    :param up_to_epoch: The last epoch to keep.
+    """
+    path = Path(run_dir) / METRICS_NAME
+    if not path.exists():
+        return []
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return [r for r in records if r["epoch"] <= up_to_epoch]
+
+
+class RunDirectory:
+    """The files of one run.
+
+    :param path: The directory.
+    :param writer: Whether this process writes (rank 0); the others only read.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, writer: bool = True) -> None:
+        self.path = Path(path)
+        self.writer = writer
+
+    @classmethod
+    def prepare(cls, path: str | os.PathLike, *, resume: bool, overwrite: bool, writer: bool = True) -> "RunDirectory":
+        """Check ``path`` against ``resume``/``overwrite``; the writer also clears or creates it.
+
+        :param path: The run directory.
+        :param resume: Continue the run in it.
+        :param overwrite: Replace the run in it.
+        :param writer: Whether this process writes.
+        :raises ValueError: if both ``resume`` and ``overwrite`` are set.
+        :raises FileNotFoundError: on ``resume`` with nothing to resume.
+        :raises FileExistsError: if it holds a run and neither option is set.
+        """
+        run = cls(path, writer=writer)
+        if resume and overwrite:
+            raise ValueError("Choose either --resume or --overwrite, not both.")
+        has_run = (run.path / CHECKPOINT_NAME).exists() or (run.path / METRICS_NAME).exists()
+        if resume and not has_run:
+            raise FileNotFoundError(f"Nothing to resume in {run.path}: no checkpoint; drop --resume to start the run.")
+        if has_run and not resume and not overwrite:
+            raise FileExistsError(
+                f"{run.path} already holds a run; pass --resume to continue it or --overwrite to replace it."
+            )
+        if writer:
+            if has_run and not resume:
+                shutil.rmtree(run.path)
+            run.path.mkdir(parents=True, exist_ok=True)
+        return run
+
+    def metrics(self, up_to_epoch: int) -> list[dict[str, Any]]:
+        """The metric lines of the checkpointed epochs; the writer drops later lines from the file.
+
+        :param up_to_epoch: The checkpoint's completed epochs.
+        """
+        kept = read_metrics(self.path, up_to_epoch)
+        if self.writer:
+            (self.path / METRICS_NAME).write_text("".join(json.dumps(m) + "\n" for m in kept))
+        return kept
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """Append one epoch's line to ``metrics.jsonl``.
+
+        :param record: The epoch's metrics.
+        """
+        if self.writer:
+            with open(self.path / METRICS_NAME, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def write_config(self, config: ExperimentConfig) -> None:
+        """Write ``config.json``.
+
+        :param config: The run's configuration.
+        """
+        if self.writer:
+            write_json_atomic(self.path / CONFIG_NAME, config.to_dict())
+
+    def write_results(self, results: Any) -> None:
+        """Write ``results.json``.
+
+        :param results: A :class:`~pyro_lvae.training.results.RunResults`.
+        """
+        if self.writer:
+            write_json_atomic(self.path / RESULTS_NAME, results.to_dict())
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Write the checkpoint atomically (:func:`~pyro_lvae.training.checkpoint.save_checkpoint`).
+
+        :param state: The checkpoint's contents.
+        """
+        if self.writer:
+            save_checkpoint(self.path, state)
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        """The newest complete checkpoint (:func:`~pyro_lvae.training.checkpoint.load_checkpoint`)."""
+        return load_checkpoint(self.path)
+
+
+def load_run(
+    run_dir: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.nn.Module, torch.nn.Module, ExperimentConfig, dict[str, Any]]:
+    """Rebuild the model and guide of a run from its newest checkpoint.
+
+    :param run_dir: The run directory.
+    :param device: Where to put the model and guide.
+
+    :returns: ``(model, guide, config, checkpoint)``, in evaluation mode.
+    """
+    ckpt = load_checkpoint(run_dir)
+    config = ExperimentConfig.from_dict(ckpt["config"])
+    pyro.clear_param_store()
+    model = make_model(config.model)
+    guide = make_guide(model)
+    try:
+        model.load_state_dict(ckpt["model"])
+        guide.load_state_dict(ckpt["guide"])
+    except RuntimeError as exc:
+        raise ValueError(f"The checkpoint in {run_dir} does not match its own configuration ({exc}); it is corrupt.") from exc
+    model.to(device).eval()
+    guide.to(device).eval()
+    return model, guide, config, ckpt
