@@ -31,7 +31,7 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .training.checkpoint import load_checkpoint
 from .config import ALIASES, CHOICES, ExperimentConfig, ModelConfig, TrainConfig, parse_field
@@ -39,7 +39,7 @@ from .inference.evaluation import DEFAULT_MEMORY_BUDGET
 from .repro.presets import PRESETS, get_preset
 from .repro.sweep import SUMMARY_MD, load_grid, parse_override, run_sweep, shipped_grids
 from .training.loop import train
-from .training.results import evaluate_run
+from .training.results import RunResults, evaluate_run
 from .training.signals import TrainingInterrupted
 
 logger = logging.getLogger("pyro_lvae")
@@ -106,70 +106,70 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``pyro-lvae``."""
-    parser = argparse.ArgumentParser(
-        prog="pyro-lvae", description="Ladder VAEs in Pyro (Sønderby et al., 2016).", allow_abbrev=False
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p_train = sub.add_parser("train", allow_abbrev=False, help="train a preset and report test ELBO and L_K")
-    p_train.add_argument(
+def _add_train_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
         "--preset",
         default=None,
         help=f"named configuration (default: {DEFAULT_PRESET}; on --resume, the run's stored configuration)",
     )
-    p_train.add_argument("--out", required=True, help="run directory")
-    p_train.add_argument(
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its checkpoint, with its stored configuration; options change only what they name",
+        help="continue the run in --out from its checkpoint, with its stored configuration; "
+        "options change only what they name",
     )
-    p_train.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    p_train.add_argument(
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument(
         "--final-eval-subset",
         type=int,
         default=0,
         metavar="N",
         help="run the final test ELBO and L_K on the first N test examples only (default: all)",
     )
-    p_train.add_argument("--no-final-eval", action="store_true", help="skip the final test ELBO and L_K evaluation")
-    _add_config_options(p_train)
-    _add_runtime_options(p_train)
+    p.add_argument("--no-final-eval", action="store_true", help="skip the final test ELBO and L_K evaluation")
+    _add_config_options(p)
+    _add_runtime_options(p)
 
-    p_eval = sub.add_parser("evaluate", allow_abbrev=False, help="evaluate a trained run's test ELBO and L_K")
-    p_eval.add_argument("run_dir", help="run directory written by `pyro-lvae train`")
-    p_eval.add_argument("--num-samples", type=int, default=None, help="K of L_K (default: the run's setting)")
-    p_eval.add_argument(
-        "--test-subset", type=int, default=None, metavar="N", help="evaluate the first N test examples only (default: the run's setting)"
-    )
-    _add_runtime_options(p_eval)
 
-    p_report = sub.add_parser(
-        "report", allow_abbrev=False, help="figures, PSIS diagnostics and a report.md for one or more runs"
+def _add_evaluate_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory written by `pyro-lvae train`")
+    p.add_argument("--num-samples", type=int, default=None, help="K of L_K (default: the run's setting)")
+    p.add_argument(
+        "--test-subset",
+        type=int,
+        default=None,
+        metavar="N",
+        help="evaluate the first N test examples only (default: the run's setting)",
     )
-    p_report.add_argument("run_dirs", nargs="+", help="run directories written by `pyro-lvae train`")
-    p_report.add_argument("--out", required=True, help="folder for the PNGs, netCDF files and report.md")
-    p_report.add_argument("--num-samples", type=int, default=1000, help="K of L_K and of PSIS (default: 1000)")
-    p_report.add_argument(
-        "--test-subset", type=int, default=None, metavar="N", help="analyse the first N test examples only (default: the run's setting)"
-    )
-    _add_runtime_options(p_report)
+    _add_runtime_options(p)
 
-    p_sweep = sub.add_parser(
-        "sweep", allow_abbrev=False, help="run a grid of presets x depths x seeds as parallel, resumable processes"
+
+def _add_report_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", help="run directories written by `pyro-lvae train`")
+    p.add_argument("--out", required=True, help="folder for the PNGs, netCDF files and report.md")
+    p.add_argument("--num-samples", type=int, default=1000, help="K of L_K and of PSIS (default: 1000)")
+    p.add_argument(
+        "--test-subset",
+        type=int,
+        default=None,
+        metavar="N",
+        help="analyse the first N test examples only (default: the run's setting)",
     )
-    p_sweep.add_argument("grid", help="grid file (TOML) or the name of a shipped grid: " + ", ".join(shipped_grids()))
-    p_sweep.add_argument("--out", required=True, help="sweep directory (one run directory per grid point)")
-    p_sweep.add_argument("--workers", type=int, default=1, help="runs in parallel (default: 1)")
-    p_sweep.add_argument(
+    _add_runtime_options(p)
+
+
+def _add_sweep_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("grid", help="grid file (TOML) or the name of a shipped grid: " + ", ".join(shipped_grids()))
+    p.add_argument("--out", required=True, help="sweep directory (one run directory per grid point)")
+    p.add_argument("--workers", type=int, default=1, help="runs in parallel (default: 1)")
+    p.add_argument(
         "--epochs",
         type=int,
         default=None,
         help="shorten the paper's schedule to this many epochs, scaling warm-up and fine-tuning alike",
     )
-    p_sweep.add_argument(
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -177,39 +177,58 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a configuration field in every run, e.g. --set num_importance_samples=1000 (repeatable); "
         "shorten the schedule with --epochs, which scales the warm-up too",
     )
-    p_sweep.add_argument("--threads-per-worker", type=int, default=None, help="CPU threads per run (default: cores / workers)")
-    p_sweep.add_argument("--data-root", default=None, help="data folder (default: $PYRO_LVAE_DATA or ./data)")
-    p_sweep.add_argument("--device", default="cpu", help="cpu or cuda; on cuda the workers share the GPU")
+    p.add_argument("--threads-per-worker", type=int, default=None, help="CPU threads per run (default: cores / workers)")
+    p.add_argument("--data-root", default=None, help="data folder (default: $PYRO_LVAE_DATA or ./data)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda; on cuda the workers share the GPU")
 
-    p_page = sub.add_parser(
-        "results-page", allow_abbrev=False, help="write docs/results.md and its figures from sweep directories"
+
+def _add_results_page_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweeps", nargs="+", help="sweep directories (each with its runs' results.json)")
+    p.add_argument("--out", required=True, help="the Markdown file to write, e.g. docs/results.md")
+
+
+def _add_export_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory written by `pyro-lvae train`, with its results.json")
+    p.add_argument("--name", required=True, help="the model's name, usually its preset")
+    p.add_argument("--out", required=True, help="folder of pretrained files (pyro_lvae/pretrained to ship it)")
+    p.add_argument("--commit", default="", help="the code version that trained it (git rev-parse HEAD)")
+    p.add_argument("--data-root", default=None, help="data folder (default: $PYRO_LVAE_DATA or ./data)")
+
+
+def _add_presets_parser(p: argparse.ArgumentParser) -> None:
+    pass  # no options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``pyro-lvae``: one subparser per entry of :data:`COMMANDS`,
+    whose handler it stores as ``func``."""
+    parser = argparse.ArgumentParser(
+        prog="pyro-lvae", description="Ladder VAEs in Pyro (Sønderby et al., 2016).", allow_abbrev=False
     )
-    p_page.add_argument("sweeps", nargs="+", help="sweep directories (each with its runs' results.json)")
-    p_page.add_argument("--out", required=True, help="the Markdown file to write, e.g. docs/results.md")
-
-    p_export = sub.add_parser(
-        "export", allow_abbrev=False, help="write a trained run as a pretrained file with sha256 and check value"
-    )
-    p_export.add_argument("run_dir", help="run directory written by `pyro-lvae train`, with its results.json")
-    p_export.add_argument("--name", required=True, help="the model's name, usually its preset")
-    p_export.add_argument("--out", required=True, help="folder of pretrained files (pyro_lvae/pretrained to ship it)")
-    p_export.add_argument("--commit", default="", help="the code version that trained it (git rev-parse HEAD)")
-    p_export.add_argument("--data-root", default=None, help="data folder (default: $PYRO_LVAE_DATA or ./data)")
-
-    sub.add_parser("presets", allow_abbrev=False, help="list the named presets")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_options, handler) in COMMANDS.items():
+        p = sub.add_parser(name, allow_abbrev=False, help=help_text)
+        add_options(p)
+        p.set_defaults(func=handler)
     return parser
 
 
-def _unknown_option_message(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
+def _unknown_option_message(command: str, unknown: list[str]) -> str:
     """One sentence naming the first unknown argument and the closest known option."""
-    # argparse keeps each subcommand's parser in its subparsers action; there is no
-    # public accessor for a subparser's option strings.
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    options = [o for o in sub._option_string_actions if o.startswith("--")]
+    help_text = _command_parser(command).format_help()
+    options = sorted(set(re.findall(r"(?<![\w-])--[a-z][\w-]*", help_text)))
     first = next((u for u in unknown if u.startswith("-")), unknown[0])
     close = difflib.get_close_matches(first.split("=")[0], options, n=1)
     hint = f"did you mean {close[0]}? " if close else ""
     return f"unknown argument {first!r} for `pyro-lvae {command}`; {hint}`pyro-lvae {command} --help` lists the options."
+
+
+def _command_parser(command: str) -> argparse.ArgumentParser:
+    """A stand-alone parser with the options of ``command``."""
+    parser = argparse.ArgumentParser(prog=f"pyro-lvae {command}", allow_abbrev=False)
+    COMMANDS[command][1](parser)
+    return parser
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -226,13 +245,128 @@ def _train_config(args: argparse.Namespace) -> ExperimentConfig:
     return get_preset(args.preset or DEFAULT_PRESET).replace(**overrides)
 
 
-def _report(results: dict[str, Any]) -> str:
-    k = results["num_importance_samples"]
+def _report(results: RunResults) -> str:
     return (
-        f"test ELBO (L1): {results['test_elbo']:.3f} nats\n"
-        f"test L_{k}: {results['test_log_likelihood']:.3f} nats\n"
-        f"({results['num_test_examples']} test examples, {results['epochs']} epochs)"
+        f"test ELBO (L1): {results.test_elbo:.3f} nats\n"
+        f"test L_{results.num_importance_samples}: {results.test_log_likelihood:.3f} nats\n"
+        f"({results.num_test_examples} test examples, {results.epochs} epochs)\n"
     )
+
+
+def _budget(args: argparse.Namespace) -> int:
+    return int(args.memory_budget_gib * 2**30)
+
+
+def _train(args: argparse.Namespace) -> int:
+    config = _train_config(args)
+    logger.info("Training %s: %s", config.name, json.dumps(config.to_dict()))
+    result = train(
+        config,
+        out_dir=args.out,
+        data_root=args.data_root,
+        download=not args.no_download,
+        device=args.device,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        final_evaluation=not args.no_final_eval,
+        final_eval_subset=args.final_eval_subset,
+        memory_budget=_budget(args),
+        progress=not args.no_progress,
+    )
+    if result.results is None:
+        sys.stdout.write(f"Trained {len(result.metrics)} epochs; evaluate with: pyro-lvae evaluate {args.out}\n")
+    else:
+        sys.stdout.write(_report(result.results))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    results = evaluate_run(
+        args.run_dir,
+        num_samples=args.num_samples,
+        data_root=args.data_root,
+        download=not args.no_download,
+        device=args.device,
+        memory_budget=_budget(args),
+        progress=not args.no_progress,
+        test_subset=args.test_subset,
+    )
+    sys.stdout.write(_report(results))
+    return 0
+
+
+def _report_command(args: argparse.Namespace) -> int:
+    from .analysis.report import write_report  # matplotlib and arviz: only for this command
+
+    report = write_report(
+        args.run_dirs,
+        args.out,
+        num_samples=args.num_samples,
+        data_root=args.data_root,
+        download=not args.no_download,
+        device=args.device,
+        memory_budget=_budget(args),
+        test_subset=args.test_subset,
+    )
+    sys.stdout.write(report.read_text().split("\n## Comparisons")[0] + f"\nwritten: {report}\n")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    grid = load_grid(args.grid, overrides=dict(parse_override(s) for s in args.set), epochs=args.epochs)
+    rows = run_sweep(
+        grid,
+        args.out,
+        workers=args.workers,
+        device=args.device,
+        data_root=args.data_root,
+        threads_per_worker=args.threads_per_worker,
+    )
+    sys.stdout.write((Path(args.out) / SUMMARY_MD).read_text())
+    return 0 if all(r["status"] == "done" for r in rows) else 1
+
+
+def _results_page(args: argparse.Namespace) -> int:
+    from .repro.results_page import write_results_page  # matplotlib: only for this command
+
+    page = write_results_page(args.sweeps, args.out)
+    sys.stdout.write(f"written: {page}\n")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .pretrained import export_run
+
+    entry = export_run(args.run_dir, args.out, name=args.name, commit=args.commit, data_root=args.data_root)
+    sys.stdout.write(json.dumps(entry, indent=2) + "\n")
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    for name, cfg in PRESETS.items():
+        m, t = cfg.model, cfg.train
+        sys.stdout.write(
+            f"{name:30s} family={m.family:5s} guide={m.guide:6s} latents={'-'.join(map(str, m.latent_sizes)):14s} "
+            f"bn={m.batch_norm!s:5s} warmup={t.warmup_epochs:<3d} data={t.dataset:13s} "
+            f"likelihood={m.likelihood:9s} epochs={t.epochs}+{t.finetune_epochs}\n"
+        )
+    return 0
+
+
+#: Each subcommand: its help line, the function that adds its options, and its handler.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "train": ("train a preset and report test ELBO and L_K", _add_train_parser, _train),
+    "evaluate": ("evaluate a trained run's test ELBO and L_K", _add_evaluate_parser, _evaluate),
+    "report": ("figures, PSIS diagnostics and a report.md for one or more runs", _add_report_parser, _report_command),
+    "sweep": ("run a grid of presets x depths x seeds as parallel, resumable processes", _add_sweep_parser, _sweep),
+    "results-page": (
+        "write docs/results.md and its figures from sweep directories",
+        _add_results_page_parser,
+        _results_page,
+    ),
+    "export": ("write a trained run as a pretrained file with sha256 and check value", _add_export_parser, _export),
+    "presets": ("list the named presets", _add_presets_parser, _presets),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -244,100 +378,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        parser.exit(2, f"pyro-lvae: error: {_unknown_option_message(parser, args.command, unknown)}\n")
+        parser.exit(2, f"pyro-lvae: error: {_unknown_option_message(args.command, unknown)}\n")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
-        if args.command == "presets":
-            for name, cfg in PRESETS.items():
-                m, t = cfg.model, cfg.train
-                sys.stdout.write(
-                    f"{name:30s} family={m.family:5s} guide={m.guide:6s} latents={'-'.join(map(str, m.latent_sizes)):14s} "
-                    f"bn={m.batch_norm!s:5s} warmup={t.warmup_epochs:<3d} data={t.dataset:13s} "
-                    f"likelihood={m.likelihood:9s} epochs={t.epochs}+{t.finetune_epochs}\n"
-                )
-            return 0
-        if args.command == "sweep":
-            grid = load_grid(args.grid, overrides=dict(parse_override(s) for s in args.set), epochs=args.epochs)
-            rows = run_sweep(
-                grid,
-                args.out,
-                workers=args.workers,
-                device=args.device,
-                data_root=args.data_root,
-                threads_per_worker=args.threads_per_worker,
-            )
-            sys.stdout.write((Path(args.out) / SUMMARY_MD).read_text())
-            return 0 if all(r["status"] == "done" for r in rows) else 1
-        if args.command == "export":
-            from .pretrained import export_run
-
-            entry = export_run(args.run_dir, args.out, name=args.name, commit=args.commit, data_root=args.data_root)
-            sys.stdout.write(json.dumps(entry, indent=2) + "\n")
-            return 0
-        if args.command == "results-page":
-            from .repro.results_page import write_results_page  # matplotlib: only for this command
-
-            page = write_results_page(args.sweeps, args.out)
-            sys.stdout.write(f"written: {page}\n")
-            return 0
-        budget = int(args.memory_budget_gib * 2**30)
-        if args.command == "report":
-            from .analysis.report import write_report  # matplotlib and arviz: only for this command
-
-            report = write_report(
-                args.run_dirs,
-                args.out,
-                num_samples=args.num_samples,
-                data_root=args.data_root,
-                download=not args.no_download,
-                device=args.device,
-                memory_budget=budget,
-                test_subset=args.test_subset,
-            )
-            sys.stdout.write(report.read_text().split("\n## Comparisons")[0] + f"\nwritten: {report}\n")
-            return 0
-        if args.command == "train":
-            config = _train_config(args)
-            logger.info("Training %s: %s", config.name, json.dumps(config.to_dict()))
-            result = train(
-                config,
-                out_dir=args.out,
-                data_root=args.data_root,
-                download=not args.no_download,
-                device=args.device,
-                resume=args.resume,
-                overwrite=args.overwrite,
-                final_evaluation=not args.no_final_eval,
-                final_eval_subset=args.final_eval_subset,
-                memory_budget=budget,
-                progress=not args.no_progress,
-            )
-            results = result.results
-            if results is None:
-                sys.stdout.write(f"Trained {len(result.metrics)} epochs; evaluate with: pyro-lvae evaluate {args.out}\n")
-                return 0
-        else:
-            results = evaluate_run(
-                args.run_dir,
-                num_samples=args.num_samples,
-                data_root=args.data_root,
-                download=not args.no_download,
-                device=args.device,
-                memory_budget=budget,
-                progress=not args.no_progress,
-                test_subset=args.test_subset,
-            )
+        return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         parser.exit(2, f"pyro-lvae: error: {exc}\n")
     except TrainingInterrupted as exc:
         parser.exit(128 + exc.signum, f"pyro-lvae: {exc}\n")
-    assert results is not None
-    sys.stdout.write(_report(results) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

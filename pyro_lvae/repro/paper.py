@@ -12,9 +12,10 @@ values only those quoted in §3.1 are available.
 from __future__ import annotations
 
 from ..config import PAPER_LATENT_SIZES
+from .presets import VARIANT_LABELS, PresetInfo
 
 #: Table 2's columns, in order, as preset variants.
-_VARIANTS = ("vae", "vae-bn", "vae-bn-wu", "lvae-bn-wu")
+_VARIANTS = tuple(VARIANT_LABELS)
 
 # Table 2, OMNIGLOT and NORB rows: one tuple per depth 1-5, one value per variant
 # (None where the paper has "-": the 1-layer LVAE).
@@ -34,9 +35,9 @@ _NORB = (
 )
 
 
-def _table(prefix: str, rows: tuple) -> dict[str, float]:
+def _table(setting: str, rows: tuple) -> dict[str, float]:
     return {
-        f"{prefix}{variant}-{depth}": value
+        PresetInfo(setting, variant, depth).name: value
         for depth, row in zip(range(1, len(PAPER_LATENT_SIZES) + 1), rows)
         for variant, value in zip(_VARIANTS, row)
         if value is not None
@@ -48,8 +49,8 @@ PAPER_L5000: dict[str, float] = {
     "lvae-bn-wu-5": -82.12,
     "lvae-bn-wu-5-ft": -81.84,
     "lvae-bn-wu-5-ft-iw10": -81.74,
-    **_table("omniglot-", _OMNIGLOT),
-    **_table("norb-gauss-", _NORB),
+    **_table("omniglot", _OMNIGLOT),
+    **_table("norb-gauss", _NORB),
 }
 
 #: Test ELBO (L1) quoted in §3.1: the 5-layer LVAE and the best VAE (3 layers; the text

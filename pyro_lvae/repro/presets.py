@@ -50,9 +50,11 @@ and ``vqvae`` (an MLP VQ-VAE with 16 code positions, K = 64 codes of dimension 1
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 
 from ..config import PAPER_HIDDEN_SIZES, PAPER_LATENT_SIZES, ExperimentConfig, ModelConfig, TrainConfig
 
+#: The paper's four variants (its labels in :data:`VARIANT_LABELS`): guide, batch norm, warm-up.
 _VARIANTS = {
     "vae": dict(guide="vae", batch_norm=False, warmup_epochs=0),
     "vae-bn": dict(guide="vae", batch_norm=True, warmup_epochs=0),
@@ -84,6 +86,48 @@ _SETTINGS = {
 }
 
 
+#: The paper's label of each variant.
+VARIANT_LABELS = {"vae": "VAE", "vae-bn": "VAE+BN", "vae-bn-wu": "VAE+BN+WU", "lvae-bn-wu": "LVAE+BN+WU"}
+
+#: The name prefix of each setting's presets.
+SETTING_PREFIXES = {"mnist": "", "omniglot": "omniglot-", "norb-gauss": "norb-gauss-", "fashion-gauss": "fashion-gauss-"}
+
+
+def at_depth(base: str, depth: int) -> str:
+    """The name of preset family ``base`` at ``depth``: the rule by which the paper's presets
+    are named, and by which a sweep's grid names them (``"omniglot-vae-bn"``, 3 →
+    ``"omniglot-vae-bn-3"``).
+
+    :param base: The setting's prefix and the variant, e.g. ``"lvae-bn-wu"``.
+    :param depth: The number of latent layers.
+    """
+    return f"{base}-{depth}"
+
+
+@dataclass(frozen=True)
+class PresetInfo:
+    """Where a paper preset sits in the paper's grid.
+
+    :param setting: A key of :data:`SETTING_PREFIXES` (the dataset setting).
+    :param variant: A key of :data:`VARIANT_LABELS`.
+    :param depth: The number of latent layers.
+    :param finetune: ``""``, ``"-ft"`` or ``"-ft-iw10"`` (Table 1's fine-tuning).
+    :param authors: Whether it has the settings of the authors' code (:data:`AUTHORS_CODE`).
+    """
+
+    setting: str
+    variant: str
+    depth: int
+    finetune: str = ""
+    authors: bool = False
+
+    @property
+    def name(self) -> str:
+        """The preset's name (:func:`at_depth`, then the fine-tuning and authors' suffixes)."""
+        suffix = self.finetune + ("-authors" if self.authors else "")
+        return at_depth(SETTING_PREFIXES[self.setting] + self.variant, self.depth) + suffix
+
+
 def _paper_preset(setting: str, variant: str, depth: int) -> ExperimentConfig:
     v, d = _VARIANTS[variant], _SETTINGS[setting]
     return ExperimentConfig(
@@ -106,29 +150,35 @@ def _paper_preset(setting: str, variant: str, depth: int) -> ExperimentConfig:
             num_importance_samples=5000,
             dequantize=d.get("dequantize", False),
         ),
-        name=f"{variant}-{depth}" if setting == "mnist" else f"{setting}-{variant}-{depth}",
+        name=PresetInfo(setting, variant, depth).name,
     )
 
 
-#: Every named preset, keyed by name (e.g. ``"lvae-bn-wu-5"``).
-PRESETS: dict[str, ExperimentConfig] = {
-    preset.name: preset
-    for preset in (
-        _paper_preset(setting, variant, depth)
+#: Each paper preset's place in the paper's grid, keyed by name: the registry that the
+#: paper's numbers, the sweeps and the results page read.
+PRESET_INFO: dict[str, PresetInfo] = {
+    info.name: info
+    for info in (
+        PresetInfo(setting, variant, depth)
         for setting in _SETTINGS
         for variant in _VARIANTS
         for depth in range(1, len(PAPER_LATENT_SIZES) + 1)
     )
 }
 
+#: Every named preset, keyed by name (e.g. ``"lvae-bn-wu-5"``).
+PRESETS: dict[str, ExperimentConfig] = {
+    name: _paper_preset(info.setting, info.variant, info.depth) for name, info in PRESET_INFO.items()
+}
+
 # Table 1: the 5-layer LVAE fine-tuned for 2000 more epochs with 10 Monte Carlo samples
 # ("+ finetuning") and with 10 importance-weighted samples as well ("+ finetuning + IW=10").
-PRESETS["lvae-bn-wu-5-ft"] = PRESETS["lvae-bn-wu-5"].replace(
-    name="lvae-bn-wu-5-ft", finetune_epochs=2000, finetune_mc_samples=10, finetune_iw_samples=1
-)
-PRESETS["lvae-bn-wu-5-ft-iw10"] = PRESETS["lvae-bn-wu-5"].replace(
-    name="lvae-bn-wu-5-ft-iw10", finetune_epochs=2000, finetune_mc_samples=10, finetune_iw_samples=10
-)
+for _suffix, _iw in (("-ft", 1), ("-ft-iw10", 10)):
+    _info = PresetInfo("mnist", "lvae-bn-wu", 5, finetune=_suffix)
+    PRESET_INFO[_info.name] = _info
+    PRESETS[_info.name] = PRESETS["lvae-bn-wu-5"].replace(
+        name=_info.name, finetune_epochs=2000, finetune_mc_samples=10, finetune_iw_samples=_iw
+    )
 
 
 #: The paper's minibatch. This library's loss is the negative ELBO *summed* over the
@@ -151,10 +201,11 @@ _AUTHORS_LADDER = dict(ladder_share_params=False, only_mu_up=True)
 
 for _variant in _VARIANTS:
     for _depth in range(1, len(PAPER_LATENT_SIZES) + 1):
-        _base = PRESETS[f"{_variant}-{_depth}"]
+        _base = PRESETS[PresetInfo("mnist", _variant, _depth).name]
         _extra = _AUTHORS_LADDER if _base.model.guide == "ladder" else {}
-        _name = f"{_variant}-{_depth}-authors"
-        PRESETS[_name] = _base.replace(name=_name, **AUTHORS_CODE, **_extra)
+        _info = PresetInfo("mnist", _variant, _depth, authors=True)
+        PRESET_INFO[_info.name] = _info
+        PRESETS[_info.name] = _base.replace(name=_info.name, **AUTHORS_CODE, **_extra)
 
 
 #: Two related model families, the VLAE and the VQ-VAE (see :mod:`pyro_lvae.models.families`).

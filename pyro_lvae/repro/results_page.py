@@ -25,25 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: the figures are drawn without a GUI backend
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from ..config import ExperimentConfig
+from ..training.results import RunResults
+from .paper import PAPER_BEST_VAE_L5000, PAPER_L1, PAPER_L5000
+from .presets import PRESET_INFO, PRESETS, PresetInfo
+from .presets import VARIANT_LABELS as VARIANTS
+from .sweep import shorten_schedule
 
-from ..config import ExperimentConfig  # noqa: E402
-from .paper import PAPER_BEST_VAE_L5000, PAPER_L1, PAPER_L5000  # noqa: E402
-from .presets import PRESETS  # noqa: E402
-from .sweep import shorten_schedule  # noqa: E402
-
-#: The paper's four variants, with their labels.
-VARIANTS = {"vae": "VAE", "vae-bn": "VAE+BN", "vae-bn-wu": "VAE+BN+WU", "lvae-bn-wu": "LVAE+BN+WU"}
-
-#: Each setting: preset prefix, title, and what to say about its data.
+#: Each setting (a key of :data:`~pyro_lvae.repro.presets.SETTING_PREFIXES`): its title, and
+#: what to say about its data.
 SETTINGS = {
-    "mnist": ("", "MNIST (Fig. 3 and Table 1)", ""),
+    "mnist": ("MNIST (Fig. 3 and Table 1)", ""),
     "omniglot": (
-        "omniglot-",
         "OMNIGLOT (Table 2)",
         "**Substituted data.** These runs use `omniglot28`, 28×28 OMNIGLOT built from Lake's "
         "original images with the 30 background alphabets for training and the 20 evaluation "
@@ -51,9 +47,8 @@ SETTINGS = {
         "`chardata.mat` could not be obtained), so the numbers are not comparable with the "
         "paper's column.",
     ),
-    "norb-gauss": ("norb-gauss-", "NORB (Table 2)", "Gaussian likelihood on 32×32 NORB grey levels."),
+    "norb-gauss": ("NORB (Table 2)", "Gaussian likelihood on 32×32 NORB grey levels."),
     "fashion-gauss": (
-        "fashion-gauss-",
         "Gaussian setting on Fashion-MNIST, the stand-in for NORB (Table 2)",
         "**Substituted data.** NORB could not be obtained for these runs. They "
         "use the paper's NORB setting (Gaussian likelihood with linear mean and softplus variance, "
@@ -62,7 +57,6 @@ SETTINGS = {
         "only the ordering of the variants is.",
     ),
 }
-_PRESET = re.compile(r"^(?P<variant>vae|vae-bn|vae-bn-wu|lvae-bn-wu)-(?P<depth>[1-5])(?P<ft>-ft(?:-iw10)?)?$")
 
 
 @dataclass(frozen=True)
@@ -76,17 +70,17 @@ class RunResult:
 
     sweep: str
     run: str
-    results: dict[str, Any]
+    results: RunResults
 
     @property
     def config(self) -> ExperimentConfig:
         """The run's configuration."""
-        return ExperimentConfig.from_dict(self.results["config"])
+        return self.results.config
 
     @property
     def preset(self) -> str:
         """The preset the run was made from."""
-        return self.results["config"]["name"]
+        return self.results.config.name
 
 
 def split_preset(name: str) -> tuple[str, str, int, str] | None:
@@ -97,14 +91,10 @@ def split_preset(name: str) -> tuple[str, str, int, str] | None:
     >>> split_preset("omniglot-vae-bn-3"), split_preset("lvae-bn-wu-5-ft"), split_preset("vlae-3")
     (('omniglot', 'vae-bn', 3, ''), ('mnist', 'lvae-bn-wu', 5, '-ft'), None)
     """
-    setting, rest = "mnist", name
-    for key, (prefix, _, _) in SETTINGS.items():
-        if prefix and name.startswith(prefix):
-            setting, rest = key, name[len(prefix) :]
-    m = _PRESET.match(rest)
-    if m is None:
+    info = PRESET_INFO.get(name)
+    if info is None or info.authors:
         return None
-    return setting, m["variant"], int(m["depth"]), m["ft"] or ""
+    return info.setting, info.variant, info.depth, info.finetune
 
 
 def load_runs(sweeps: Sequence[str | os.PathLike]) -> list[RunResult]:
@@ -120,7 +110,7 @@ def load_runs(sweeps: Sequence[str | os.PathLike]) -> list[RunResult]:
         if not files:
             raise FileNotFoundError(f"{sweep} holds no */results.json; run `pyro-lvae sweep GRID --out {sweep}` first.")
         for f in files:
-            runs.append(RunResult(sweep=sweep.as_posix(), run=f.parent.name, results=json.loads(f.read_text())))
+            runs.append(RunResult(sweep=sweep.as_posix(), run=f.parent.name, results=RunResults.load(f)))
     return runs
 
 
@@ -162,11 +152,11 @@ def _schedule(runs: list[RunResult]) -> list[str]:
             groups.setdefault(rest, []).append(f"`{r.preset}`")
     for rest, presets in groups.items():
         lines.append(f"- In {', '.join(presets)}: {rest}.")
-    devices = sorted({r.results["device"] for r in runs})
-    dates = sorted({r.results["date"][:10] for r in runs})
-    versions = sorted({f"torch {r.results['versions']['torch']}, pyro-ppl {r.results['versions']['pyro']}" for r in runs})
-    tests = sorted({r.results["num_test_examples"] for r in runs})
-    ks = sorted({r.results["num_importance_samples"] for r in runs})
+    devices = sorted({r.results.device for r in runs})
+    dates = sorted({r.results.date[:10] for r in runs})
+    versions = sorted({f"torch {r.results.versions['torch']}, pyro-ppl {r.results.versions['pyro']}" for r in runs})
+    tests = sorted({r.results.num_test_examples for r in runs})
+    ks = sorted({r.results.num_importance_samples for r in runs})
     lines.append(f"- Test examples: {', '.join(map(str, tests))}; K of L_K: {', '.join(map(str, ks))} (paper: the whole test set and 5000).")
     lines.append(f"- Hardware: {'; '.join(devices)}. Software: {'; '.join(versions)}. Dates: {', '.join(dates)}.")
     return lines
@@ -191,22 +181,22 @@ def _command(grid: str, runs: list[RunResult]) -> str:
     return f"pyro-lvae sweep {name} --out runs/{name} --workers 2 {flags}{sets}".rstrip()
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     # No software/date metadata, so that the same numbers give the same bytes.
     fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
 
 
 def _layers_figure(table: dict[tuple[str, int], list[RunResult]], title: str, path: Path) -> None:
     """Fig. 3: test L1 and L_K against the number of layers, one line per variant."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig = Figure(figsize=(9, 3.6))
+    axes = fig.subplots(1, 2)
     for variant, label in VARIANTS.items():
         depths = sorted(d for (v, d) in table if v == variant)
         if not depths:
             continue
         for ax, key in zip(axes, ("test_elbo", "test_log_likelihood")):
-            ax.plot(depths, [_mean([r.results[key] for r in table[variant, d]]) for d in depths], "o-", label=label)
-    k = sorted({r.results["num_importance_samples"] for rs in table.values() for r in rs})
+            ax.plot(depths, [_mean([getattr(r.results, key) for r in table[variant, d]]) for d in depths], "o-", label=label)
+    k = sorted({r.results.num_importance_samples for rs in table.values() for r in rs})
     axes[0].set(xlabel="stochastic layers", ylabel="nats", title="test L1 (ELBO)")
     axes[1].set(xlabel="stochastic layers", ylabel="nats", title=f"test L_{'/'.join(map(str, k))}")
     for ax in axes:
@@ -221,14 +211,15 @@ def _layers_figure(table: dict[tuple[str, int], list[RunResult]], title: str, pa
 def _units_figure(runs: dict[str, RunResult], title: str, path: Path) -> None:
     """Figs. 4-5: per-layer KL and active units of the 5-layer VAE+BN+WU and LVAE+BN+WU,
     and each unit's KL, sorted, as in Fig. 4."""
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), gridspec_kw={"width_ratios": [1, 1, 1.4]})
+    fig = Figure(figsize=(12, 3.6))
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.4]})
     width = 0.8 / len(runs)
     for j, (label, r) in enumerate(runs.items()):
-        depth = len(r.results["test_kl_per_layer"])
+        depth = len(r.results.test_kl_per_layer)
         x = np.arange(depth) + j * width
-        axes[0].bar(x, r.results["test_kl_per_layer"], width=width, label=label)
-        axes[1].bar(x, r.results["test_active_units"], width=width, label=label)
-        per_unit = np.concatenate([np.sort(np.asarray(k))[::-1] for k in r.results["test_kl_per_unit"]])
+        axes[0].bar(x, r.results.test_kl_per_layer, width=width, label=label)
+        axes[1].bar(x, r.results.test_active_units, width=width, label=label)
+        per_unit = np.concatenate([np.sort(np.asarray(k))[::-1] for k in r.results.test_kl_per_unit])
         axes[2].semilogy(np.arange(len(per_unit)), np.maximum(per_unit, 1e-6), ".", ms=3, label=label)
     for ax in axes[:2]:
         ax.set_xticks(np.arange(depth) + 0.4 - width / 2, [f"z{i + 1}" for i in range(depth)])
@@ -266,8 +257,8 @@ def _active_unit_claim(vae: RunResult, lvae: RunResult) -> str:
     """The upper-layer units of the 5-layer runs by both activity measures, each with its verdict."""
     counts = {}
     for name, run in (("vae", vae), ("lvae", lvae)):
-        burda = run.results["test_active_units"]
-        kl = [sum(k > 0.01 for k in layer) for layer in run.results.get("test_kl_per_unit", [])]
+        burda = run.results.test_active_units
+        kl = [sum(k > 0.01 for k in layer) for layer in run.results.test_kl_per_unit or []]
         counts[name] = (burda, kl)
     (b_vae, k_vae), (b_lvae, k_lvae) = counts["vae"], counts["lvae"]
     parts = [f"Cov_x E_q[u] > 0.01 (Burda et al.): VAE+BN+WU {'/'.join(map(str, b_vae))}, LVAE+BN+WU "
@@ -294,7 +285,7 @@ def _claims(table: dict[tuple[str, int], list[RunResult]], key: str) -> list[str
 
     def value(variant: str, depth: int) -> float | None:
         rs = table.get((variant, depth))
-        return _mean([r.results[key] for r in rs]) if rs else None
+        return _mean([getattr(r.results, key) for r in rs]) if rs else None
 
     seeds = max((len(rs) for rs in table.values()), default=0)
     lines = [
@@ -335,20 +326,36 @@ def _claims(table: dict[tuple[str, int], list[RunResult]], key: str) -> list[str
 
 
 def _setting_section(setting: str, runs: list[RunResult], figures: Path, figures_rel: str) -> list[str]:
-    prefix, title, note = SETTINGS[setting]
-    out = [f"## {title}", ""]
-    if note:
-        out += [note, ""]
-    grids = sorted({r.sweep for r in runs})
-    out.append("Reproduce with:")
-    out.append("")
-    out.append("```bash")
-    for grid in grids:
+    title, note = SETTINGS[setting]
+    out = [f"## {title}", ""] + ([note, ""] if note else [])
+    out += ["Reproduce with:", "", "```bash"]
+    for grid in sorted({r.sweep for r in runs}):
         out.append(_command(grid, [r for r in runs if r.sweep == grid]))
-    out += ["```", ""]
-    out += _schedule(runs)
-    out.append("")
+    out += ["```", ""] + _schedule(runs) + [""]
+    table, finetuned = _by_variant_and_depth(runs)
+    k = "/".join(map(str, sorted({r.results.num_importance_samples for r in runs})))
+    out += _depth_table(setting, table, k)
+    if finetuned:
+        out += _finetuning_table(table.get(("lvae-bn-wu", 5), []), finetuned)
+    if len({v for v, _ in table}) > 1:
+        name = f"{setting}_layers.png"
+        _layers_figure(table, title, figures / name)
+        out += [f"![L1 and L_K against the number of layers]({figures_rel}/{name})", ""]
+    pair = {VARIANTS[v]: table[v, 5][0] for v in ("vae-bn-wu", "lvae-bn-wu") if (v, 5) in table}
+    if len(pair) == 2 and all(r.results.test_active_units is not None for r in pair.values()):
+        name = f"{setting}_units.png"
+        _units_figure(pair, f"{title}: five layers", figures / name)
+        out += [f"![KL and active units per layer, 5 layers]({figures_rel}/{name})", ""]
+    claims = _claims(table, "test_log_likelihood")
+    if claims:
+        out += [f"**The paper's claims at this length** (on the measured L_{k}):", ""] + claims + [""]
+    return out
 
+
+def _by_variant_and_depth(
+    runs: list[RunResult],
+) -> tuple[dict[tuple[str, int], list[RunResult]], dict[str, list[RunResult]]]:
+    """The runs by (variant, depth), and the fine-tuned ones by preset."""
     table: dict[tuple[str, int], list[RunResult]] = {}
     finetuned: dict[str, list[RunResult]] = {}
     for r in runs:
@@ -357,10 +364,14 @@ def _setting_section(setting: str, runs: list[RunResult], figures: Path, figures
             finetuned.setdefault(r.preset, []).append(r)
         else:
             table.setdefault((variant, depth), []).append(r)
-    ks = sorted({r.results["num_importance_samples"] for r in runs})
-    k = "/".join(map(str, ks))
-    unit = "nats per example" if setting != "norb-gauss" and setting != "fashion-gauss" else "nats per example (a density: higher is better)"
-    out += [
+    return table, finetuned
+
+
+def _depth_table(setting: str, table: dict[tuple[str, int], list[RunResult]], k: str) -> list[str]:
+    """Fig. 3 / Table 2 as a table: one row per variant and depth, paper beside measured."""
+    density = setting in ("norb-gauss", "fashion-gauss")
+    unit = "nats per example (a density: higher is better)" if density else "nats per example"
+    out = [
         f"| model | layers | paper L_5000 | measured L_{k} | measured L1 (ELBO) | epochs | seeds |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -369,12 +380,12 @@ def _setting_section(setting: str, runs: list[RunResult], figures: Path, figures
             rs = table.get((variant, depth))
             if not rs:
                 continue
-            preset = f"{prefix}{variant}-{depth}"
+            preset = PresetInfo(setting, variant, depth).name
             out.append(
                 f"| {label} (`{preset}`) | {depth} | {_fmt(PAPER_L5000.get(preset))} "
-                f"| {_fmt(_mean([r.results['test_log_likelihood'] for r in rs]))} "
-                f"| {_fmt(_mean([r.results['test_elbo'] for r in rs]))} "
-                f"| {rs[0].results['epochs']} | {', '.join(str(r.config.train.seed) for r in rs)} |"
+                f"| {_fmt(_mean([r.results.test_log_likelihood for r in rs]))} "
+                f"| {_fmt(_mean([r.results.test_elbo for r in rs]))} "
+                f"| {rs[0].results.epochs} | {', '.join(str(r.config.train.seed) for r in rs)} |"
             )
     out += ["", f"Units: {unit}.", ""]
     if setting == "mnist":
@@ -384,49 +395,38 @@ def _setting_section(setting: str, runs: list[RunResult], figures: Path, figures
             "best VAE; Fig. 3's other values are not printed in the paper."
         )
         out.append("")
-    if finetuned:
-        base = table.get(("lvae-bn-wu", 5), [])
-        out += [
-            "### Fine-tuning (Table 1)",
-            "",
-            "| model | paper L_5000 | measured L_K | measured L1 | training + fine-tuning epochs | M × K samples |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in base[:1]:
+    return out
+
+
+def _finetuning_table(base: list[RunResult], finetuned: dict[str, list[RunResult]]) -> list[str]:
+    """Table 1: the 5-layer LVAE without and with fine-tuning."""
+    out = [
+        "### Fine-tuning (Table 1)",
+        "",
+        "| model | paper L_5000 | measured L_K | measured L1 | training + fine-tuning epochs | M × K samples |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in base[:1]:
+        out.append(
+            f"| LVAE, 5-layer (`{r.preset}`) | {_fmt(PAPER_L5000.get(r.preset))} | {_fmt(r.results.test_log_likelihood)} "
+            f"| {_fmt(r.results.test_elbo)} | {r.results.epochs} + 0 | 1 × 1 |"
+        )
+    for preset in sorted(finetuned):
+        for r in finetuned[preset]:
+            t = r.config.train
             out.append(
-                f"| LVAE, 5-layer (`{r.preset}`) | {_fmt(PAPER_L5000.get(r.preset))} | {_fmt(r.results['test_log_likelihood'])} "
-                f"| {_fmt(r.results['test_elbo'])} | {r.results['epochs']} + 0 | 1 × 1 |"
+                f"| LVAE, 5-layer + fine-tuning{' + IW=10' if preset.endswith('iw10') else ''} (`{preset}`) "
+                f"| {_fmt(PAPER_L5000.get(preset))} | {_fmt(r.results.test_log_likelihood)} | {_fmt(r.results.test_elbo)} "
+                f"| {t.epochs} + {t.finetune_epochs} | {t.finetune_mc_samples} × {t.finetune_iw_samples} |"
             )
-        for preset in sorted(finetuned):
-            for r in finetuned[preset]:
-                t = r.config.train
-                out.append(
-                    f"| LVAE, 5-layer + fine-tuning{' + IW=10' if preset.endswith('iw10') else ''} (`{preset}`) "
-                    f"| {_fmt(PAPER_L5000.get(preset))} | {_fmt(r.results['test_log_likelihood'])} | {_fmt(r.results['test_elbo'])} "
-                    f"| {t.epochs} + {t.finetune_epochs} | {t.finetune_mc_samples} × {t.finetune_iw_samples} |"
-                )
-        base_cfg = base[0].config.to_dict()["train"] if base else None
-        for rs in finetuned.values():
-            ft_cfg = rs[0].config.to_dict()["train"]
-            same = base_cfg is not None and all(
-                ft_cfg[k] == base_cfg[k] for k in base_cfg if not k.startswith("finetune_")
-            )
-            if not same:
-                out += ["", f"Note: `{rs[0].preset}` was not trained with the same settings as the row without fine-tuning."]
-                break
-        out.append("")
-    if len({v for v, _ in table}) > 1:
-        name = f"{setting}_layers.png"
-        _layers_figure(table, title, figures / name)
-        out += [f"![L1 and L_K against the number of layers]({figures_rel}/{name})", ""]
-    pair = {VARIANTS[v]: table[v, 5][0] for v in ("vae-bn-wu", "lvae-bn-wu") if (v, 5) in table}
-    if len(pair) == 2 and all("test_active_units" in r.results for r in pair.values()):
-        name = f"{setting}_units.png"
-        _units_figure(pair, f"{title}: five layers", figures / name)
-        out += [f"![KL and active units per layer, 5 layers]({figures_rel}/{name})", ""]
-    claims = _claims(table, "test_log_likelihood")
-    if claims:
-        out += [f"**The paper's claims at this length** (on the measured L_{k}):", ""] + claims + [""]
+    base_cfg = base[0].config.to_dict()["train"] if base else None
+    for rs in finetuned.values():
+        ft_cfg = rs[0].config.to_dict()["train"]
+        same = base_cfg is not None and all(ft_cfg[k] == base_cfg[k] for k in base_cfg if not k.startswith("finetune_"))
+        if not same:
+            out += ["", f"Note: `{rs[0].preset}` was not trained with the same settings as the row without fine-tuning."]
+            break
+    out.append("")
     return out
 
 
@@ -482,9 +482,9 @@ def render_results_page(runs: list[RunResult], figures: Path, figures_rel: str) 
         runs_here = by_setting.get(setting, [])
         if setting in WITHDRAWN:
             # Runs made with dequantization are shown; the others are withdrawn.
-            valid = [r for r in runs_here if r.results.get("dequantized")]
+            valid = [r for r in runs_here if r.results.dequantized]
             if len(valid) < len(runs_here) and not valid:
-                lines += [f"## {SETTINGS[setting][1]}", "", WITHDRAWN[setting], ""]
+                lines += [f"## {SETTINGS[setting][0]}", "", WITHDRAWN[setting], ""]
                 continue
             runs_here = valid
         if runs_here:
@@ -493,8 +493,8 @@ def render_results_page(runs: list[RunResult], figures: Path, figures_rel: str) 
         lines += ["## Other runs", "", "| run | preset | L_K | L1 | K | epochs |", "|---|---|---|---|---|---|"]
         for r in other:
             lines.append(
-                f"| {r.sweep}/{r.run} | `{r.preset}` | {_fmt(r.results['test_log_likelihood'])} | {_fmt(r.results['test_elbo'])} "
-                f"| {r.results['num_importance_samples']} | {r.results['epochs']} |"
+                f"| {r.sweep}/{r.run} | `{r.preset}` | {_fmt(r.results.test_log_likelihood)} | {_fmt(r.results.test_elbo)} "
+                f"| {r.results.num_importance_samples} | {r.results.epochs} |"
             )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

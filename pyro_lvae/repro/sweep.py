@@ -52,8 +52,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import ExperimentConfig, ModelConfig, TrainConfig, parse_field
-from .presets import get_preset
+from .presets import at_depth, get_preset
 from ..training.run_files import CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, PREVIOUS_NAME, RESULTS_NAME
+from ..training.results import RunResults
 from ..training.resume import can_resume_as
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class Grid:
 
     def runs(self) -> list["Run"]:
         """Every run of the grid, in file order (preset, then depth, then seed)."""
-        names = [f"{p}-{d}" for p in self.presets for d in self.depths] if self.depths else list(self.presets)
+        names = [at_depth(p, d) for p in self.presets for d in self.depths] if self.depths else list(self.presets)
         runs = []
         for name in names:
             for seed in self.seeds:
@@ -372,18 +373,16 @@ def aggregate(grid: Grid, out: str | os.PathLike) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"run": run.name, "preset": run.preset, "seed": run.seed}
         results = out / run.name / RESULTS_NAME
         if run_state(run, out / run.name) == "done":
-            r = json.loads(results.read_text())
-            row |= {"status": "done"} | {
-                k: r[k]
-                for k in (
-                    "epochs",
-                    "test_elbo",
-                    "test_log_likelihood",
-                    "num_importance_samples",
-                    "num_test_examples",
-                    "device",
-                    "date",
-                )
+            r = RunResults.load(results)
+            row |= {
+                "status": "done",
+                "epochs": r.epochs,
+                "test_elbo": r.test_elbo,
+                "test_log_likelihood": r.test_log_likelihood,
+                "num_importance_samples": r.num_importance_samples,
+                "num_test_examples": r.num_test_examples,
+                "device": r.device,
+                "date": r.date,
             }
         else:
             row["status"] = "missing"
