@@ -71,8 +71,10 @@ def main() -> None:
     try:
         probe()
     except Exception as exc:  # the probe's outcome is what we report
-        print(f"{args.probe} ({args.guide}): the first step failed after {time.perf_counter() - t0:.1f} s: "
-              f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        print(
+            f"{args.probe} ({args.guide}): the first step failed after {time.perf_counter() - t0:.1f} s: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        )
         return
     print(f"{args.probe} ({args.guide}): first step (compilation included) {time.perf_counter() - t0:.1f} s")
     fns[args.probe] = probe

@@ -33,8 +33,9 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyro
 import torch
@@ -45,12 +46,12 @@ from baseline import plain_loss  # noqa: E402
 
 from pyro_lvae import get_preset  # noqa: E402
 from pyro_lvae.data import load_dataset  # noqa: E402
-from pyro_lvae.training.steps import TrainingStep, registered_once, trainable_parameters  # noqa: E402
 from pyro_lvae.inference.evaluation import evaluate  # noqa: E402
+from pyro_lvae.inference.objectives import elbo_for  # noqa: E402
 from pyro_lvae.models.families import make_guide  # noqa: E402
 from pyro_lvae.models.model import GenerativeModel  # noqa: E402
-from pyro_lvae.inference.objectives import elbo_for  # noqa: E402
 from pyro_lvae.training import train  # noqa: E402
+from pyro_lvae.training.steps import TrainingStep, registered_once, trainable_parameters  # noqa: E402
 
 GUIDES = ("ladder", "vae")
 
@@ -60,7 +61,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_ms(fns: dict[str, Callable[[], Any]], *, device: torch.device, rounds: int, per_round: int, warmup: int) -> dict[str, float]:
+def _median_ms(
+    fns: dict[str, Callable[[], Any]], *, device: torch.device, rounds: int, per_round: int, warmup: int
+) -> dict[str, float]:
     """Median milliseconds per call of each function, timed in interleaved rounds."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -105,7 +108,11 @@ def step_functions(config, x: torch.Tensor, beta: torch.Tensor) -> dict[str, Cal
     svi = TrainingStep(model, guide, learning_rate=lr, engine="svi")
     fns["svi engine"] = lambda: svi(x, beta)
 
-    for label, validate, once in (("+torch Adam", True, False), ("+no validation", False, False), ("+registered once", False, True)):
+    for label, validate, once in (
+        ("+torch Adam", True, False),
+        ("+no validation", False, False),
+        ("+registered once", False, True),
+    ):
         model, guide = _build(config, device, label)
         elbo, opt = elbo_for(guide), _fused_adam(trainable_parameters(model, guide), lr)
 
@@ -207,7 +214,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {
         "preset": args.preset,
         "quick": quick,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "pyro": pyro.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -235,7 +244,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         epoch_cfg = config.replace(epochs=1, train_subset=epoch_subset)
         epoch = train(epoch_cfg, dataset=mnist, device=device, progress=False, final_evaluation=False)
         epoch_seconds = epoch.metrics[0]["seconds"]
-        svi_epoch = train(epoch_cfg.replace(engine="svi"), dataset=mnist, device=device, progress=False, final_evaluation=False)
+        svi_epoch = train(
+            epoch_cfg.replace(engine="svi"), dataset=mnist, device=device, progress=False, final_evaluation=False
+        )
         steps_per_epoch = -(-len(epoch.data.train) // batch)
 
         test = epoch.data.test[:lk_examples]
@@ -281,7 +292,8 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(f"| {guide} | {variant} | {ms:.2f} | {r['ratio_to_baseline'][variant]:.2f} |")
     lines += [
         "",
-        "| guide | s/epoch fast (svi engine) (steps) | L_K: K, examples, s, pairs/s | peak memory | GFLOP/step | GFLOP/s fast (baseline) | of roofline |",
+        "| guide | s/epoch fast (svi engine) (steps) | L_K: K, examples, s, pairs/s | peak memory "
+        "| GFLOP/step | GFLOP/s fast (baseline) | of roofline |",
         "|---|---|---|---|---|---|---|",
     ]
     for guide, r in results["guides"].items():
@@ -289,9 +301,11 @@ def format_table(results: dict[str, Any]) -> str:
             continue
         fast, base = r["achieved_flops"]["fast engine"], r["achieved_flops"]["baseline"]
         lines.append(
-            f"| {guide} | {r['epoch_seconds']:.2f} ({r['epoch_seconds_svi_engine']:.2f}) ({r['epoch_steps']}) | {r['lk_num_samples']}, {r['lk_examples']}, "
+            f"| {guide} | {r['epoch_seconds']:.2f} ({r['epoch_seconds_svi_engine']:.2f}) ({r['epoch_steps']}) "
+            f"| {r['lk_num_samples']}, {r['lk_examples']}, "
             f"{r['lk_seconds']:.1f}, {r['lk_pairs_per_second']:,.0f} | {r['peak_memory_bytes'] / 2**20:,.0f} MiB | "
-            f"{r['step_flops'] / 1e9:.3f} | {fast / 1e9:.1f} ({base / 1e9:.1f}) | {fast / results['matmul_roofline_flops']:.0%} |"
+            f"{r['step_flops'] / 1e9:.3f} | {fast / 1e9:.1f} ({base / 1e9:.1f}) "
+            f"| {fast / results['matmul_roofline_flops']:.0%} |"
         )
     return "\n".join(lines)
 

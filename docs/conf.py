@@ -36,7 +36,13 @@ autodoc_default_options = {"members": True, "show-inheritance": False}
 # other libraries cannot be resolved offline (no intersphinx), so they are ignored.
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(torch|pyro|np|numpy|xr|xarray|matplotlib|arviz|nn|dist|argparse|contextlib|os|pathlib|typing|collections|importlib|_frozen_importlib|types)(\..*)?"),
-    (r"py:.*", r"(Tensor|Figure|Any|Iterator|Mapping|Sequence|Callable|Path|Field|PathLike|Distribution|Module|Parameter|Size)"),
+    (
+        r"py:.*",
+        r"(torch|pyro|np|numpy|xr|xarray|matplotlib|arviz|nn|dist|argparse|contextlib|os|pathlib|typing|collections|importlib|_frozen_importlib|types)(\..*)?",
+    ),
+    (
+        r"py:.*",
+        r"(Tensor|Figure|Any|Iterator|Mapping|Sequence|Callable|Path|Field|PathLike|Distribution|Module|Parameter|Size)",
+    ),
     (r"py:.*", r"(Dataset|LogWeights|PreparedData|TrainResult|ExperimentConfig|ModelConfig|TrainConfig)"),
 ]

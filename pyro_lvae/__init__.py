@@ -9,18 +9,17 @@ paper's numbers, presets, sweeps, the results page), ``pretrained``, and ``confi
 """
 
 from . import _aliases
-
-from .inference.comparison import compare, fit_guide
 from .config import ExperimentConfig, ModelConfig, TrainConfig
+from .inference.comparison import compare, fit_guide
 from .inference.evaluation import evaluate, importance_sampled_bounds, log_importance_weights
+from .inference.objectives import elbo_for
+from .inference.warmup import kl_weight, warmup_beta
 from .models.families import make_guide, make_model
 from .models.guides import BottomUpGuide, LadderGuide
 from .models.merge import precision_weighted_merge
 from .models.model import GenerativeModel
-from .inference.objectives import elbo_for
-from .repro.presets import PRESETS, get_preset
 from .pretrained import load_pretrained
-from .inference.warmup import kl_weight, warmup_beta
+from .repro.presets import PRESETS, get_preset
 
 _aliases.install()
 

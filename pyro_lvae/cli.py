@@ -30,14 +30,15 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from .training.checkpoint import load_checkpoint
 from .config import ALIASES, CHOICES, ExperimentConfig, ModelConfig, TrainConfig, parse_field
 from .inference.evaluation import DEFAULT_MEMORY_BUDGET
 from .repro.presets import PRESETS, get_preset
 from .repro.sweep import SUMMARY_MD, load_grid, parse_override, run_sweep, shipped_grids
+from .training.checkpoint import load_checkpoint
 from .training.loop import train
 from .training.results import RunResults, evaluate_run
 from .training.signals import TrainingInterrupted
@@ -46,7 +47,6 @@ logger = logging.getLogger("pyro_lvae")
 
 #: The preset of ``pyro-lvae train`` without ``--preset``: the paper's 5-layer LVAE.
 DEFAULT_PRESET = "lvae-bn-wu-5"
-
 
 
 def _config_fields() -> list[dataclasses.Field]:
@@ -88,7 +88,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             dest=f.name,
             type=_field_parser(f.name),
             default=None,
-            metavar="{" + ",".join(choices + tuple(ALIASES.get(f.name, {}))) + "}" if choices else str(f.type).split("[")[0].upper(),
+            metavar="{" + ",".join(choices + tuple(ALIASES.get(f.name, {}))) + "}"
+            if choices
+            else str(f.type).split("[")[0].upper(),
             help=docs.get(f.name, "").replace("%", "%%"),
         )
 
@@ -177,7 +179,9 @@ def _add_sweep_parser(p: argparse.ArgumentParser) -> None:
         help="override a configuration field in every run, e.g. --set num_importance_samples=1000 (repeatable); "
         "shorten the schedule with --epochs, which scales the warm-up too",
     )
-    p.add_argument("--threads-per-worker", type=int, default=None, help="CPU threads per run (default: cores / workers)")
+    p.add_argument(
+        "--threads-per-worker", type=int, default=None, help="CPU threads per run (default: cores / workers)"
+    )
     p.add_argument("--data-root", default=None, help="data folder (default: $PYRO_LVAE_DATA or ./data)")
     p.add_argument("--device", default="cpu", help="cpu or cuda; on cuda the workers share the GPU")
 
@@ -221,7 +225,9 @@ def _unknown_option_message(command: str, unknown: list[str]) -> str:
     first = next((u for u in unknown if u.startswith("-")), unknown[0])
     close = difflib.get_close_matches(first.split("=")[0], options, n=1)
     hint = f"did you mean {close[0]}? " if close else ""
-    return f"unknown argument {first!r} for `pyro-lvae {command}`; {hint}`pyro-lvae {command} --help` lists the options."
+    return (
+        f"unknown argument {first!r} for `pyro-lvae {command}`; {hint}`pyro-lvae {command} --help` lists the options."
+    )
 
 
 def _command_parser(command: str) -> argparse.ArgumentParser:

@@ -44,9 +44,7 @@ def _check_sizes(name: str, sizes: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must be a non-empty tuple of positive integers, got {sizes!r}.")
     for s in sizes:
         if isinstance(s, bool) or not isinstance(s, int) or s <= 0:
-            raise ValueError(
-                f"{name} must hold positive integers, got {sizes!r}; fix the entry {s!r}."
-            )
+            raise ValueError(f"{name} must hold positive integers, got {sizes!r}; fix the entry {s!r}.")
 
 
 def _not_number(value: Any) -> bool:
@@ -137,9 +135,7 @@ class ModelConfig:
             raise ValueError(f"batch_norm must be True or False, got {self.batch_norm!r}.")
         _check_choice("family", self.family, FAMILIES)
         if self.family != "lvae" and self.guide != "vae":
-            raise ValueError(
-                f"The {self.family} has a single bottom-up inference network; set guide='vae' for it."
-            )
+            raise ValueError(f"The {self.family} has a single bottom-up inference network; set guide='vae' for it.")
         for name in ("codebook_size", "code_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -286,9 +282,7 @@ class TrainConfig:
                 "or dequantize=False for binary data."
             )
         if self.dataset == "binarized_mnist" and self.binarization != "static":
-            raise ValueError(
-                "binarized_mnist is already binary; set binarization='static' for it."
-            )
+            raise ValueError("binarized_mnist is already binary; set binarization='static' for it.")
 
 
 @dataclass(frozen=True)
@@ -313,9 +307,7 @@ class ExperimentConfig:
                 "'static', or use likelihood='gaussian' for grey levels."
             )
         if self.model.likelihood == "gaussian" and self.train.binarization != "none":
-            raise ValueError(
-                "A Gaussian likelihood models grey levels; set binarization='none' for it."
-            )
+            raise ValueError("A Gaussian likelihood models grey levels; set binarization='none' for it.")
         if self.train.finetune_epochs and self.model.family == "vqvae":
             raise ValueError(
                 "Fine-tuning with the importance-weighted bound needs a stochastic guide; the "
@@ -327,7 +319,7 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ExperimentConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise :class:`ValueError`."""
         try:
             model = dict(data["model"])
@@ -340,9 +332,11 @@ class ExperimentConfig:
                 name=data.get("name", "custom"),
             )
         except (KeyError, TypeError) as exc:
-            raise ValueError(f"Invalid stored configuration ({exc}); it was not written by this version of pyro-lvae.") from exc
+            raise ValueError(
+                f"Invalid stored configuration ({exc}); it was not written by this version of pyro-lvae."
+            ) from exc
 
-    def replace(self, **overrides: Any) -> "ExperimentConfig":
+    def replace(self, **overrides: Any) -> ExperimentConfig:
         """Return a copy with fields of ``model`` or ``train`` replaced by name.
 
         Field names are unique across the two sections, so ``replace(epochs=5,

@@ -228,7 +228,9 @@ def read_norb(path: Path) -> np.ndarray:
         raise ValueError(f"{path} is too short to be a small-NORB file; re-download it.")
     magic, ndim = np.frombuffer(raw[:8], dtype="<i4")
     if int(magic) not in _NORB_MAGIC:
-        raise ValueError(f"{path} has magic number {int(magic):#x}, not a small-NORB byte or int matrix; re-download it.")
+        raise ValueError(
+            f"{path} has magic number {int(magic):#x}, not a small-NORB byte or int matrix; re-download it."
+        )
     header = 8 + 4 * max(3, int(ndim))
     dims = tuple(int(d) for d in np.frombuffer(raw[8:header], dtype="<i4")[:ndim])
     dtype = np.dtype(_NORB_MAGIC[int(magic)]).newbyteorder("<")
@@ -385,7 +387,9 @@ def check_data(x: torch.Tensor, *, input_dim: int, likelihood: str, what: str = 
     :param what: Name of the data in the message (e.g. ``"training data"``).
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise ValueError(f"{what} must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}; convert it with .float().")
+        raise ValueError(
+            f"{what} must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}; convert it with .float()."
+        )
     if x.dim() != 2 or x.shape[1] != input_dim:
         raise ValueError(
             f"{what} must have shape (N, {input_dim}), got {tuple(x.shape)}; flatten images with x.reshape(len(x), -1)."

@@ -10,7 +10,8 @@ importance-sampling evaluation rewinds it to redraw a chunk that ran out of memo
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pyro
 import torch

@@ -6,18 +6,17 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
+from conftest import synthetic_dataset
 
 from pyro_lvae import ExperimentConfig, ModelConfig, TrainConfig, get_preset
 from pyro_lvae.cli import main
 from pyro_lvae.data import DATA_ENV, Dataset, load_dataset
 from pyro_lvae.training import train
-
-from conftest import synthetic_dataset
 
 SMALL = ExperimentConfig(
     model=ModelConfig(input_dim=12, latent_sizes=(3,), hidden_sizes=(8,)),
@@ -50,7 +49,9 @@ def _trained_run(tmp: Path) -> Path:
 
 
 def _resume(tmp: Path, config: ExperimentConfig = SMALL):
-    return train(config.replace(epochs=2), out_dir=tmp / "run", dataset=synthetic_dataset(), progress=False, resume=True)
+    return train(
+        config.replace(epochs=2), out_dir=tmp / "run", dataset=synthetic_dataset(), progress=False, resume=True
+    )
 
 
 def _corrupt_checkpoint(tmp: Path):
@@ -116,7 +117,12 @@ CASES = [
         ValueError,
         "make them match",
     ),
-    ("non-positive layer size", lambda tmp: ModelConfig(latent_sizes=(64, 0), hidden_sizes=(8, 8)), ValueError, "fix the entry 0"),
+    (
+        "non-positive layer size",
+        lambda tmp: ModelConfig(latent_sizes=(64, 0), hidden_sizes=(8, 8)),
+        ValueError,
+        "fix the entry 0",
+    ),
     ("unknown activation", lambda tmp: ModelConfig(activation="relu6"), ValueError, "choose one of leaky_relu"),
     ("unknown likelihood", lambda tmp: ModelConfig(likelihood="poisson"), ValueError, "choose one of bernoulli"),
     (
@@ -127,7 +133,12 @@ CASES = [
     ),
     ("unknown preset", lambda tmp: get_preset("lvae-bn-wu-7"), ValueError, "did you mean lvae-bn-wu-5"),
     ("unknown configuration key", lambda tmp: SMALL.replace(learning_rat=0.1), ValueError, "known keys are"),
-    ("unknown CLI key", _cli("train", "--preset", "vae-1", "--learnin-rate", "0.1"), SystemExit, "did you mean --learning-rate?"),
+    (
+        "unknown CLI key",
+        _cli("train", "--preset", "vae-1", "--learnin-rate", "0.1"),
+        SystemExit,
+        "did you mean --learning-rate?",
+    ),
     ("missing data file", lambda tmp: load_dataset("omniglot28", root=tmp), FileNotFoundError, "point --data-root"),
     ("corrupt data file (checksum)", _corrupt_mnist, ValueError, "delete it and download or copy it again"),
     ("corrupt checkpoint", _corrupt_checkpoint, ValueError, "start again with --overwrite"),
@@ -149,5 +160,10 @@ def test_bad_input_gets_one_sentence_naming_the_fix(tmp_path, capsys, case, acti
         message = str(err.value)
     assert fix in message, message
     assert "\n" not in message and message.count(". ") <= 2, message  # one sentence, one line
-    if not metrics_before and case not in ("existing run directory", "corrupt checkpoint", "truncated checkpoint", "incompatible checkpoint"):
+    if not metrics_before and case not in (
+        "existing run directory",
+        "corrupt checkpoint",
+        "truncated checkpoint",
+        "incompatible checkpoint",
+    ):
         assert not (tmp_path / "run" / "metrics.jsonl").exists()  # raised before any training step

@@ -15,7 +15,15 @@ def test_bench_quick_runs_and_writes_every_measurement(shared_data_root, tmp_pat
     out = tmp_path / "bench.json"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--data-root", str(shared_data_root), "--json", str(out)],
+        [
+            sys.executable,
+            str(REPO / "bench" / "run.py"),
+            "--quick",
+            "--data-root",
+            str(shared_data_root),
+            "--json",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -27,9 +35,21 @@ def test_bench_quick_runs_and_writes_every_measurement(shared_data_root, tmp_pat
     assert results["quick"] is True and results["matmul_roofline_flops"] > 0
     for guide in ("ladder", "vae"):
         r = results["guides"][guide]
-        assert set(r["step_ms"]) == {"svi engine", "+torch Adam", "+no validation", "+registered once", "fast engine", "baseline"}
+        assert set(r["step_ms"]) == {
+            "svi engine",
+            "+torch Adam",
+            "+no validation",
+            "+registered once",
+            "fast engine",
+            "baseline",
+        }
         assert all(v > 0 for v in r["step_ms"].values())
         assert r["ratio_to_baseline"]["baseline"] == 1.0
         assert r["baseline_loss_rel_diff"] < 1e-4  # the baseline computes the library's loss
-        assert r["step_flops"] > 0 and r["epoch_seconds"] > 0 and r["epoch_seconds_svi_engine"] > 0 and r["lk_pairs_per_second"] > 0
+        assert (
+            r["step_flops"] > 0
+            and r["epoch_seconds"] > 0
+            and r["epoch_seconds_svi_engine"] > 0
+            and r["lk_pairs_per_second"] > 0
+        )
         assert r["peak_memory_bytes"] > 0

@@ -16,9 +16,33 @@ REQUIRED = {"test_elbo", "test_log_likelihood", "num_importance_samples", "epoch
 
 def test_train_then_evaluate(tmp_path, shared_data_root, capsys):
     run = tmp_path / "run"
-    args = ["train", "--preset", "lvae-bn-wu-2", "--epochs", "2", "--warmup-epochs", "1", "--train-subset", "1000",
-            "--test-subset", "100", "--num-importance-samples", "20", "--latent-sizes", "16,8", "--hidden-sizes", "64,32",
-            "--eval-every", "1", "--data-root", str(shared_data_root), "--no-download", "--no-progress", "--out", str(run)]
+    args = [
+        "train",
+        "--preset",
+        "lvae-bn-wu-2",
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--train-subset",
+        "1000",
+        "--test-subset",
+        "100",
+        "--num-importance-samples",
+        "20",
+        "--latent-sizes",
+        "16,8",
+        "--hidden-sizes",
+        "64,32",
+        "--eval-every",
+        "1",
+        "--data-root",
+        str(shared_data_root),
+        "--no-download",
+        "--no-progress",
+        "--out",
+        str(run),
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "test ELBO (L1)" in out and "test L_20" in out
@@ -30,13 +54,17 @@ def test_train_then_evaluate(tmp_path, shared_data_root, capsys):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
 
     # Both evaluations are seeded: the same K reproduces the training run's numbers exactly.
-    assert main(["evaluate", str(run), "--num-samples", "20", "--data-root", str(shared_data_root), "--no-progress"]) == 0
+    assert (
+        main(["evaluate", str(run), "--num-samples", "20", "--data-root", str(shared_data_root), "--no-progress"]) == 0
+    )
     again = json.loads((run / "results.json").read_text())
     assert again["test_elbo"] == results["test_elbo"]
     assert again["test_log_likelihood"] == results["test_log_likelihood"]
     assert again["test_kl_per_layer"] == results["test_kl_per_layer"]
 
-    assert main(["evaluate", str(run), "--num-samples", "30", "--data-root", str(shared_data_root), "--no-progress"]) == 0
+    assert (
+        main(["evaluate", str(run), "--num-samples", "30", "--data-root", str(shared_data_root), "--no-progress"]) == 0
+    )
     results = json.loads((run / "results.json").read_text())
     assert results["num_importance_samples"] == 30 and results["epochs"] == 2
 
@@ -70,12 +98,32 @@ def test_console_script_entry_point():
     assert "lvae-bn-wu-5" in out.stdout and "vlae-3" in out.stdout and len(out.stdout.splitlines()) == len(PRESETS)
 
 
-@pytest.mark.parametrize("preset,extra", [("vlae-3", ["--hidden-sizes", "32,32,32"]), ("vqvae", ["--hidden-sizes", "32", "--codebook-ema", "true"])])
+@pytest.mark.parametrize(
+    "preset,extra",
+    [("vlae-3", ["--hidden-sizes", "32,32,32"]), ("vqvae", ["--hidden-sizes", "32", "--codebook-ema", "true"])],
+)
 def test_other_families_train_from_the_cli(preset, extra, tmp_path, shared_data_root, capsys):
     run = tmp_path / preset
-    args = ["train", "--preset", preset, "--epochs", "1", "--train-subset", "500", "--test-subset", "100",
-            "--num-importance-samples", "5", *extra, "--data-root", str(shared_data_root), "--no-download",
-            "--no-progress", "--out", str(run)]
+    args = [
+        "train",
+        "--preset",
+        preset,
+        "--epochs",
+        "1",
+        "--train-subset",
+        "500",
+        "--test-subset",
+        "100",
+        "--num-importance-samples",
+        "5",
+        *extra,
+        "--data-root",
+        str(shared_data_root),
+        "--no-download",
+        "--no-progress",
+        "--out",
+        str(run),
+    ]
     assert main(args) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["config"]["model"]["family"] == preset.split("-")[0]
@@ -89,12 +137,38 @@ def test_other_families_train_from_the_cli(preset, extra, tmp_path, shared_data_
 
 
 def _tiny_train_args(run, root) -> list[str]:
-    return ["train", "--preset", "vae-bn-wu-2", "--epochs", "1", "--warmup-epochs", "0", "--train-subset", "256",
-            "--test-subset", "40", "--num-importance-samples", "5", "--latent-sizes", "4,2", "--hidden-sizes", "16,8",
-            "--batch-size", "64", "--data-root", str(root), "--no-download", "--no-progress", "--out", str(run)]
+    return [
+        "train",
+        "--preset",
+        "vae-bn-wu-2",
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--train-subset",
+        "256",
+        "--test-subset",
+        "40",
+        "--num-importance-samples",
+        "5",
+        "--latent-sizes",
+        "4,2",
+        "--hidden-sizes",
+        "16,8",
+        "--batch-size",
+        "64",
+        "--data-root",
+        str(root),
+        "--no-download",
+        "--no-progress",
+        "--out",
+        str(run),
+    ]
 
 
-def test_no_final_eval_runs_no_evaluation_and_resume_keeps_the_stored_overrides(tmp_path, shared_data_root, capsys, monkeypatch):
+def test_no_final_eval_runs_no_evaluation_and_resume_keeps_the_stored_overrides(
+    tmp_path, shared_data_root, capsys, monkeypatch
+):
     import pyro_lvae.training as training
 
     def no_lk(*args, **kwargs):
@@ -106,23 +180,41 @@ def test_no_final_eval_runs_no_evaluation_and_resume_keeps_the_stored_overrides(
         assert main(_tiny_train_args(run, shared_data_root) + ["--no-final-eval", "--guide", "bottom-up"]) == 0
     assert "pyro-lvae evaluate" in capsys.readouterr().out and not (run / "results.json").exists()
     # Resume naming only what changes: the latent sizes, subsets and guide stay the run's own.
-    resume = ["train", "--out", str(run), "--resume", "--epochs", "2", "--final-eval-subset", "10",
-              "--data-root", str(shared_data_root), "--no-progress"]
+    resume = [
+        "train",
+        "--out",
+        str(run),
+        "--resume",
+        "--epochs",
+        "2",
+        "--final-eval-subset",
+        "10",
+        "--data-root",
+        str(shared_data_root),
+        "--no-progress",
+    ]
     assert main(resume) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["config"]["model"]["latent_sizes"] == [4, 2] and results["config"]["model"]["guide"] == "vae"
     assert results["config"]["train"]["train_subset"] == 256 and results["epochs"] == 2
     assert results["num_test_examples"] == 10
     # evaluate --test-subset
-    assert main(["evaluate", str(run), "--test-subset", "20", "--data-root", str(shared_data_root), "--no-progress"]) == 0
+    assert (
+        main(["evaluate", str(run), "--test-subset", "20", "--data-root", str(shared_data_root), "--no-progress"]) == 0
+    )
     assert json.loads((run / "results.json").read_text())["num_test_examples"] == 20
     # With --preset, the configuration is the preset with the options (as the sweep resumes
     # its runs); one that does not match the stored configuration is refused.
     with pytest.raises(SystemExit) as exit_info:
         main(resume[:3] + ["--resume", "--preset", "lvae-bn-wu-2"])
     assert exit_info.value.code == 2 and "different configuration" in capsys.readouterr().err
-    assert main(_tiny_train_args(run, shared_data_root)[:-2] + ["--out", str(run), "--resume", "--epochs", "3",
-                                                               "--guide", "bottom-up", "--no-final-eval"]) == 0
+    assert (
+        main(
+            _tiny_train_args(run, shared_data_root)[:-2]
+            + ["--out", str(run), "--resume", "--epochs", "3", "--guide", "bottom-up", "--no-final-eval"]
+        )
+        == 0
+    )
 
 
 def test_a_warm_up_longer_than_training_warns_at_start(tmp_path, shared_data_root):
@@ -141,6 +233,7 @@ def test_option_help_comes_from_the_config_docstrings(capsys):
 
 
 def test_the_cli_imports_no_plotting_or_analysis_libraries():
-    code = "import sys, pyro_lvae.cli; print(sorted(m for m in ('matplotlib', 'arviz', 'xarray', 'scipy') if m in sys.modules))"
+    heavy = "('matplotlib', 'arviz', 'xarray', 'scipy')"
+    code = f"import sys, pyro_lvae.cli; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -63,7 +63,9 @@ def test_presets():
     for name, dataset, dim in (("norb-gauss-vae-bn-2", "norb", 1024), ("fashion-gauss-vae-bn-2", "fashion_mnist", 784)):
         cfg = get_preset(name)
         assert (cfg.train.dataset, cfg.model.input_dim) == (dataset, dim)
-        assert cfg.model.likelihood == "gaussian" and cfg.model.activation == "tanh" and cfg.train.binarization == "none"
+        assert (
+            cfg.model.likelihood == "gaussian" and cfg.model.activation == "tanh" and cfg.train.binarization == "none"
+        )
         assert cfg.train.epochs == 2000
     ft = get_preset("lvae-bn-wu-5-ft-iw10").train
     assert (ft.epochs, ft.finetune_epochs, ft.finetune_mc_samples, ft.finetune_iw_samples) == (2000, 2000, 10, 10)
@@ -99,11 +101,17 @@ def test_paper_presets_follow_the_paper_text_and_authors_presets_the_authors_cod
     assert (paper.model.leaky_slope, paper.model.ladder_share_params, paper.model.only_mu_up) == (0.1, True, False)
     assert (paper.train.adam_eps, paper.train.grad_clip, paper.train.grad_clip_value) == (1e-8, 0.0, 0.0)
     assert paper.model.variance_floor == 1e-5  # the one deviation, needed to finish a run
-    assert (authors.model.leaky_slope, authors.model.ladder_share_params, authors.model.only_mu_up) == (0.01, False, True)
+    assert (authors.model.leaky_slope, authors.model.ladder_share_params, authors.model.only_mu_up) == (
+        0.01,
+        False,
+        True,
+    )
     # The authors' thresholds are for the gradient of the batch-mean loss; this library's
     # loss is the batch sum (batch 256), so they are scaled by 256.
     assert authors.train.learning_rate == 2e-4 and authors.train.adam_eps == pytest.approx(1e-4 * 256)
-    assert authors.train.grad_clip == pytest.approx(4.0 * 256) and authors.train.grad_clip_value == pytest.approx(0.9 * 256)
+    assert authors.train.grad_clip == pytest.approx(4.0 * 256) and authors.train.grad_clip_value == pytest.approx(
+        0.9 * 256
+    )
     # Otherwise the same experiment: data, architecture, schedule.
     changed = set(AUTHORS_CODE) | {"ladder_share_params", "only_mu_up"}
     for section in ("model", "train"):
@@ -127,7 +135,9 @@ def test_invalid_optimizer_settings(kwargs, match):
         TrainConfig(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, match", [(dict(leaky_slope=1.5), "leaky_slope"), (dict(only_mu_up="yes"), "only_mu_up")])
+@pytest.mark.parametrize(
+    "kwargs, match", [(dict(leaky_slope=1.5), "leaky_slope"), (dict(only_mu_up="yes"), "only_mu_up")]
+)
 def test_invalid_authors_code_model_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig(**kwargs)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pyro_lvae import ExperimentConfig, ModelConfig, TrainConfig
-from pyro_lvae.data import DATA_ENV, Dataset, binarize, check_data, data_root, load_dataset, read_amat, read_chardata
 from pyro_lvae import data as data_module
+from pyro_lvae.data import DATA_ENV, Dataset, binarize, check_data, data_root, load_dataset, read_amat, read_chardata
 from pyro_lvae.training import epoch_batches, prepare_data
 
 
@@ -73,7 +73,15 @@ def test_chardata_loader_orientation(tmp_path):
     target[[3, 1, 4, 1], range(n_train)] = 1
     folder = tmp_path / "omniglot"
     folder.mkdir()
-    savemat(folder / "chardata.mat", {"data": columns[:, :n_train], "testdata": columns[:, n_train:], "target": target, "testtarget": np.zeros((50, n_test))})
+    savemat(
+        folder / "chardata.mat",
+        {
+            "data": columns[:, :n_train],
+            "testdata": columns[:, n_train:],
+            "target": target,
+            "testtarget": np.zeros((50, n_test)),
+        },
+    )
     train_x, train_y, test_x, _ = read_chardata(folder / "chardata.mat")
     assert train_x.shape == (4, 784) and test_x.shape == (2, 784)
     for i in range(n_train):
@@ -203,7 +211,9 @@ def test_norb_loader_reads_small_norb_files_and_reduces_to_32x32(tmp_path):
         load_dataset("norb", root=tmp_path)
 
 
-@pytest.mark.parametrize("name, rel", [("mnist", "MNIST/raw/t10k-labels-idx1-ubyte"), ("omniglot28", "omniglot28/omniglot28_uint8.npz")])
+@pytest.mark.parametrize(
+    "name, rel", [("mnist", "MNIST/raw/t10k-labels-idx1-ubyte"), ("omniglot28", "omniglot28/omniglot28_uint8.npz")]
+)
 def test_a_corrupt_data_file_fails_its_checksum(tmp_path, shared_data_root, name, rel):
     """A copy of the shared data with one byte changed in one file is refused, naming the file."""
     import shutil

@@ -19,13 +19,29 @@ STRICT = ["-W", "--keep-going", "-n", "-q", "-b", "html"]
 
 
 def _sphinx(src: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sphinx", *STRICT, str(src), str(out)], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "sphinx", *STRICT, str(src), str(out)], capture_output=True, text=True, timeout=600
+    )
 
 
 def test_docs_build_strictly(tmp_path):
     proc = _sphinx(REPO / "docs", tmp_path / "html")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for page in ("index", "quickstart", "concepts", "cli", "api", "results", "performance", "faq", "families", "reproduce", "reliability", "distributed", "short-runs"):
+    for page in (
+        "index",
+        "quickstart",
+        "concepts",
+        "cli",
+        "api",
+        "results",
+        "performance",
+        "faq",
+        "families",
+        "reproduce",
+        "reliability",
+        "distributed",
+        "short-runs",
+    ):
         assert (tmp_path / "html" / f"{page}.html").exists()
     # The CLI reference comes from the real parser: every config field is an option.
     cli = (tmp_path / "html" / "cli.html").read_text()
@@ -63,7 +79,9 @@ def test_every_public_function_and_class_is_documented():
     for name, obj in _public_objects():
         members = [(name, obj)]
         if inspect.isclass(obj):
-            members += [(f"{name}.{k}", v) for k, v in vars(obj).items() if not k.startswith("_") and inspect.isfunction(v)]
+            members += [
+                (f"{name}.{k}", v) for k, v in vars(obj).items() if not k.startswith("_") and inspect.isfunction(v)
+            ]
         for member, fn in members:
             doc = inspect.getdoc(fn)
             if not doc:

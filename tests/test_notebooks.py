@@ -34,7 +34,9 @@ def _output_text(nb) -> str:
             continue
         for out in cell.outputs:
             parts.append(out.get("text", ""))
-            parts += [v if isinstance(v, str) else "".join(v) for k, v in out.get("data", {}).items() if k.startswith("text/")]
+            parts += [
+                v if isinstance(v, str) else "".join(v) for k, v in out.get("data", {}).items() if k.startswith("text/")
+            ]
     return " ".join(parts)
 
 

@@ -29,7 +29,6 @@ import json
 import os
 import warnings
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,7 +54,9 @@ def _layers(model: GenerativeModel) -> list[str]:
 
 
 @torch.no_grad()
-def _posterior_passes(model: GenerativeModel, guide: nn.Module, data: torch.Tensor, *, num_samples: int, batch_size: int):
+def _posterior_passes(
+    model: GenerativeModel, guide: nn.Module, data: torch.Tensor, *, num_samples: int, batch_size: int
+):
     """Yield, per batch, ``{site: (q, p, value)}`` with base Normal distributions of shape (K, B, D)."""
     check_examples(data)
     with eval_mode(model, guide):
@@ -271,9 +272,8 @@ def importance_inference_data(
     :param khat: PSIS k̂ per example (:func:`psis_khat`), shape ``(N,)``.
     :param codes: Latent codes of the examples (:func:`latent_codes`), or ``None``.
     """
-    import xarray as xr
-
     import arviz as az
+    import xarray as xr
 
     lw = torch.as_tensor(log_weights).double().cpu().numpy()
     example = np.arange(lw.shape[1])

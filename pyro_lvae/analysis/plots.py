@@ -9,7 +9,7 @@ predictable). The functions only draw: the numbers come from
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -44,8 +44,15 @@ def kl_heatmap(curves: xr.Dataset, *, title: str = "", path: str | os.PathLike |
         arr = curves[name].dropna("epoch", how="all")
         values = np.log10(np.clip(arr.values, 1e-4, None))
         order = np.argsort(-values[-1])
-        im = ax.imshow(values[:, order].T, aspect="auto", cmap="Greys", vmin=-4, vmax=1, origin="lower",
-                       extent=(arr.epoch.values[0] - 0.5, arr.epoch.values[-1] + 0.5, -0.5, values.shape[1] - 0.5))
+        im = ax.imshow(
+            values[:, order].T,
+            aspect="auto",
+            cmap="Greys",
+            vmin=-4,
+            vmax=1,
+            origin="lower",
+            extent=(arr.epoch.values[0] - 0.5, arr.epoch.values[-1] + 0.5, -0.5, values.shape[1] - 0.5),
+        )
         ax.set(title=name.replace("test_kl_", ""), xlabel="epoch", ylabel="unit (sorted)")
     fig.subplots_adjust(left=0.08, right=0.85, bottom=0.18, top=0.82, wspace=0.4)
     fig.colorbar(im, cax=fig.add_axes((0.88, 0.18, 0.02, 0.64)), label="log10 KL (nats)")

@@ -24,6 +24,10 @@ import numpy as np
 import pyro
 import torch
 
+from ..inference.evaluation import DEFAULT_MEMORY_BUDGET, evaluate
+from ..training.batches import prepare_data
+from ..training.results import discrete_offset
+from ..training.run_dir import load_run
 from . import plots
 from .latents import (
     KHAT_THRESHOLD,
@@ -34,10 +38,6 @@ from .latents import (
     psis_khat,
     training_curves,
 )
-from ..inference.evaluation import DEFAULT_MEMORY_BUDGET, evaluate
-from ..training.batches import prepare_data
-from ..training.results import discrete_offset
-from ..training.run_dir import load_run
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ def analyse_run(
     model, guide, config, ckpt = load_run(run_dir, device=device)
     if not model.gaussian_latents:
         raise ValueError(
-            f"{run_dir} is a run of family {config.model.family!r}, whose latents are not Gaussian: the report's per-unit KL, "
+            f"{run_dir} is a run of family {config.model.family!r}, whose latents are not Gaussian: "
+            "the report's per-unit KL, "
             "active units and PSIS analyses do not apply; see the family's entries in its results.json instead."
         )
     if test_subset is not None:

@@ -30,8 +30,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import pyro
 import torch
@@ -183,7 +183,8 @@ class GuideComparison:
         """A Markdown table, one row per guide."""
         k = self.num_samples
         lines = [
-            f"| guide | ELBO | L_{k} | ELBO − {self.reference} | L_{k} − {self.reference} | k̂ > {self.khat_threshold:.2f} |",
+            f"| guide | ELBO | L_{k} | ELBO − {self.reference} | L_{k} − {self.reference} "
+            f"| k̂ > {self.khat_threshold:.2f} |",
             "|---|---|---|---|---|---|",
         ]
         for name in self.elbo:
@@ -255,7 +256,9 @@ def compare(
         elbo={n: r["elbo"] for n, r in results.items()},
         log_likelihood={n: r["log_likelihood"] for n, r in results.items()},
         elbo_difference={
-            n: paired_difference(r["elbo_per_example"], ref["elbo_per_example"]) for n, r in results.items() if n != reference
+            n: paired_difference(r["elbo_per_example"], ref["elbo_per_example"])
+            for n, r in results.items()
+            if n != reference
         },
         log_likelihood_difference={
             n: paired_difference(r["log_likelihood_per_example"], ref["log_likelihood_per_example"])

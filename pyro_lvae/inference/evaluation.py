@@ -26,7 +26,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterator
 
 import pyro
 import torch
@@ -293,9 +292,16 @@ def evaluate(
                 _log_expected_duration(time.perf_counter() - start, len(batches), ctx.world_size, num_samples)
             with preserved_rng(batch_seed(seed, b)) if seed is not None else contextlib.nullcontext():
                 out = importance_sampled_bounds(
-                    model, guide, batches[b], num_samples=num_samples, chunk_size=chunk_size, memory_budget=memory_budget
+                    model,
+                    guide,
+                    batches[b],
+                    num_samples=num_samples,
+                    chunk_size=chunk_size,
+                    memory_budget=memory_budget,
                 )
-            keys = ("elbo", "log_likelihood", "reconstruction", "layer_kl") + (("log_weights",) if return_log_weights else ())
+            keys = ("elbo", "log_likelihood", "reconstruction", "layer_kl") + (
+                ("log_weights",) if return_log_weights else ()
+            )
             mine[b] = {k: out[k].cpu() if ctx.enabled or k == "log_weights" else out[k] for k in keys}
     results = gather_batches(mine, ctx)
     ordered = [results[b] for b in range(len(batches))]

@@ -14,7 +14,8 @@ attribute; any guide without it gets the always-valid
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
@@ -65,7 +66,7 @@ def importance_weighted_loss(
     Why not ``pyro.infer.RenyiELBO(alpha=0)``: it takes the logsumexp over particles
     of log-weights summed over the whole minibatch, which bounds log p(batch) and is
     not the sum of per-example bounds (they agree for a batch of one example, which
-    ``tests/test_objectives.py`` checks). Here the logsumexp is per example.
+    ``tests/inference/test_objectives.py`` checks). Here the logsumexp is per example.
 
     :param model: The generative model.
     :param guide: A guide for it.
@@ -112,7 +113,9 @@ class ImportanceWeightedLoss:
         :param beta: Ignored unless it differs from 1, which raises :class:`ValueError`.
         """
         if beta is not None and float(beta) != 1.0:
-            raise ValueError(f"The importance-weighted objective has no warm-up weight; got beta={float(beta)}, pass 1.")
+            raise ValueError(
+                f"The importance-weighted objective has no warm-up weight; got beta={float(beta)}, pass 1."
+            )
         for module in (model, guide):
             if isinstance(module, (HierarchicalModel, HierarchicalGuide)) and module.register_params:
                 module.register()

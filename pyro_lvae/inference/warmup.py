@@ -24,7 +24,7 @@ and one compiled graph serves every β, instead of recompiling for each value.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from pyro import poutine

@@ -39,12 +39,12 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..inference.warmup import kl_weight
 from .merge import precision_weighted_merge
 from .model import GenerativeModel
 from .nn import gaussian_head_for, mlp_for
 from .protocol import HierarchicalGuide
 from .registration import register_modules
-from ..inference.warmup import kl_weight
 
 
 def _mlps_and_heads(cfg: ModelConfig, inputs: tuple[int, ...]) -> tuple[nn.ModuleList, nn.ModuleList]:
@@ -58,9 +58,7 @@ def _top_down_networks(cfg: ModelConfig) -> nn.ModuleDict:
     """Networks of the shape of the model's top-down ones, for a ladder guide that does not share them."""
     sizes = cfg.latent_sizes
     mlps = nn.ModuleList(mlp_for(cfg, sizes[i + 1], cfg.hidden_sizes[i + 1]) for i in range(cfg.depth - 1))
-    heads = nn.ModuleList(
-        gaussian_head_for(cfg, cfg.hidden_sizes[i + 1], sizes[i]) for i in range(cfg.depth - 1)
-    )
+    heads = nn.ModuleList(gaussian_head_for(cfg, cfg.hidden_sizes[i + 1], sizes[i]) for i in range(cfg.depth - 1))
     return nn.ModuleDict({"mlps": mlps, "heads": heads})
 
 
@@ -161,7 +159,8 @@ class LadderGuide(HierarchicalGuide):
 
     def prior_params(self, layer: int, z_above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-down :math:`(\\mu_{p,layer}, \\sigma^2_{p,layer})` merged at ``layer``:
-        the model's own (:meth:`~pyro_lvae.models.model.GenerativeModel.prior_params`) unless the guide has its own networks.
+        the model's own (:meth:`~pyro_lvae.models.model.GenerativeModel.prior_params`) unless the guide has
+        its own networks.
 
         :param layer: 1-based index of the lower layer, 1 ≤ layer < L.
         :param z_above: A sample of :math:`z_{layer+1}`.

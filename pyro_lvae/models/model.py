@@ -14,7 +14,7 @@ observation model. Sample sites are named ``z{L}``, …, ``z1`` and ``x``, in th
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import pyro
 import pyro.distributions as dist
@@ -23,10 +23,10 @@ from pyro import poutine
 from torch import nn
 
 from ..config import ModelConfig
+from ..inference.warmup import kl_weight
 from .nn import gaussian_head_for, mlp_for
 from .protocol import HierarchicalModel
 from .registration import register_modules
-from ..inference.warmup import kl_weight
 
 
 class GenerativeModel(HierarchicalModel):

@@ -105,7 +105,7 @@ class GaussianHead(nn.Module):
         return self.loc(d), F.softplus(self.var(d)).clamp_min(self.variance_floor)
 
 
-def mlp_for(config: "ModelConfig", in_features: int, hidden: int) -> MLP:
+def mlp_for(config: ModelConfig, in_features: int, hidden: int) -> MLP:
     """An :class:`MLP` with the nonlinearity, slope and batch norm of ``config``.
 
     :param config: The architecture.
@@ -117,7 +117,7 @@ def mlp_for(config: "ModelConfig", in_features: int, hidden: int) -> MLP:
     )
 
 
-def gaussian_head_for(config: "ModelConfig", in_features: int, out_features: int) -> GaussianHead:
+def gaussian_head_for(config: ModelConfig, in_features: int, out_features: int) -> GaussianHead:
     """A :class:`GaussianHead` with the variance floor of ``config``.
 
     :param config: The architecture.

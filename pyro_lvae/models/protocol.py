@@ -22,7 +22,8 @@ The module also holds the two helpers every family uses on its inputs and modes,
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ClassVar, Iterator
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch import nn

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import pyro
 from pyro.params import param_with_module_name

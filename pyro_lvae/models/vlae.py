@@ -32,7 +32,6 @@ per-unit KL analysis run unchanged.
 
 from __future__ import annotations
 
-
 import pyro
 import pyro.distributions as dist
 import torch
@@ -40,10 +39,10 @@ from pyro import poutine
 from torch import nn
 
 from ..config import ModelConfig
+from ..inference.warmup import kl_weight
 from .nn import gaussian_head_for, mlp_for
 from .protocol import HierarchicalGuide, HierarchicalModel
 from .registration import register_modules
-from ..inference.warmup import kl_weight
 
 
 class VLAEModel(HierarchicalModel):
@@ -54,7 +53,8 @@ class VLAEModel(HierarchicalModel):
     :param name: Prefix of the parameters in Pyro's param store.
 
     >>> from pyro_lvae.config import ModelConfig
-    >>> model = VLAEModel(ModelConfig(family="vlae", guide="vae", input_dim=6, latent_sizes=(2, 2), hidden_sizes=(8, 8)))
+    >>> cfg = ModelConfig(family="vlae", guide="vae", input_dim=6, latent_sizes=(2, 2), hidden_sizes=(8, 8))
+    >>> model = VLAEModel(cfg)
     >>> model.sample(3).shape
     torch.Size([3, 6])
     """
@@ -111,7 +111,8 @@ class VLAEModel(HierarchicalModel):
 
     @torch.no_grad()
     def sample(self, num_samples: int, *, mean: bool = True) -> torch.Tensor:
-        """Samples from the prior; the mean of p(x|z) when ``mean`` (see :meth:`pyro_lvae.models.model.GenerativeModel.sample`)."""
+        """Samples from the prior; the mean of p(x|z) when ``mean``
+        (see :meth:`pyro_lvae.models.model.GenerativeModel.sample`)."""
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}.")
         param = next(self.parameters())
@@ -127,7 +128,9 @@ class VLAEModel(HierarchicalModel):
         return model_trace.nodes["x"]["fn"].mean
 
     @torch.no_grad()
-    def traverse(self, layer: int, *, steps: int = 7, span: float = 2.0, fixed: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def traverse(
+        self, layer: int, *, steps: int = 7, span: float = 2.0, fixed: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Decode a grid over one layer's code with the other layers held fixed.
 
         The first two units of z_layer (one, if the layer has a single unit) sweep

@@ -47,10 +47,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import ModelConfig
-from .protocol import HierarchicalGuide, HierarchicalModel, check_examples, eval_mode
-from .nn import gaussian_head_for, mlp_for
-from .registration import register_modules
 from ..inference.warmup import kl_weight
+from .nn import gaussian_head_for, mlp_for
+from .protocol import HierarchicalGuide, HierarchicalModel, check_examples, eval_mode
+from .registration import register_modules
 
 
 class UniformCodebook(dist.TorchDistribution):
@@ -68,16 +68,18 @@ class UniformCodebook(dist.TorchDistribution):
     arg_constraints: dict = {}
     support = constraints.independent(constraints.real, 2)
 
-    def __init__(self, codebook: torch.Tensor, positions: int, batch_shape: torch.Size = torch.Size(), validate_args=None):
+    def __init__(self, codebook: torch.Tensor, positions: int, batch_shape: tuple[int, ...] = (), validate_args=None):
         self.codebook = codebook
         self.positions = positions
-        super().__init__(torch.Size(batch_shape), torch.Size((positions, codebook.shape[-1])), validate_args=validate_args)
+        super().__init__(
+            torch.Size(batch_shape), torch.Size((positions, codebook.shape[-1])), validate_args=validate_args
+        )
 
     def expand(self, batch_shape, _instance=None):
         """The same prior with batch shape ``batch_shape``."""
         return UniformCodebook(self.codebook, self.positions, torch.Size(batch_shape))
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=()):
         """Codebook vectors drawn uniformly and independently at every position."""
         shape = torch.Size(sample_shape) + self.batch_shape + (self.positions,)
         idx = torch.randint(self.codebook.shape[0], shape, device=self.codebook.device)
@@ -97,7 +99,9 @@ class VQVAEModel(HierarchicalModel):
     :param name: Prefix of the parameters in Pyro's param store.
 
     >>> from pyro_lvae.config import ModelConfig
-    >>> cfg = ModelConfig(family="vqvae", guide="vae", input_dim=6, latent_sizes=(2,), hidden_sizes=(8,), codebook_size=4, code_dim=3)
+    >>> cfg = ModelConfig(
+    ...     family="vqvae", guide="vae", input_dim=6, latent_sizes=(2,), hidden_sizes=(8,), codebook_size=4, code_dim=3
+    ... )
     >>> VQVAEModel(cfg).sample(5).shape
     torch.Size([5, 6])
     """
@@ -216,7 +220,7 @@ class VQVAEGuide(HierarchicalGuide):
             (equal to ``e``, with the gradient of ``z_e``).
         """
         codebook = self.model.codebook
-        dist2 = (z_e.pow(2).sum(-1, keepdim=True) - 2 * z_e @ codebook.T + codebook.pow(2).sum(-1))
+        dist2 = z_e.pow(2).sum(-1, keepdim=True) - 2 * z_e @ codebook.T + codebook.pow(2).sum(-1)
         indices = dist2.argmin(-1)
         e = codebook[indices]
         return indices, e, z_e + (e - z_e).detach()
@@ -262,7 +266,9 @@ class VQVAEGuide(HierarchicalGuide):
 
 
 @torch.no_grad()
-def vq_statistics(model: VQVAEModel, guide: VQVAEGuide, data: torch.Tensor, *, batch_size: int = 1000) -> dict[str, float]:
+def vq_statistics(
+    model: VQVAEModel, guide: VQVAEGuide, data: torch.Tensor, *, batch_size: int = 1000
+) -> dict[str, float]:
     """Reconstruction, codebook usage and the ELBO under the uniform prior.
 
     :param data: Examples of shape ``(N, input_dim)`` on the model's device.

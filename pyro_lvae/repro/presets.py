@@ -67,10 +67,20 @@ _VARIANTS = {
 #: Fashion-MNIST grey levels, the stand-in used where NORB cannot be obtained.
 _SETTINGS = {
     "mnist": dict(
-        dataset="mnist", input_dim=784, binarization="dynamic", likelihood="bernoulli", activation="leaky_relu", epochs=2000
+        dataset="mnist",
+        input_dim=784,
+        binarization="dynamic",
+        likelihood="bernoulli",
+        activation="leaky_relu",
+        epochs=2000,
     ),
     "omniglot": dict(
-        dataset="omniglot28", input_dim=784, binarization="dynamic", likelihood="bernoulli", activation="leaky_relu", epochs=1500
+        dataset="omniglot28",
+        input_dim=784,
+        binarization="dynamic",
+        likelihood="bernoulli",
+        activation="leaky_relu",
+        epochs=1500,
     ),
     "norb-gauss": dict(
         dataset="norb", input_dim=1024, binarization="none", likelihood="gaussian", activation="tanh", epochs=2000
@@ -80,7 +90,12 @@ _SETTINGS = {
     # averages 3×3 blocks, which leaves the 256-level grid; its preset keeps the paper's
     # continuous density.)
     "fashion-gauss": dict(
-        dataset="fashion_mnist", input_dim=784, binarization="none", likelihood="gaussian", activation="tanh", epochs=2000,
+        dataset="fashion_mnist",
+        input_dim=784,
+        binarization="none",
+        likelihood="gaussian",
+        activation="tanh",
+        epochs=2000,
         dequantize=True,
     ),
 }
@@ -90,7 +105,12 @@ _SETTINGS = {
 VARIANT_LABELS = {"vae": "VAE", "vae-bn": "VAE+BN", "vae-bn-wu": "VAE+BN+WU", "lvae-bn-wu": "LVAE+BN+WU"}
 
 #: The name prefix of each setting's presets.
-SETTING_PREFIXES = {"mnist": "", "omniglot": "omniglot-", "norb-gauss": "norb-gauss-", "fashion-gauss": "fashion-gauss-"}
+SETTING_PREFIXES = {
+    "mnist": "",
+    "omniglot": "omniglot-",
+    "norb-gauss": "norb-gauss-",
+    "fashion-gauss": "fashion-gauss-",
+}
 
 
 def at_depth(base: str, depth: int) -> str:
@@ -221,7 +241,9 @@ PRESETS["vlae-3"] = ExperimentConfig(
         batch_norm=True,
         likelihood="bernoulli",
     ),
-    train=TrainConfig(dataset="mnist", binarization="dynamic", epochs=200, warmup_epochs=0, num_importance_samples=5000),
+    train=TrainConfig(
+        dataset="mnist", binarization="dynamic", epochs=200, warmup_epochs=0, num_importance_samples=5000
+    ),
     name="vlae-3",
 )
 PRESETS["vqvae"] = ExperimentConfig(

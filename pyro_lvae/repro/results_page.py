@@ -18,12 +18,11 @@ NORB of Table 2, and the Fashion-MNIST stand-in for NORB) it shows:
 
 from __future__ import annotations
 
-import json
 import os
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: the figures are drawn without a GUI backend
@@ -157,7 +156,10 @@ def _schedule(runs: list[RunResult]) -> list[str]:
     versions = sorted({f"torch {r.results.versions['torch']}, pyro-ppl {r.results.versions['pyro']}" for r in runs})
     tests = sorted({r.results.num_test_examples for r in runs})
     ks = sorted({r.results.num_importance_samples for r in runs})
-    lines.append(f"- Test examples: {', '.join(map(str, tests))}; K of L_K: {', '.join(map(str, ks))} (paper: the whole test set and 5000).")
+    lines.append(
+        f"- Test examples: {', '.join(map(str, tests))}; K of L_K: {', '.join(map(str, ks))} "
+        "(paper: the whole test set and 5000)."
+    )
     lines.append(f"- Hardware: {'; '.join(devices)}. Software: {'; '.join(versions)}. Dates: {', '.join(dates)}.")
     return lines
 
@@ -195,7 +197,9 @@ def _layers_figure(table: dict[tuple[str, int], list[RunResult]], title: str, pa
         if not depths:
             continue
         for ax, key in zip(axes, ("test_elbo", "test_log_likelihood")):
-            ax.plot(depths, [_mean([getattr(r.results, key) for r in table[variant, d]]) for d in depths], "o-", label=label)
+            ax.plot(
+                depths, [_mean([getattr(r.results, key) for r in table[variant, d]]) for d in depths], "o-", label=label
+            )
     k = sorted({r.results.num_importance_samples for rs in table.values() for r in rs})
     axes[0].set(xlabel="stochastic layers", ylabel="nats", title="test L1 (ELBO)")
     axes[1].set(xlabel="stochastic layers", ylabel="nats", title=f"test L_{'/'.join(map(str, k))}")
@@ -261,12 +265,16 @@ def _active_unit_claim(vae: RunResult, lvae: RunResult) -> str:
         kl = [sum(k > 0.01 for k in layer) for layer in run.results.test_kl_per_unit or []]
         counts[name] = (burda, kl)
     (b_vae, k_vae), (b_lvae, k_lvae) = counts["vae"], counts["lvae"]
-    parts = [f"Cov_x E_q[u] > 0.01 (Burda et al.): VAE+BN+WU {'/'.join(map(str, b_vae))}, LVAE+BN+WU "
-             f"{'/'.join(map(str, b_lvae))}, z2–z5 {sum(b_vae[1:])} vs {sum(b_lvae[1:])}"]
+    parts = [
+        f"Cov_x E_q[u] > 0.01 (Burda et al.): VAE+BN+WU {'/'.join(map(str, b_vae))}, LVAE+BN+WU "
+        f"{'/'.join(map(str, b_lvae))}, z2–z5 {sum(b_vae[1:])} vs {sum(b_lvae[1:])}"
+    ]
     verdicts = [sum(b_lvae[1:]) > sum(b_vae[1:])]
     if k_vae and k_lvae:
-        parts.append(f"mean KL > 0.01 nats: VAE+BN+WU {'/'.join(map(str, k_vae))}, LVAE+BN+WU "
-                     f"{'/'.join(map(str, k_lvae))}, z2–z5 {sum(k_vae[1:])} vs {sum(k_lvae[1:])}")
+        parts.append(
+            f"mean KL > 0.01 nats: VAE+BN+WU {'/'.join(map(str, k_vae))}, LVAE+BN+WU "
+            f"{'/'.join(map(str, k_lvae))}, z2–z5 {sum(k_vae[1:])} vs {sum(k_lvae[1:])}"
+        )
         verdicts.append(sum(k_lvae[1:]) > sum(k_vae[1:]))
     if all(verdicts):
         verdict = "holds by every measure"
@@ -274,10 +282,13 @@ def _active_unit_claim(vae: RunResult, lvae: RunResult) -> str:
         verdict = "does not hold"
     else:
         verdict = "the measures disagree"
-    return (f"- *The LVAE uses more upper-layer units*: **{verdict}** (seed {vae.config.train.seed}; "
-            + "; ".join(parts) + "). Burda's measure counts units whose posterior mean varies across "
-            "examples; below the top layer it is inflated by variation passed down from the layers above "
-            "([analysis](analysis.md)), so the KL count is the stricter one.")
+    return (
+        f"- *The LVAE uses more upper-layer units*: **{verdict}** (seed {vae.config.train.seed}; "
+        + "; ".join(parts)
+        + "). Burda's measure counts units whose posterior mean varies across "
+        "examples; below the top layer it is inflated by variation passed down from the layers above "
+        "([analysis](analysis.md)), so the KL count is the stricter one."
+    )
 
 
 def _claims(table: dict[tuple[str, int], list[RunResult]], key: str) -> list[str]:
@@ -291,8 +302,11 @@ def _claims(table: dict[tuple[str, int], list[RunResult]], key: str) -> list[str
     lines = [
         f"Differences within ±{TIE_MARGIN} nats are called inconclusive: that is the size of the "
         "difference between two runs of the same model here (the depth-1 LVAE and VAE), "
-        + ("with one seed per setting, so no other estimate of run-to-run noise exists." if seeds <= 1
-           else f"with up to {seeds} seeds per setting, averaged."),
+        + (
+            "with one seed per setting, so no other estimate of run-to-run noise exists."
+            if seeds <= 1
+            else f"with up to {seeds} seeds per setting, averaged."
+        ),
         "",
     ]
     noise = [value("lvae-bn-wu", 1), value("vae-bn-wu", 1)]
@@ -408,7 +422,8 @@ def _finetuning_table(base: list[RunResult], finetuned: dict[str, list[RunResult
     ]
     for r in base[:1]:
         out.append(
-            f"| LVAE, 5-layer (`{r.preset}`) | {_fmt(PAPER_L5000.get(r.preset))} | {_fmt(r.results.test_log_likelihood)} "
+            f"| LVAE, 5-layer (`{r.preset}`) | {_fmt(PAPER_L5000.get(r.preset))} "
+            f"| {_fmt(r.results.test_log_likelihood)} "
             f"| {_fmt(r.results.test_elbo)} | {r.results.epochs} + 0 | 1 × 1 |"
         )
     for preset in sorted(finetuned):
@@ -416,7 +431,8 @@ def _finetuning_table(base: list[RunResult], finetuned: dict[str, list[RunResult
             t = r.config.train
             out.append(
                 f"| LVAE, 5-layer + fine-tuning{' + IW=10' if preset.endswith('iw10') else ''} (`{preset}`) "
-                f"| {_fmt(PAPER_L5000.get(preset))} | {_fmt(r.results.test_log_likelihood)} | {_fmt(r.results.test_elbo)} "
+                f"| {_fmt(PAPER_L5000.get(preset))} | {_fmt(r.results.test_log_likelihood)} "
+                f"| {_fmt(r.results.test_elbo)} "
                 f"| {t.epochs} + {t.finetune_epochs} | {t.finetune_mc_samples} × {t.finetune_iw_samples} |"
             )
     base_cfg = base[0].config.to_dict()["train"] if base else None
@@ -424,7 +440,10 @@ def _finetuning_table(base: list[RunResult], finetuned: dict[str, list[RunResult
         ft_cfg = rs[0].config.to_dict()["train"]
         same = base_cfg is not None and all(ft_cfg[k] == base_cfg[k] for k in base_cfg if not k.startswith("finetune_"))
         if not same:
-            out += ["", f"Note: `{rs[0].preset}` was not trained with the same settings as the row without fine-tuning."]
+            out += [
+                "",
+                f"Note: `{rs[0].preset}` was not trained with the same settings as the row without fine-tuning.",
+            ]
             break
     out.append("")
     return out
@@ -493,7 +512,8 @@ def render_results_page(runs: list[RunResult], figures: Path, figures_rel: str) 
         lines += ["## Other runs", "", "| run | preset | L_K | L1 | K | epochs |", "|---|---|---|---|---|---|"]
         for r in other:
             lines.append(
-                f"| {r.sweep}/{r.run} | `{r.preset}` | {_fmt(r.results.test_log_likelihood)} | {_fmt(r.results.test_elbo)} "
+                f"| {r.sweep}/{r.run} | `{r.preset}` | {_fmt(r.results.test_log_likelihood)} "
+                f"| {_fmt(r.results.test_elbo)} "
                 f"| {r.results.num_importance_samples} | {r.results.epochs} |"
             )
         lines.append("")

@@ -46,16 +46,18 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
+import tomllib
 
 from ..config import ExperimentConfig, ModelConfig, TrainConfig, parse_field
-from .presets import at_depth, get_preset
-from ..training.run_files import CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, PREVIOUS_NAME, RESULTS_NAME
 from ..training.results import RunResults
 from ..training.resume import can_resume_as
+from ..training.run_files import CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, PREVIOUS_NAME, RESULTS_NAME
+from .presets import at_depth, get_preset
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +91,13 @@ class Grid:
             raise ValueError("A grid needs at least one preset; add presets = [...] to the grid file.")
         if not self.seeds:
             raise ValueError("A grid needs at least one seed; add seeds = [0] to the grid file.")
-        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs <= 0):
+        if self.epochs is not None and (
+            isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs <= 0
+        ):
             raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}.")
         self.runs()  # unknown presets and invalid overrides fail here, before any run
 
-    def runs(self) -> list["Run"]:
+    def runs(self) -> list[Run]:
         """Every run of the grid, in file order (preset, then depth, then seed)."""
         names = [at_depth(p, d) for p in self.presets for d in self.depths] if self.depths else list(self.presets)
         runs = []
@@ -203,7 +207,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     key = key.strip().replace("-", "_")
     if not sep or key not in _config_field_types():
-        raise ValueError(f"--set needs KEY=VALUE with a configuration field as KEY, got {text!r}; see `pyro-lvae train --help`.")
+        raise ValueError(
+            f"--set needs KEY=VALUE with a configuration field as KEY, got {text!r}; see `pyro-lvae train --help`."
+        )
     try:
         return key, parse_field(key, raw)
     except ValueError as exc:
@@ -219,9 +225,7 @@ def shipped_grids() -> list[str]:
     return sorted(p.stem for p in GRIDS_DIR.glob("*.toml"))
 
 
-def load_grid(
-    path: str | os.PathLike, *, overrides: dict[str, Any] | None = None, epochs: int | None = None
-) -> Grid:
+def load_grid(path: str | os.PathLike, *, overrides: dict[str, Any] | None = None, epochs: int | None = None) -> Grid:
     """Read a grid file.
 
     :param path: The TOML file, or the name of a shipped grid (:func:`shipped_grids`).
@@ -333,7 +337,10 @@ def run_sweep(
             run_dir.mkdir(parents=True, exist_ok=True)
             log = open(run_dir / LOG_NAME, "a")
             cmd = run.command(
-                run_dir, resume=state == "resume", device=device, data_root=None if data_root is None else str(data_root)
+                run_dir,
+                resume=state == "resume",
+                device=device,
+                data_root=None if data_root is None else str(data_root),
             )
             log.write(" ".join(cmd) + "\n")
             log.flush()
@@ -406,7 +413,11 @@ def summary_markdown(grid: Grid, rows: list[dict[str, Any]]) -> str:
     :param grid: The grid.
     :param rows: The rows from :func:`aggregate`.
     """
-    lines = [f"# Sweep summary\n\n{grid.description}\n", "| preset | seeds done | epochs | test L1 | test L_K | K | test examples |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Sweep summary\n\n{grid.description}\n",
+        "| preset | seeds done | epochs | test L1 | test L_K | K | test examples |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for preset in dict.fromkeys(r["preset"] for r in rows):
         done = [r for r in rows if r["preset"] == preset and r["status"] == "done"]
         total = sum(1 for r in rows if r["preset"] == preset)

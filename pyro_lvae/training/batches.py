@@ -125,7 +125,9 @@ def epoch_batches(
         x_epoch = binarize(data.train, generator=gen)
     elif data.dequantized:
         x_epoch = dequantize(data.train, generator=gen)
-    batches = list(torch.randperm(len(data.train), generator=gen, device=data.train.device).split(config.train.batch_size))
+    batches = list(
+        torch.randperm(len(data.train), generator=gen, device=data.train.device).split(config.train.batch_size)
+    )
     smallest = 2 if config.model.batch_norm else 1  # batch norm cannot normalize one example
     if len(batches) > 1 and len(batches[-1]) // world_size < smallest:
         batches = batches[:-1]

@@ -80,9 +80,7 @@ def load_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any]:
     candidates = [run_dir / CHECKPOINT_NAME, run_dir / PREVIOUS_NAME]
     existing = [p for p in candidates if p.exists()]
     if not existing:
-        raise FileNotFoundError(
-            f"No checkpoint in {run_dir}; train the run first (pyro-lvae train --out {run_dir})."
-        )
+        raise FileNotFoundError(f"No checkpoint in {run_dir}; train the run first (pyro-lvae train --out {run_dir}).")
     errors = []
     for path in existing:
         try:

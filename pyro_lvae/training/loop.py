@@ -57,8 +57,8 @@ from ..models.families import make_guide, make_model
 from ..rng import preserved_rng, rng_state, set_rng_state
 from .batches import PreparedData, epoch_batches, epoch_seed, prepare_data
 from .distributed import DistributedContext, all_reduce_sum, gather_objects, init_from_environment, local_device, shard
-from .resume import check_resume
 from .results import RunResults, discrete_offset, final_results
+from .resume import check_resume
 from .run_dir import RunDirectory
 from .schedule import EpochPlan, epoch_plan, is_evaluation_epoch, warn_about_schedule
 from .signals import StopRequest, TrainingInterrupted, agree_on_signal, stop_on_signals
@@ -295,8 +295,14 @@ class _Trainer:
         x_epoch, batches = epoch_batches(self.data, self.config, epoch, world_size=self.ctx.world_size)
         sums = self._epoch_sums(epoch, len(batches))
         beta = torch.tensor(plan.beta, device=self.device)
-        bar = tqdm(range(sums.first_step, len(batches)), disable=not self.progress, leave=False,
-                   desc=f"epoch {epoch + 1}/{self.total_epochs}", initial=sums.first_step, total=len(batches))
+        bar = tqdm(
+            range(sums.first_step, len(batches)),
+            disable=not self.progress,
+            leave=False,
+            desc=f"epoch {epoch + 1}/{self.total_epochs}",
+            initial=sums.first_step,
+            total=len(batches),
+        )
         for i in bar:
             idx = shard(batches[i], self.ctx)
             self._take_step(x_epoch[idx], beta, sums, epoch=epoch, step=i)
@@ -326,7 +332,9 @@ class _Trainer:
         tc = self.config.train
         if plan.finetuning and not isinstance(self.step.elbo, ImportanceWeightedLoss):
             # Paper §3: fine-tuning maximizes the importance-weighted bound at β = 1.
-            self.step.use_objective(ImportanceWeightedLoss(mc_samples=tc.finetune_mc_samples, iw_samples=tc.finetune_iw_samples))
+            self.step.use_objective(
+                ImportanceWeightedLoss(mc_samples=tc.finetune_mc_samples, iw_samples=tc.finetune_iw_samples)
+            )
         self.step.set_learning_rate(plan.learning_rate)
         self.model.train()
         self.guide.train()
@@ -358,16 +366,25 @@ class _Trainer:
         sums.skipped += 1
         self.consecutive_skips += 1
         logger.warning(
-            "Skipped step %d of epoch %d: non-finite loss or gradient (%d in a row).", step + 1, epoch + 1, self.consecutive_skips
+            "Skipped step %d of epoch %d: non-finite loss or gradient (%d in a row).",
+            step + 1,
+            epoch + 1,
+            self.consecutive_skips,
         )
         if self.consecutive_skips >= self.config.train.max_consecutive_skips:
-            kept = f"; the checkpoint of epoch {epoch} in {self.run_dir.path} is intact" if self.run_dir and epoch > 0 else ""
+            kept = (
+                f"; the checkpoint of epoch {epoch} in {self.run_dir.path} is intact"
+                if self.run_dir and epoch > 0
+                else ""
+            )
             raise FloatingPointError(
                 f"{self.consecutive_skips} consecutive training steps had a non-finite loss or gradient "
                 f"(epoch {epoch + 1}){kept}; lower learning_rate or check the data and the configuration."
             )
 
-    def _stop_inside_epoch(self, signum: int, epoch: int, done: int, steps: int, sums: _EpochSums, seconds: float) -> None:
+    def _stop_inside_epoch(
+        self, signum: int, epoch: int, done: int, steps: int, sums: _EpochSums, seconds: float
+    ) -> None:
         """Save the position inside the epoch (this step is done) and raise :class:`TrainingInterrupted`."""
         if self.run_dir is not None:
             parts = gather_objects((sums.loss.item(), sums.seen), self.ctx)  # each process's part

@@ -86,7 +86,7 @@ class RunResults(Mapping):
         return {k: v for k, v in d.items() if v is not None and (k != "dequantized" or v)}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RunResults":
+    def from_dict(cls, d: Mapping[str, Any]) -> RunResults:
         """Read the JSON object of ``results.json``.
 
         :param d: The object.
@@ -95,11 +95,13 @@ class RunResults(Mapping):
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"results.json has unknown entries {unknown}; it was written by another pyro-lvae version.")
+            raise ValueError(
+                f"results.json has unknown entries {unknown}; it was written by another pyro-lvae version."
+            )
         return cls(**{**d, "config": ExperimentConfig.from_dict(d["config"])})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "RunResults":
+    def load(cls, path: str | os.PathLike) -> RunResults:
         """Read ``results.json``, or the one in the run directory ``path``.
 
         :param path: The file or its run directory.
@@ -170,7 +172,13 @@ def final_results(
     """
     t0 = time.perf_counter()
     ev = evaluate(
-        model, guide, test, num_samples=num_samples, memory_budget=memory_budget, progress=progress, seed=config.train.seed
+        model,
+        guide,
+        test,
+        num_samples=num_samples,
+        memory_budget=memory_budget,
+        progress=progress,
+        seed=config.train.seed,
     )
     extra = model.test_metrics(guide, test)
     offset = discrete_offset(config)

@@ -59,7 +59,7 @@ class RunDirectory:
         self.writer = writer
 
     @classmethod
-    def prepare(cls, path: str | os.PathLike, *, resume: bool, overwrite: bool, writer: bool = True) -> "RunDirectory":
+    def prepare(cls, path: str | os.PathLike, *, resume: bool, overwrite: bool, writer: bool = True) -> RunDirectory:
         """Check ``path`` against ``resume``/``overwrite``; the writer also clears or creates it.
 
         :param path: The run directory.
@@ -155,7 +155,9 @@ def load_run(
         model.load_state_dict(ckpt["model"])
         guide.load_state_dict(ckpt["guide"])
     except RuntimeError as exc:
-        raise ValueError(f"The checkpoint in {run_dir} does not match its own configuration ({exc}); it is corrupt.") from exc
+        raise ValueError(
+            f"The checkpoint in {run_dir} does not match its own configuration ({exc}); it is corrupt."
+        ) from exc
     model.to(device).eval()
     guide.to(device).eval()
     return model, guide, config, ckpt

@@ -11,9 +11,10 @@ import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -66,7 +67,9 @@ def stop_on_signals() -> Iterator[StopRequest]:
 
     def handler(signum: int, frame: Any) -> None:
         if request.signal is None:
-            logger.warning("%s received: finishing the current step, then writing a checkpoint.", signal.Signals(signum).name)
+            logger.warning(
+                "%s received: finishing the current step, then writing a checkpoint.", signal.Signals(signum).name
+            )
         request.signal = signum
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

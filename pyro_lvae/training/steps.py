@@ -8,7 +8,7 @@ the one an engine name asks for (``TrainingStep(..., engine=...)`` does the same
 
 Both engines minimize the same Pyro ELBO (:func:`~pyro_lvae.inference.objectives.elbo_for`)
 of the same model and guide with Adam, and take the same update on the same
-random draws (``tests/test_engine.py`` checks loss, gradients and parameters in
+random draws (``tests/training/test_steps.py`` checks loss, gradients and parameters in
 float64).
 
 ``"svi"`` is the loop of Pyro's tutorials::
@@ -47,8 +47,6 @@ batch, an overflow): the parameters and the optimizer state are left as they wer
 and :attr:`TrainingStep.skipped` says so. The check reads one flag per step from the
 device (one host synchronization per step on a GPU).
 """
-
-from __future__ import annotations
 
 from __future__ import annotations
 
@@ -148,7 +146,7 @@ class TrainingStep:
     #: The engine name this class implements.
     engine: ClassVar[str]
 
-    def __new__(cls, model: nn.Module, guide: nn.Module, *, engine: str = "fast", **options: Any) -> "TrainingStep":
+    def __new__(cls, model: nn.Module, guide: nn.Module, *, engine: str = "fast", **options: Any) -> TrainingStep:
         if cls is TrainingStep:
             if engine not in _ENGINES:
                 raise ValueError(f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
@@ -327,7 +325,7 @@ class SVIStep(TrainingStep):
 class _ScaledLoss(nn.Module):
     """The fast engine's loss as a module for DDP: ``world_size × loss(x, beta)``."""
 
-    def __init__(self, step: "FastStep") -> None:
+    def __init__(self, step: FastStep) -> None:
         super().__init__()
         self.model = step.model
         self.guide = step.guide
@@ -361,7 +359,9 @@ class FastStep(TrainingStep):
         self.model.register()
         self.guide.register()
         params = trainable_parameters(self.model, self.guide)
-        self.optimizer = torch.optim.Adam(params, lr=learning_rate, eps=adam_eps, fused=_fused_available(params) or None)
+        self.optimizer = torch.optim.Adam(
+            params, lr=learning_rate, eps=adam_eps, fused=_fused_available(params) or None
+        )
         self._ddp: nn.Module | None = None
         if self.distributed.enabled:
             from torch.nn.parallel import DistributedDataParallel

@@ -95,7 +95,9 @@ def test_analytic_kl_matches_monte_carlo_per_layer():
 
 def test_gaussian_likelihood_trains(make_synthetic):
     config = ExperimentConfig(
-        model=ModelConfig(input_dim=12, latent_sizes=(3, 2), hidden_sizes=(16, 8), activation="tanh", likelihood="gaussian"),
+        model=ModelConfig(
+            input_dim=12, latent_sizes=(3, 2), hidden_sizes=(16, 8), activation="tanh", likelihood="gaussian"
+        ),
         train=TrainConfig(
             binarization="none", epochs=8, batch_size=16, eval_every=1, num_importance_samples=5, learning_rate=1e-2
         ),
@@ -114,7 +116,9 @@ def test_gaussian_likelihood_trains(make_synthetic):
         torch.testing.assert_close(model.likelihood(z1).log_prob(x), expected)
         raw = torch.nn.functional.softplus(model.decoder_head.var(model.decoder_mlp(z1)))
         torch.testing.assert_close(var, raw.clamp_min(1e-5))
-    assert all(g > 0 for g in _kl_gradients_per_layer(result.model.train(), result.guide.train(), result.data.train[:8]))
+    assert all(
+        g > 0 for g in _kl_gradients_per_layer(result.model.train(), result.guide.train(), result.data.train[:8])
+    )
 
 
 def test_ladder_guide_site_is_the_merge_of_the_upward_estimate_and_the_models_prior():

@@ -19,8 +19,8 @@ from pyro_lvae.analysis import (
     psis_khat,
     training_curves,
 )
-from pyro_lvae.training import train
 from pyro_lvae.inference.warmup import kl_weight
+from pyro_lvae.training import train
 
 
 def _model(**kw) -> GenerativeModel:

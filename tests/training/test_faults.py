@@ -22,7 +22,9 @@ from pyro_lvae.training import train
 def _config(engine: str = "fast", **train_kw) -> ExperimentConfig:
     tc = dict(epochs=3, batch_size=16, num_importance_samples=2, eval_every=1, engine=engine)
     tc.update(train_kw)
-    return ExperimentConfig(model=ModelConfig(input_dim=12, latent_sizes=(3, 2), hidden_sizes=(8, 8)), train=TrainConfig(**tc))
+    return ExperimentConfig(
+        model=ModelConfig(input_dim=12, latent_sizes=(3, 2), hidden_sizes=(8, 8)), train=TrainConfig(**tc)
+    )
 
 
 def _lines(path):
@@ -74,7 +76,10 @@ def test_a_nan_parameter_stops_after_n_consecutive_skips_with_the_checkpoint_int
 
     monkeypatch.setattr(training, "epoch_batches", poison)
     monkeypatch.setattr(training, "make_model", make_model)
-    with pytest.raises(FloatingPointError, match=r"3 consecutive training steps .*epoch 3.*checkpoint of epoch 2 .* intact; lower learning_rate"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"3 consecutive training steps .*epoch 3.*checkpoint of epoch 2 .* intact; lower learning_rate",
+    ):
         train(config, out_dir=tmp_path, dataset=make_synthetic(), progress=False)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert ckpt["epoch"] == 2
@@ -145,7 +150,9 @@ def _assert_same_run(run_dir, reference):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_finishes_the_step_writes_a_checkpoint_and_resume_continues(tmp_path, shared_data_root, reference_run, sig):
+def test_signal_finishes_the_step_writes_a_checkpoint_and_resume_continues(
+    tmp_path, shared_data_root, reference_run, sig
+):
     run_dir = tmp_path / "run"
     proc = _start(run_dir, shared_data_root)
     _wait_for_epochs(proc, run_dir, 2)
@@ -171,8 +178,16 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
     run_dir = tmp_path / "run"
     rng = random.Random(2026)
     kills = 0
-    for attempt in range(4):
-        proc = _start(run_dir, shared_data_root, *(["--resume"] if (run_dir / "checkpoint.pt").exists() or (run_dir / "checkpoint.prev.pt").exists() else ["--overwrite"]))
+    for _attempt in range(4):
+        proc = _start(
+            run_dir,
+            shared_data_root,
+            *(
+                ["--resume"]
+                if (run_dir / "checkpoint.pt").exists() or (run_dir / "checkpoint.prev.pt").exists()
+                else ["--overwrite"]
+            ),
+        )
         done = len(_lines(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
         _wait_for_epochs(proc, run_dir, done + 1)
         time.sleep(rng.uniform(0.0, 0.8))  # anywhere in the next epochs: steps, evaluation, checkpoint writes

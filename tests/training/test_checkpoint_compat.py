@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from pyro_lvae import ExperimentConfig
-from pyro_lvae.training.checkpoint import load_checkpoint
 from pyro_lvae.training import evaluate_run, load_run, train
+from pyro_lvae.training.checkpoint import load_checkpoint
 
-FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint-13e79a1"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoint-13e79a1"
 
 
 @pytest.fixture

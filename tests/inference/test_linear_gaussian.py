@@ -53,7 +53,7 @@ class LinearGaussianHierarchy:
                 if j < len(dims) - 1:
                     layer = cfg.depth - j  # z_layer given z_{layer+1}
                     head = model.top_down_heads[layer - 1]
-                    A, b = _affine(lambda z: model.prior_params(layer, z)[0], dims[j - 1])
+                    A, b = _affine(lambda z, layer=layer: model.prior_params(layer, z)[0], dims[j - 1])
                     var = F.softplus(head.var.bias)
                 else:
                     A, b = _affine(lambda z: model.decoder_head(model.decoder_mlp(z))[0], dims[j - 1])

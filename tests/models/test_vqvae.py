@@ -11,12 +11,21 @@ from pyro.infer import Trace_ELBO
 
 from pyro_lvae import evaluate, get_preset, make_guide, make_model
 from pyro_lvae.config import ModelConfig
-from pyro_lvae.training import train
 from pyro_lvae.models.vqvae import VQVAEGuide, VQVAEModel, vq_statistics
+from pyro_lvae.training import train
 
 
 def _small(**overrides) -> tuple[VQVAEModel, VQVAEGuide]:
-    kwargs = dict(family="vqvae", guide="vae", input_dim=12, latent_sizes=(3,), hidden_sizes=(16,), codebook_size=5, code_dim=4, batch_norm=False)
+    kwargs = dict(
+        family="vqvae",
+        guide="vae",
+        input_dim=12,
+        latent_sizes=(3,),
+        hidden_sizes=(16,),
+        codebook_size=5,
+        code_dim=4,
+        batch_norm=False,
+    )
     kwargs.update(overrides)
     model = make_model(ModelConfig(**kwargs))
     with torch.no_grad():
@@ -40,8 +49,8 @@ def test_straight_through_gradient_reaches_the_encoder():
     z_e = guide.encode(x)
     _, _, z_st = guide.quantize(z_e)
     z_q = z_st.detach().requires_grad_(True)
-    grad_q, = torch.autograd.grad(model.likelihood(z_q).log_prob(x).sum(), z_q)
-    grad_e, = torch.autograd.grad(model.likelihood(z_st).log_prob(x).sum(), z_e)
+    (grad_q,) = torch.autograd.grad(model.likelihood(z_q).log_prob(x).sum(), z_q)
+    (grad_e,) = torch.autograd.grad(model.likelihood(z_st).log_prob(x).sum(), z_e)
     torch.testing.assert_close(grad_e, grad_q)  # the decoder-input gradient, copied to z_e
     assert grad_e.abs().sum() > 0
     loss = Trace_ELBO().differentiable_loss(model, guide, x)
@@ -93,7 +102,12 @@ def test_loss_is_reconstruction_plus_constant_kl_plus_vq_terms():
 @pytest.mark.parametrize("ema", [False, True])
 def test_vqvae_trains_from_its_preset_and_uses_several_codes(mnist, ema):
     config = get_preset("vqvae").replace(
-        epochs=2, train_subset=2000, test_subset=300, hidden_sizes=(128,), batch_size=100, codebook_ema=ema,
+        epochs=2,
+        train_subset=2000,
+        test_subset=300,
+        hidden_sizes=(128,),
+        batch_size=100,
+        codebook_ema=ema,
     )
     result = train(config, dataset=mnist, progress=False)
     vq = result.results["vq"]
@@ -104,8 +118,20 @@ def test_vqvae_trains_from_its_preset_and_uses_several_codes(mnist, ema):
 
 
 def _ema_model(codes: int = 8) -> tuple[VQVAEModel, VQVAEGuide]:
-    model = make_model(ModelConfig(family="vqvae", guide="vae", input_dim=784, latent_sizes=(16,), hidden_sizes=(64,),
-                                   codebook_size=codes, code_dim=16, batch_norm=False, codebook_ema=True, ema_decay=0.9))
+    model = make_model(
+        ModelConfig(
+            family="vqvae",
+            guide="vae",
+            input_dim=784,
+            latent_sizes=(16,),
+            hidden_sizes=(64,),
+            codebook_size=codes,
+            code_dim=16,
+            batch_norm=False,
+            codebook_ema=True,
+            ema_decay=0.9,
+        )
+    )
     return model, make_guide(model)
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig
-from pyro_lvae.training.steps import TrainingStep, clip_gradients, trainable_parameters
 from pyro_lvae.inference.objectives import elbo_for
+from pyro_lvae.training.steps import TrainingStep, clip_gradients, trainable_parameters
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -148,7 +148,9 @@ def test_clip_gradients_bounds_the_norm_then_every_entry():
     assert norm.item() == pytest.approx(4.0, rel=1e-5)
     torch.testing.assert_close(a.grad, torch.tensor([30.0, -40.0, 0.0]) * 4.0 / 50.0025, rtol=1e-4, atol=0)
     clip_gradients([a, b], max_norm=0.0, max_value=0.9)
-    assert a.grad.abs().max().item() == pytest.approx(0.9) and b.grad[1].item() == pytest.approx(0.5 * 4 / 50.0025, rel=1e-4)
+    assert a.grad.abs().max().item() == pytest.approx(0.9) and b.grad[1].item() == pytest.approx(
+        0.5 * 4 / 50.0025, rel=1e-4
+    )
 
 
 @pytest.mark.parametrize("engine", ["fast", "svi"])
@@ -246,9 +248,11 @@ def test_a_learning_rate_set_after_restoring_the_state_is_the_one_used(engine):
     other(x, beta)
     for p, q in zip(expected, trainable_parameters(model_b, guide_b)):
         torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12)
-    rates = [g["lr"] for s in other.state_dict()["optimizer"].values() for g in s["param_groups"]] if engine == "svi" else [
-        g["lr"] for g in other.state_dict()["optimizer"]["param_groups"]
-    ]
+    rates = (
+        [g["lr"] for s in other.state_dict()["optimizer"].values() for g in s["param_groups"]]
+        if engine == "svi"
+        else [g["lr"] for g in other.state_dict()["optimizer"]["param_groups"]]
+    )
     assert rates and set(rates) == {1e-1}
 
 

@@ -57,7 +57,7 @@ def test_sweep_runs_aggregates_skips_and_resumes(tmp_path, shared_data_root, cap
         log = (out / name / "train.log").read_text()
         assert log.count("--resume") == 1 and "Resuming" in log
         lines = (out / name / "metrics.jsonl").read_text().splitlines()
-        assert [json.loads(l)["epoch"] for l in lines] == [1, 2]
+        assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
         assert json.loads((out / name / "results.json").read_text())["epochs"] == 2
 
 

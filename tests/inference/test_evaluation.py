@@ -109,7 +109,9 @@ def test_out_of_memory_in_l_k_retries_with_smaller_chunks(monkeypatch, caplog):
     direct = evaluation.importance_sampled_bounds(model, guide, x, num_samples=40, chunk_size=5)
     assert torch.equal(retried["log_weights"], direct["log_weights"])
     # Other errors, and a failure at one particle per chunk, are raised.
-    monkeypatch.setattr(evaluation, "log_importance_weights", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    monkeypatch.setattr(
+        evaluation, "log_importance_weights", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch"))
+    )
     with pytest.raises(RuntimeError, match="shape mismatch"):
         evaluation.importance_sampled_bounds(model, guide, x, num_samples=4, chunk_size=4)
     monkeypatch.setattr(

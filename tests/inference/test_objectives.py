@@ -10,9 +10,9 @@ import torch
 from pyro.infer import RenyiELBO
 
 from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig
-from pyro_lvae.training.steps import TrainingStep
 from pyro_lvae.inference.evaluation import importance_sampled_bounds
 from pyro_lvae.inference.objectives import ImportanceWeightedLoss, importance_weighted_loss
+from pyro_lvae.training.steps import TrainingStep
 
 GUIDES = {"ladder": LadderGuide, "vae": BottomUpGuide}
 
@@ -67,8 +67,12 @@ def test_iwae_objective_is_tighter_than_the_elbo_and_has_gradients():
     guide = BottomUpGuide(model)
     x = _data(32)
     with torch.no_grad():
-        elbo = -torch.stack([importance_weighted_loss(model, guide, x, mc_samples=200, iw_samples=1) for _ in range(3)]).mean()
-        iwae = -torch.stack([importance_weighted_loss(model, guide, x, mc_samples=20, iw_samples=10) for _ in range(3)]).mean()
+        elbo = -torch.stack(
+            [importance_weighted_loss(model, guide, x, mc_samples=200, iw_samples=1) for _ in range(3)]
+        ).mean()
+        iwae = -torch.stack(
+            [importance_weighted_loss(model, guide, x, mc_samples=20, iw_samples=10) for _ in range(3)]
+        ).mean()
     assert iwae > elbo + 0.1
     loss = importance_weighted_loss(model, guide, x, mc_samples=2, iw_samples=3)
     loss.backward()

@@ -8,8 +8,8 @@ import torch
 from torch.nn import functional as F
 
 from pyro_lvae import GenerativeModel, LadderGuide, ModelConfig, elbo_for
-from pyro_lvae.training.steps import TrainingStep, trainable_parameters
 from pyro_lvae.models.nn import GaussianHead
+from pyro_lvae.training.steps import TrainingStep, trainable_parameters
 
 
 def test_variance_floor_clamps_below_and_is_bit_identical_above():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 
 import pyro
-import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
@@ -134,7 +133,9 @@ def test_ladder_guide_with_its_own_top_down_networks_merges_their_prior():
     torch.testing.assert_close(fn.scale, var.sqrt())
     # The model's top-down networks do not enter the guide, the guide's own do.
     log_q = trace.nodes["z1"]["fn"].log_prob(trace.nodes["z1"]["value"].detach()).sum()
-    model_grads = torch.autograd.grad(log_q, list(model.top_down_heads.parameters()), allow_unused=True, retain_graph=True)
+    model_grads = torch.autograd.grad(
+        log_q, list(model.top_down_heads.parameters()), allow_unused=True, retain_graph=True
+    )
     assert all(g is None for g in model_grads)
     own_grads = torch.autograd.grad(log_q, list(guide.top_down_net["heads"].parameters()), allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in own_grads)

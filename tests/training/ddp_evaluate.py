@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under ``torchrun``: the sharded L_K of a fixed model."""
+"""Run by tests/training/test_distributed.py under ``torchrun``: the sharded L_K of a fixed model."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ def main(out: str) -> None:
     import torch.distributed as dist
 
     from pyro_lvae import GenerativeModel, LadderGuide, ModelConfig
-    from pyro_lvae.training.distributed import init_from_environment
     from pyro_lvae.inference.evaluation import evaluate
+    from pyro_lvae.training.distributed import init_from_environment
 
     ctx = init_from_environment(torch.device("cpu"))
     pyro.set_rng_seed(0)

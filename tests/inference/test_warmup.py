@@ -9,12 +9,13 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from pyro_lvae import BottomUpGuide, ExperimentConfig, GenerativeModel, LadderGuide, ModelConfig, TrainConfig
-from pyro_lvae.training import train
 from pyro_lvae.inference.warmup import kl_weight, warmup_beta
+from pyro_lvae.training import train
 
 
 def _model() -> GenerativeModel:
     return GenerativeModel(ModelConfig(input_dim=8, latent_sizes=(3, 2), hidden_sizes=(12, 6), batch_norm=False))
+
 
 def test_schedule_is_linear_from_zero_to_one():
     assert [warmup_beta(e, 4) for e in range(7)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
@@ -23,12 +24,14 @@ def test_schedule_is_linear_from_zero_to_one():
     with pytest.raises(ValueError):
         warmup_beta(-1, 10)
 
+
 def test_poutine_scale_zero_raises_so_we_mask():
     """The pitfall that motivates kl_weight: poutine.scale(0) is refused by Pyro."""
     with pytest.raises(ValueError):
         poutine.scale(scale=0.0)
     with kl_weight(torch.tensor(0.0)):  # no error
         pass
+
 
 @pytest.mark.parametrize("guide_cls", [LadderGuide, BottomUpGuide])
 @pytest.mark.parametrize("beta", [0.0, 1e-30, 0.25, 0.75, 1.0])
@@ -52,6 +55,7 @@ def test_effective_weight_on_latent_sites_only(guide_cls, beta):
             else:
                 torch.testing.assert_close(site["log_prob"], beta * raw, atol=0, rtol=1e-6)
 
+
 @pytest.mark.parametrize("guide_cls", [LadderGuide, BottomUpGuide])
 def test_loss_is_reconstruction_plus_beta_kl(guide_cls):
     """With the same draws, loss(β) = −E log p(x|z) + β · (log q − log p) exactly."""
@@ -68,11 +72,17 @@ def test_loss_is_reconstruction_plus_beta_kl(guide_cls):
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
     recon = model_trace.nodes["x"]["fn"].log_prob(x).sum().item()
     kl = sum(
-        (guide_trace.nodes[n]["fn"].log_prob(guide_trace.nodes[n]["value"]) - model_trace.nodes[n]["fn"].log_prob(model_trace.nodes[n]["value"])).sum().item()
+        (
+            guide_trace.nodes[n]["fn"].log_prob(guide_trace.nodes[n]["value"])
+            - model_trace.nodes[n]["fn"].log_prob(model_trace.nodes[n]["value"])
+        )
+        .sum()
+        .item()
         for n in ("z1", "z2")
     )
     for beta, loss in losses.items():
         assert loss == pytest.approx(-recon + beta * kl, rel=1e-5, abs=1e-4)
+
 
 def test_step_at_beta_zero_carries_no_kl_gradient():
     """For the bottom-up guide the model's top-down networks enter only through KL terms."""
@@ -86,6 +96,7 @@ def test_step_at_beta_zero_carries_no_kl_gradient():
         total = sum(g.abs().sum() for g in grads if g is not None)
         assert (total == 0) == expect_zero, (beta, total)
 
+
 def test_training_uses_the_schedule_per_epoch(make_synthetic):
     config = ExperimentConfig(
         model=ModelConfig(input_dim=12, latent_sizes=(3, 2), hidden_sizes=(16, 8), batch_norm=True),
@@ -93,6 +104,7 @@ def test_training_uses_the_schedule_per_epoch(make_synthetic):
     )
     result = train(config, dataset=make_synthetic(), progress=False, final_evaluation=False)
     assert [m["beta"] for m in result.metrics] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+
 
 def test_kl_weight_rejects_bad_beta():
     with pytest.raises(ValueError):

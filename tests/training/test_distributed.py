@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from pyro_lvae import GenerativeModel, LadderGuide, ModelConfig
-from pyro_lvae.training.distributed import SINGLE_PROCESS, DistributedContext, shard
 from pyro_lvae.inference.evaluation import evaluate
+from pyro_lvae.training.distributed import SINGLE_PROCESS, DistributedContext, shard
 
 HERE = Path(__file__).parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -31,14 +31,30 @@ def test_shards_partition_every_global_batch():
 def test_one_two_process_step_equals_the_one_process_step_on_the_whole_batch(tmp_path):
     """The gradient of the global batch, not of the mean over processes: DDP averages the
     gradients, so each process's loss is scaled by the number of processes."""
-    two = subprocess.run(TORCHRUN + [str(HERE / "ddp_step.py"), str(tmp_path / "two-")], capture_output=True, text=True, env=ENV, timeout=300)
+    two = subprocess.run(
+        TORCHRUN + [str(HERE / "ddp_step.py"), str(tmp_path / "two-")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, str(HERE / "ddp_step.py"), str(tmp_path / "one-")], capture_output=True, text=True, env=ENV, timeout=300)
+    one = subprocess.run(
+        [sys.executable, str(HERE / "ddp_step.py"), str(tmp_path / "one-")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     single, rank0, rank1 = (torch.load(tmp_path / name)["params"] for name in ("one-0.pt", "two-0.pt", "two-1.pt"))
     pyro.set_rng_seed(0)
-    initial = GenerativeModel(ModelConfig(input_dim=10, latent_sizes=(4, 2), hidden_sizes=(16, 8), batch_norm=False)).double()
-    initial_params = [p.detach() for p in dict.fromkeys(list(initial.parameters()) + list(LadderGuide(initial).double().parameters()))]
+    initial = GenerativeModel(
+        ModelConfig(input_dim=10, latent_sizes=(4, 2), hidden_sizes=(16, 8), batch_norm=False)
+    ).double()
+    initial_params = [
+        p.detach() for p in dict.fromkeys(list(initial.parameters()) + list(LadderGuide(initial).double().parameters()))
+    ]
     for a, b, c, p0 in zip(rank0, rank1, single, initial_params):
         assert torch.equal(a, b)  # the processes stay identical
         torch.testing.assert_close(a - p0, c - p0, rtol=1e-6, atol=1e-12)  # the same update
@@ -46,20 +62,32 @@ def test_one_two_process_step_equals_the_one_process_step_on_the_whole_batch(tmp
 
 
 def test_a_non_finite_step_on_one_process_is_skipped_by_both(tmp_path):
-    proc = subprocess.run(TORCHRUN + [str(HERE / "ddp_step.py"), str(tmp_path / "nan-"), "1"], capture_output=True, text=True, env=ENV, timeout=300)
+    proc = subprocess.run(
+        TORCHRUN + [str(HERE / "ddp_step.py"), str(tmp_path / "nan-"), "1"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"nan-{r}.pt") for r in (0, 1))
     assert rank0["skipped"] and rank1["skipped"]  # rank 0's own loss was finite
     pyro.set_rng_seed(0)
-    initial = GenerativeModel(ModelConfig(input_dim=10, latent_sizes=(4, 2), hidden_sizes=(16, 8), batch_norm=False)).double()
-    initial_params = [p.detach() for p in dict.fromkeys(list(initial.parameters()) + list(LadderGuide(initial).double().parameters()))]
+    initial = GenerativeModel(
+        ModelConfig(input_dim=10, latent_sizes=(4, 2), hidden_sizes=(16, 8), batch_norm=False)
+    ).double()
+    initial_params = [
+        p.detach() for p in dict.fromkeys(list(initial.parameters()) + list(LadderGuide(initial).double().parameters()))
+    ]
     for a, b, p0 in zip(rank0["params"], rank1["params"], initial_params):
         assert torch.equal(a, p0) and torch.equal(b, p0)
 
 
 def test_two_process_evaluation_gives_the_same_per_example_l_k(tmp_path):
     out = tmp_path / "ddp.pt"
-    proc = subprocess.run(TORCHRUN + [str(HERE / "ddp_evaluate.py"), str(out)], capture_output=True, text=True, env=ENV, timeout=300)
+    proc = subprocess.run(
+        TORCHRUN + [str(HERE / "ddp_evaluate.py"), str(out)], capture_output=True, text=True, env=ENV, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = torch.load(out)
     pyro.set_rng_seed(0)
@@ -68,7 +96,9 @@ def test_two_process_evaluation_gives_the_same_per_example_l_k(tmp_path):
     x = torch.bernoulli(torch.full((30, 10), 0.4), generator=torch.Generator().manual_seed(1))
     single = evaluate(model, guide, x, num_samples=20, batch_size=7, seed=3)
     assert ddp["log_likelihood_per_example"].shape == (30,)
-    torch.testing.assert_close(ddp["log_likelihood_per_example"], single["log_likelihood_per_example"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ddp["log_likelihood_per_example"], single["log_likelihood_per_example"], rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(ddp["elbo_per_example"], single["elbo_per_example"], rtol=1e-5, atol=1e-5)
     assert ddp["kl_per_layer"] == pytest.approx(single["kl_per_layer"], rel=1e-5)
 
@@ -86,9 +116,13 @@ def _metrics(run: Path) -> list[dict]:
 
 def test_two_process_training_follows_the_one_process_loss_curve(tmp_path, shared_data_root):
     data = ["--data-root", str(shared_data_root)]
-    one = subprocess.run([sys.executable] + TRAIN + ["--out", str(tmp_path / "one")] + data, capture_output=True, text=True, env=ENV)
+    one = subprocess.run(
+        [sys.executable] + TRAIN + ["--out", str(tmp_path / "one")] + data, capture_output=True, text=True, env=ENV
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(TORCHRUN + TRAIN + ["--out", str(tmp_path / "two")] + data, capture_output=True, text=True, env=ENV)
+    two = subprocess.run(
+        TORCHRUN + TRAIN + ["--out", str(tmp_path / "two")] + data, capture_output=True, text=True, env=ENV
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "Process 1 of 2 (gloo backend)" in two.stderr
     a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
@@ -107,8 +141,23 @@ def test_two_process_training_follows_the_one_process_loss_curve(tmp_path, share
     assert ckpt["world_size"] == 2 and len(ckpt["rng_by_rank"]) == 2
     # A 2-process checkpoint resumes in one process, with a warning that ranks > 0 restart their streams.
     more = subprocess.run(
-        [sys.executable, "-m", "pyro_lvae", "train", "--out", str(tmp_path / "two"), "--resume", "--epochs", "7",
-         "--no-final-eval", "--no-progress"] + data, capture_output=True, text=True, env=ENV,
+        [
+            sys.executable,
+            "-m",
+            "pyro_lvae",
+            "train",
+            "--out",
+            str(tmp_path / "two"),
+            "--resume",
+            "--epochs",
+            "7",
+            "--no-final-eval",
+            "--no-progress",
+        ]
+        + data,
+        capture_output=True,
+        text=True,
+        env=ENV,
     )
     assert more.returncode == 0, more.stderr[-3000:]
     assert "written by 2 processes, not 1" in more.stderr
@@ -141,19 +190,33 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path, shared
 
     run = tmp_path / "run"
     data = ["--data-root", str(shared_data_root)]
-    proc = subprocess.Popen(TORCHRUN + TRAIN + ["--out", str(run)] + data, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        TORCHRUN + TRAIN + ["--out", str(run)] + data,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     deadline = time.time() + 240
-    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip()):
+    while time.time() < deadline and not (
+        (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip()
+    ):
         time.sleep(0.05)
     checkpoint = run / "checkpoint.pt"
-    while time.time() < deadline and not (checkpoint.exists() and torch.load(checkpoint, weights_only=False)["epoch"] >= 1):
+    while time.time() < deadline and not (
+        checkpoint.exists() and torch.load(checkpoint, weights_only=False)["epoch"] >= 1
+    ):
         time.sleep(0.05)
     os.kill(_worker_of_rank(proc.pid, 1), signal.SIGTERM)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode != 0  # the workers stopped with the signal's status
     ckpt = torch.load(checkpoint, weights_only=False)
     assert ckpt["epoch"] == 1 and ckpt["partial"] is not None and ckpt["partial"]["step"] > 0, err[-2000:]
-    assert len(ckpt["partial"]["seen"]) == 2 and ckpt["partial"]["seen"][0] == ckpt["partial"]["seen"][1]  # the same steps
-    more = subprocess.run(TORCHRUN + TRAIN + ["--out", str(run), "--resume"] + data, capture_output=True, text=True, env=ENV)
+    assert (
+        len(ckpt["partial"]["seen"]) == 2 and ckpt["partial"]["seen"][0] == ckpt["partial"]["seen"][1]
+    )  # the same steps
+    more = subprocess.run(
+        TORCHRUN + TRAIN + ["--out", str(run), "--resume"] + data, capture_output=True, text=True, env=ENV
+    )
     assert more.returncode == 0, more.stderr[-3000:]
     assert [m["epoch"] for m in _metrics(run)] == list(range(1, 7))

@@ -12,8 +12,13 @@ from pyro_lvae.repro.presets import get_preset
 from pyro_lvae.repro.results_page import split_preset, write_results_page
 from pyro_lvae.repro.sweep import shorten_schedule
 
-REPO = Path(__file__).resolve().parents[1]
-COMMITTED = ["experiments/fig3", "experiments/table1", "experiments/table2-omniglot", "experiments/table2-fashion-gauss"]
+REPO = Path(__file__).resolve().parents[2]
+COMMITTED = [
+    "experiments/fig3",
+    "experiments/table1",
+    "experiments/table2-omniglot",
+    "experiments/table2-fashion-gauss",
+]
 
 
 def test_the_committed_results_page_regenerates_identically(tmp_path, monkeypatch):
@@ -65,7 +70,10 @@ def test_page_content_claims_and_determinism(tmp_path, monkeypatch):
     assert main(["results-page", "fig3", "table2-omniglot", "--out", "page/results.md"]) == 0
     text = Path("page/results.md").read_text()
     assert "pyro-lvae results-page fig3 table2-omniglot --out docs/results.md" in text
-    assert "pyro-lvae sweep fig3 --out runs/fig3 --workers 2 --epochs 5 --set num_importance_samples=100 --set test_subset=500" in text
+    assert (
+        "pyro-lvae sweep fig3 --out runs/fig3 --workers 2 --epochs 5 "
+        "--set num_importance_samples=100 --set test_subset=500" in text
+    )
     assert "| LVAE+BN+WU (`lvae-bn-wu-5`) | 5 | -82.12 | -99.00 | -104.00 | 5 | 0 |" in text
     assert "in every run:** `epochs` = 5 (paper: 2000); `num_importance_samples` = 100 (paper: 5000)" in text
     assert "- In `lvae-bn-wu-1`, `lvae-bn-wu-2`, " in text and ": `warmup_epochs` = 1 (paper: 200)." in text

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pyro_lvae.cli import main
 from pyro_lvae.analysis.plots import DPI
+from pyro_lvae.cli import main
 
 # figsize of each figure, in inches (see pyro_lvae.analysis.plots)
 EXPECTED = {
@@ -27,8 +27,23 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 @pytest.fixture
 def two_runs(tmp_path, shared_data_root):
-    common = ["--epochs", "1", "--train-subset", "500", "--test-subset", "60", "--num-importance-samples", "5",
-              "--latent-sizes", "8,4", "--hidden-sizes", "32,16", "--data-root", str(shared_data_root), "--no-progress"]
+    common = [
+        "--epochs",
+        "1",
+        "--train-subset",
+        "500",
+        "--test-subset",
+        "60",
+        "--num-importance-samples",
+        "5",
+        "--latent-sizes",
+        "8,4",
+        "--hidden-sizes",
+        "32,16",
+        "--data-root",
+        str(shared_data_root),
+        "--no-progress",
+    ]
     main(["train", "--preset", "lvae-bn-wu-2", *common, "--out", str(tmp_path / "lvae")])
     main(["train", "--preset", "vae-bn-wu-2", *common, "--out", str(tmp_path / "vae")])
     return tmp_path
@@ -36,8 +51,20 @@ def two_runs(tmp_path, shared_data_root):
 
 def test_report_writes_every_figure(two_runs, shared_data_root, capsys):
     out = two_runs / "report"
-    code = main(["report", str(two_runs / "lvae"), str(two_runs / "vae"), "--out", str(out), "--num-samples", "30",
-                 "--data-root", str(shared_data_root), "--no-progress"])
+    code = main(
+        [
+            "report",
+            str(two_runs / "lvae"),
+            str(two_runs / "vae"),
+            "--out",
+            str(out),
+            "--num-samples",
+            "30",
+            "--data-root",
+            str(shared_data_root),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     for run in ("lvae", "vae"):
         for kind, (w, h) in EXPECTED.items():

@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under ``torchrun`` (or alone): one training step of a
+"""Run by tests/training/test_distributed.py under ``torchrun`` (or alone): one training step of a
 fixed model, with batch norm off and every Gaussian draw fixed at its mean, so that the
 step depends on the data alone. Writes each process's parameters after the step and
 whether it skipped it. A second argument puts a NaN into that rank's part of the batch."""
@@ -22,7 +22,9 @@ def one_step(out_prefix: str, poison_rank: int | None = None) -> None:
     normal._standard_normal = lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device)
     ctx = init_from_environment(torch.device("cpu"))
     pyro.set_rng_seed(0)
-    model = GenerativeModel(ModelConfig(input_dim=10, latent_sizes=(4, 2), hidden_sizes=(16, 8), batch_norm=False)).double()
+    model = GenerativeModel(
+        ModelConfig(input_dim=10, latent_sizes=(4, 2), hidden_sizes=(16, 8), batch_norm=False)
+    ).double()
     guide = LadderGuide(model).double()
     x = torch.bernoulli(torch.full((12, 10), 0.4, dtype=torch.float64), generator=torch.Generator().manual_seed(1))
     # ε = 1e6 ≫ |g| makes Adam's first update lr·g/ε, linear in the gradient: a wrong

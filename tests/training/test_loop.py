@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pyro_lvae import ExperimentConfig, ModelConfig, TrainConfig
-from pyro_lvae.training.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, load_checkpoint
 from pyro_lvae.inference.evaluation import evaluate
 from pyro_lvae.training import load_run, train
+from pyro_lvae.training.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, load_checkpoint
 
 
 def _tiny(guide: str, **train_kw) -> ExperimentConfig:
@@ -26,7 +26,9 @@ def _tiny(guide: str, **train_kw) -> ExperimentConfig:
 def test_both_guides_train_on_mnist_subset(mnist, guide):
     """200 SVI steps on 2000 real MNIST digits improve the test ELBO by a wide margin."""
     config = _tiny(guide)
-    untrained = train(config.replace(epochs=1, learning_rate=1e-12), dataset=mnist, progress=False, final_evaluation=False)
+    untrained = train(
+        config.replace(epochs=1, learning_rate=1e-12), dataset=mnist, progress=False, final_evaluation=False
+    )
     before = evaluate(untrained.model, untrained.guide, untrained.data.test, num_samples=5)["elbo"]
     result = train(config, dataset=mnist, progress=False)
     after = result.results["test_elbo"]
@@ -45,7 +47,9 @@ def test_resume_gives_identical_parameters(tmp_path, make_synthetic, engine):
     data = make_synthetic()
     config = ExperimentConfig(
         model=ModelConfig(input_dim=12, latent_sizes=(3, 2), hidden_sizes=(16, 8), batch_norm=True),
-        train=TrainConfig(epochs=2, batch_size=16, warmup_epochs=3, eval_every=1, num_importance_samples=3, engine=engine),
+        train=TrainConfig(
+            epochs=2, batch_size=16, warmup_epochs=3, eval_every=1, num_importance_samples=3, engine=engine
+        ),
     )
     straight = train(config, out_dir=tmp_path / "a", dataset=data, progress=False)
     train(config.replace(epochs=1), out_dir=tmp_path / "b", dataset=data, progress=False)
@@ -54,10 +58,10 @@ def test_resume_gives_identical_parameters(tmp_path, make_synthetic, engine):
         assert torch.equal(a, b), name
     for (name, a), (_, b) in zip(straight.guide.state_dict().items(), resumed.guide.state_dict().items()):
         assert torch.equal(a, b), name
-    lines_a = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    lines_b = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert [l["epoch"] for l in lines_b] == [1, 2]
-    assert [l["train_objective"] for l in lines_a] == [l["train_objective"] for l in lines_b]
+    lines_a = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lines_b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines_b] == [1, 2]
+    assert [line["train_objective"] for line in lines_a] == [line["train_objective"] for line in lines_b]
     assert straight.results["test_log_likelihood"] == resumed.results["test_log_likelihood"]
 
 
@@ -128,11 +132,11 @@ def test_finetuning_phase_schedule_and_resume(tmp_path, make_synthetic):
         ),
     )
     straight = train(config, out_dir=tmp_path / "a", dataset=data, progress=False)
-    lines = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert [l["epoch"] for l in lines] == [1, 2, 3, 4, 5]
-    assert [l["beta"] for l in lines] == [0.0, 0.5, 1.0, 1.0, 1.0]
-    assert [l.get("phase") for l in lines] == [None, None, "finetune", "finetune", "finetune"]
-    assert [l.get("learning_rate") for l in lines[2:]] == [1e-3, 1e-3, 5e-4]
+    lines = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 3, 4, 5]
+    assert [line["beta"] for line in lines] == [0.0, 0.5, 1.0, 1.0, 1.0]
+    assert [line.get("phase") for line in lines] == [None, None, "finetune", "finetune", "finetune"]
+    assert [line.get("learning_rate") for line in lines[2:]] == [1e-3, 1e-3, 5e-4]
     assert straight.results["epochs"] == 5 and "test_elbo" in lines[-1]
 
     # Stop after the first fine-tuning epoch, then resume.
@@ -142,7 +146,13 @@ def test_finetuning_phase_schedule_and_resume(tmp_path, make_synthetic):
         assert torch.equal(a, b), name
     # A trained run may be fine-tuned with any settings; a fine-tuning run keeps its own.
     train(config.replace(finetune_epochs=0), out_dir=tmp_path / "c", dataset=data, progress=False)
-    train(config.replace(finetune_iw_samples=2, finetune_epochs=1), out_dir=tmp_path / "c", dataset=data, progress=False, resume=True)
+    train(
+        config.replace(finetune_iw_samples=2, finetune_epochs=1),
+        out_dir=tmp_path / "c",
+        dataset=data,
+        progress=False,
+        resume=True,
+    )
     with pytest.raises(ValueError, match="different configuration"):
         train(config.replace(finetune_iw_samples=4), out_dir=tmp_path / "c", dataset=data, progress=False, resume=True)
 
@@ -176,9 +186,18 @@ def test_dequantized_gaussian_runs_report_bounds_on_the_discrete_images(make_syn
     from pyro_lvae.data import dequantization_offset
 
     config = ExperimentConfig(
-        model=ModelConfig(input_dim=12, latent_sizes=(3, 2), hidden_sizes=(16, 8), activation="tanh", likelihood="gaussian"),
-        train=TrainConfig(binarization="none", dequantize=True, epochs=3, batch_size=16, eval_every=1,
-                          num_importance_samples=10, learning_rate=1e-2),
+        model=ModelConfig(
+            input_dim=12, latent_sizes=(3, 2), hidden_sizes=(16, 8), activation="tanh", likelihood="gaussian"
+        ),
+        train=TrainConfig(
+            binarization="none",
+            dequantize=True,
+            epochs=3,
+            batch_size=16,
+            eval_every=1,
+            num_importance_samples=10,
+            learning_rate=1e-2,
+        ),
     )
     result = train(config, dataset=make_synthetic(), progress=False)
     r = result.results

@@ -13,12 +13,19 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro_lvae import get_preset, make_guide, make_model
 from pyro_lvae.config import ModelConfig
 from pyro_lvae.inference.objectives import elbo_for
-from pyro_lvae.training import train
 from pyro_lvae.models.vlae import VLAEGuide, VLAEModel
+from pyro_lvae.training import train
 
 
 def _small(batch_norm: bool = False) -> tuple[VLAEModel, VLAEGuide]:
-    cfg = ModelConfig(family="vlae", guide="vae", input_dim=10, latent_sizes=(3, 2, 2), hidden_sizes=(16, 12, 8), batch_norm=batch_norm)
+    cfg = ModelConfig(
+        family="vlae",
+        guide="vae",
+        input_dim=10,
+        latent_sizes=(3, 2, 2),
+        hidden_sizes=(16, 12, 8),
+        batch_norm=batch_norm,
+    )
     model = make_model(cfg)
     return model, make_guide(model)
 
@@ -36,7 +43,9 @@ def test_model_and_guide_sample_the_same_sites_in_the_same_order():
     tr = poutine.trace(model).get_trace(x)
     for name in ("z1", "z2", "z3"):
         base = tr.nodes[name]["fn"].base_dist
-        assert torch.equal(base.loc, torch.zeros_like(base.loc)) and torch.equal(base.scale, torch.ones_like(base.scale))
+        assert torch.equal(base.loc, torch.zeros_like(base.loc)) and torch.equal(
+            base.scale, torch.ones_like(base.scale)
+        )
 
 
 def test_mean_field_elbo_is_valid_and_unbiased():
@@ -84,8 +93,13 @@ def test_traverse_varies_one_layer_only():
 
 def test_vlae_trains_from_its_preset_and_its_elbo_improves(mnist):
     config = get_preset("vlae-3").replace(
-        epochs=3, train_subset=2000, test_subset=300, hidden_sizes=(128, 128, 128), eval_every=1,
-        num_importance_samples=50, batch_size=100,
+        epochs=3,
+        train_subset=2000,
+        test_subset=300,
+        hidden_sizes=(128, 128, 128),
+        eval_every=1,
+        num_importance_samples=50,
+        batch_size=100,
     )
     result = train(config, dataset=mnist, progress=False)
     elbos = [m["test_elbo"] for m in result.metrics]
