@@ -26,6 +26,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import pyro
 import torch
@@ -271,8 +272,6 @@ def evaluate(
         (list of floats, z1 first), ``reconstruction`` (float), and the
         per-example tensors ``elbo_per_example`` and ``log_likelihood_per_example``.
     """
-    from tqdm.auto import tqdm
-
     from ..training.distributed import current_context, gather_batches
 
     check_examples(data)
@@ -280,29 +279,9 @@ def evaluate(
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     ctx = current_context()
     batches = data.split(batch_size)
-    mine: dict[int, dict[str, torch.Tensor]] = {}
-    start = time.perf_counter()
-    # Evaluation needs no param store: without registration, a second model of the same
-    # name evaluated in one session is not renamed.
-    with eval_mode(model, guide), registered_once(model, guide):
-        for b in tqdm(range(len(batches)), disable=not progress, desc=f"L_{num_samples}", leave=False):
-            if b % ctx.world_size != ctx.rank:
-                continue
-            if b == ctx.world_size:  # one batch done here: say how long the rest will take
-                _log_expected_duration(time.perf_counter() - start, len(batches), ctx.world_size, num_samples)
-            with preserved_rng(batch_seed(seed, b)) if seed is not None else contextlib.nullcontext():
-                out = importance_sampled_bounds(
-                    model,
-                    guide,
-                    batches[b],
-                    num_samples=num_samples,
-                    chunk_size=chunk_size,
-                    memory_budget=memory_budget,
-                )
-            keys = ("elbo", "log_likelihood", "reconstruction", "layer_kl") + (
-                ("log_weights",) if return_log_weights else ()
-            )
-            mine[b] = {k: out[k].cpu() if ctx.enabled or k == "log_weights" else out[k] for k in keys}
+    keys = ("elbo", "log_likelihood", "reconstruction", "layer_kl") + (("log_weights",) if return_log_weights else ())
+    options = {"num_samples": num_samples, "chunk_size": chunk_size, "memory_budget": memory_budget}
+    mine = _evaluate_my_batches(model, guide, batches, ctx, keys, seed=seed, progress=progress, **options)
     results = gather_batches(mine, ctx)
     ordered = [results[b] for b in range(len(batches))]
     elbo_t = torch.cat([r["elbo"] for r in ordered])
@@ -320,3 +299,34 @@ def evaluate(
     if return_log_weights:
         result["log_weights"] = torch.cat([r["log_weights"] for r in ordered], dim=1)
     return result
+
+
+def _evaluate_my_batches(
+    model: GenerativeModel,
+    guide: nn.Module,
+    batches: tuple[torch.Tensor, ...],
+    ctx: Any,
+    keys: tuple[str, ...],
+    *,
+    num_samples: int,
+    seed: int | None,
+    progress: bool,
+    **options: Any,
+) -> dict[int, dict[str, torch.Tensor]]:
+    """The bounds of this process's share of ``batches`` (every ``world_size``-th one)."""
+    from tqdm.auto import tqdm
+
+    mine: dict[int, dict[str, torch.Tensor]] = {}
+    start = time.perf_counter()
+    # Evaluation needs no param store: without registration, a second model of the same
+    # name evaluated in one session is not renamed.
+    with eval_mode(model, guide), registered_once(model, guide):
+        for b in tqdm(range(len(batches)), disable=not progress, desc=f"L_{num_samples}", leave=False):
+            if b % ctx.world_size != ctx.rank:
+                continue
+            if b == ctx.world_size:  # one batch done here: say how long the rest will take
+                _log_expected_duration(time.perf_counter() - start, len(batches), ctx.world_size, num_samples)
+            with preserved_rng(batch_seed(seed, b)) if seed is not None else contextlib.nullcontext():
+                out = importance_sampled_bounds(model, guide, batches[b], num_samples=num_samples, **options)
+            mine[b] = {k: out[k].cpu() if ctx.enabled or k == "log_weights" else out[k] for k in keys}
+    return mine

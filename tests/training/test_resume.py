@@ -1,0 +1,50 @@
+"""One rule for which configuration a run may be resumed with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pyro_lvae import get_preset
+from pyro_lvae.training.resume import FINETUNE_SETTINGS, RESUMABLE_FIELDS, can_resume_as, check_resume
+
+CHANGED = {
+    "epochs": 3000,
+    "eval_every": 7,
+    "num_importance_samples": 100,
+    "finetune_epochs": 10,
+    "max_consecutive_skips": 3,
+    "finetune_mc_samples": 3,
+    "finetune_iw_samples": 4,
+    "finetune_lr_decay": 0.5,
+    "finetune_decay_every": 9,
+}
+
+
+@pytest.mark.parametrize("field", RESUMABLE_FIELDS)
+def test_each_resumable_field_may_change(field):
+    stored = get_preset("lvae-bn-wu-5")
+    assert can_resume_as(stored, stored.replace(**{field: CHANGED[field]}), finetuning_started=True)
+
+
+@pytest.mark.parametrize("field", FINETUNE_SETTINGS)
+def test_fine_tuning_settings_may_change_only_until_fine_tuning_starts(field):
+    stored = get_preset("lvae-bn-wu-5-ft")
+    changed = stored.replace(**{field: CHANGED[field]})
+    assert can_resume_as(stored, changed, finetuning_started=False)
+    assert not can_resume_as(stored, changed, finetuning_started=True)
+
+
+@pytest.mark.parametrize("change", [{"learning_rate": 2e-3}, {"seed": 1}, {"batch_norm": False}])
+def test_anything_else_may_not(change):
+    stored = get_preset("lvae-bn-wu-5")
+    assert not can_resume_as(stored, stored.replace(**change), finetuning_started=False)
+    with pytest.raises(ValueError, match="only epochs, eval_every, num_importance_samples"):
+        check_resume(stored, stored.replace(**change), epochs_done=3, run_dir=Path("run"))
+
+
+def test_a_fine_tuning_run_keeps_its_number_of_training_epochs():
+    stored = get_preset("lvae-bn-wu-5-ft").replace(epochs=10)
+    with pytest.raises(ValueError, match="resume it with --epochs 10"):
+        check_resume(stored, stored.replace(epochs=8), epochs_done=11, run_dir=Path("run"))
