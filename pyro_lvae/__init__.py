@@ -8,22 +8,52 @@ paper's numbers, presets, sweeps, the results page), ``pretrained``, and ``confi
 (``pyro_lvae.model``, ``pyro_lvae.engine``, …) still import (:mod:`pyro_lvae._aliases`).
 """
 
+import importlib
+from typing import Any
+
 from . import _aliases
-from .config import ExperimentConfig, ModelConfig, TrainConfig
-from .inference.comparison import compare, fit_guide
-from .inference.evaluation import evaluate, importance_sampled_bounds, log_importance_weights
-from .inference.objectives import elbo_for
-from .inference.warmup import kl_weight, warmup_beta
-from .models.families import make_guide, make_model
-from .models.guides import BottomUpGuide, LadderGuide
-from .models.merge import precision_weighted_merge
-from .models.model import GenerativeModel
-from .pretrained import load_pretrained
-from .repro.presets import PRESETS, get_preset
 
 _aliases.install()
 
 __version__ = "0.1.0"
+
+# Each public name and the module that defines it. They load on first use, so that
+# `import pyro_lvae` (and the CLI's --help) does not import torch and Pyro.
+_PUBLIC = {
+    "compare": "inference.comparison",
+    "fit_guide": "inference.comparison",
+    "ExperimentConfig": "config",
+    "ModelConfig": "config",
+    "TrainConfig": "config",
+    "evaluate": "inference.evaluation",
+    "importance_sampled_bounds": "inference.evaluation",
+    "log_importance_weights": "inference.evaluation",
+    "make_guide": "models.families",
+    "make_model": "models.families",
+    "BottomUpGuide": "models.guides",
+    "LadderGuide": "models.guides",
+    "precision_weighted_merge": "models.merge",
+    "GenerativeModel": "models.model",
+    "elbo_for": "inference.objectives",
+    "PRESETS": "repro.presets",
+    "get_preset": "repro.presets",
+    "load_pretrained": "pretrained",
+    "kl_weight": "inference.warmup",
+    "warmup_beta": "inference.warmup",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
+
 
 __all__ = [
     "BottomUpGuide",

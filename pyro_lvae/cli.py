@@ -32,16 +32,18 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import ALIASES, CHOICES, ExperimentConfig, ModelConfig, TrainConfig, parse_field
-from .inference.evaluation import DEFAULT_MEMORY_BUDGET
+from .config import ALIASES, CHOICES, DEFAULT_MEMORY_BUDGET, ExperimentConfig, ModelConfig, TrainConfig, parse_field
 from .repro.presets import PRESETS, get_preset
 from .repro.sweep import SUMMARY_MD, load_grid, parse_override, run_sweep, shipped_grids
-from .training.checkpoint import load_checkpoint
-from .training.loop import train
-from .training.results import RunResults, evaluate_run
 from .training.signals import TrainingInterrupted
+
+if TYPE_CHECKING:
+    from .training.results import RunResults
+
+# torch, Pyro and the trainer are imported by the handlers that need them, so that
+# `pyro-lvae --help` and argument errors answer without loading them.
 
 logger = logging.getLogger("pyro_lvae")
 
@@ -245,6 +247,8 @@ def _train_config(args: argparse.Namespace) -> ExperimentConfig:
     """The preset with the options applied; on ``--resume`` without ``--preset``, the run's
     stored configuration with them. (``train`` checks that a resumed run's configuration
     differs from the stored one only where a resume may change it.)"""
+    from .training.checkpoint import load_checkpoint
+
     overrides = _overrides(args)
     if args.resume and args.preset is None:
         return ExperimentConfig.from_dict(load_checkpoint(args.out)["config"]).replace(**overrides)
@@ -264,6 +268,8 @@ def _budget(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .training.loop import train
+
     config = _train_config(args)
     logger.info("Training %s: %s", config.name, json.dumps(config.to_dict()))
     result = train(
@@ -287,6 +293,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from .training.results import evaluate_run
+
     results = evaluate_run(
         args.run_dir,
         num_samples=args.num_samples,

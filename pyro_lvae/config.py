@@ -23,6 +23,10 @@ DATASETS = ("mnist", "binarized_mnist", "fashion_mnist", "omniglot28", "omniglot
 BINARIZATIONS = ("dynamic", "static", "none")
 ENGINES = ("fast", "svi")
 
+#: Default memory budget for one particle chunk of the L_K evaluation, in bytes
+#: (:func:`~pyro_lvae.inference.evaluation.evaluate`).
+DEFAULT_MEMORY_BUDGET = 4 * 2**30
+
 #: The allowed values of every string field, by field name (the CLI offers them as choices).
 CHOICES = {
     "activation": ACTIVATIONS,

@@ -33,15 +33,13 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from ..config import DEFAULT_MEMORY_BUDGET
 from ..models.model import GenerativeModel
 from ..models.protocol import check_examples, eval_mode  # noqa: F401 - also importable from here
 from ..models.registration import registered_once
 from ..rng import preserved_rng, rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
-
-#: Default memory budget for one particle chunk of L_K evaluation, in bytes.
-DEFAULT_MEMORY_BUDGET = 4 * 2**30
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,6 @@ from typing import Any
 import tomllib
 
 from ..config import ExperimentConfig, ModelConfig, TrainConfig, parse_field
-from ..training.results import RunResults
 from ..training.resume import can_resume_as
 from ..training.run_files import CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, PREVIOUS_NAME, RESULTS_NAME
 from .presets import at_depth, get_preset
@@ -380,6 +379,8 @@ def aggregate(grid: Grid, out: str | os.PathLike) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"run": run.name, "preset": run.preset, "seed": run.seed}
         results = out / run.name / RESULTS_NAME
         if run_state(run, out / run.name) == "done":
+            from ..training.results import RunResults  # torch: only once runs have finished
+
             r = RunResults.load(results)
             row |= {
                 "status": "done",

@@ -14,11 +14,12 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the CLI imports this module for its exception; torch loads only for training
+    import torch
 
-from .distributed import DistributedContext, all_true
+    from .distributed import DistributedContext
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ def agree_on_signal(signum: int | None, ctx: DistributedContext, device: torch.d
     :param ctx: The distributed context.
     :param device: The device of the collective.
     """
+    from .distributed import all_true
+
     if all_true(signum is None, ctx, device):
         return None
     return signum if signum is not None else signal.SIGTERM
