@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,49 @@ logger = logging.getLogger(__name__)
 KL_UNIT_THRESHOLD = 0.01
 
 
+@dataclass(frozen=True)
+class RunAnalysis:
+    """One run's diagnostics, a row of the report (nats per example; on the discrete images
+    for a dequantized run, as in ``results.json``).
+
+    :param name: Prefix of the run's files in the report folder.
+    :param run_dir: The run directory.
+    :param epochs: Epochs trained.
+    :param guide: ``"ladder"`` or ``"vae"``.
+    :param test_elbo: Test ELBO over the K draws.
+    :param test_log_likelihood: Test L_K.
+    :param num_samples: K.
+    :param num_test_examples: Test examples analysed.
+    :param khat_share_above: Share of examples with PSIS k̂ above ``KHAT_THRESHOLD``.
+    :param khat_median: Median k̂.
+    :param active_units: Active units per layer (Burda et al.).
+    :param informative_units: Units with mean KL above ``KL_UNIT_THRESHOLD``, per layer.
+    :param latent_sizes: Units per layer.
+    :param kl_per_layer: KL per layer, z1 first.
+    :param figures: The run's figure files by kind.
+    :param netcdf: Its netCDF file of log-weights, L_K, k̂ and latent codes.
+    :param curves: Its training curves (:func:`~pyro_lvae.analysis.latents.training_curves`).
+    """
+
+    name: str
+    run_dir: str
+    epochs: int
+    guide: str
+    test_elbo: float
+    test_log_likelihood: float
+    num_samples: int
+    num_test_examples: int
+    khat_share_above: float
+    khat_median: float
+    active_units: list[int]
+    informative_units: list[int]
+    latent_sizes: list[int]
+    kl_per_layer: list[float]
+    figures: dict[str, str]
+    netcdf: str
+    curves: Any = field(repr=False)
+
+
 def analyse_run(
     run_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -58,7 +102,7 @@ def analyse_run(
     max_codes: int = 2000,
     active_samples: int = 20,
     test_subset: int | None = None,
-) -> dict[str, Any]:
+) -> RunAnalysis:
     """Compute one run's diagnostics and write its figures and netCDF file.
 
     :param name: Prefix of the files written for this run.
@@ -66,7 +110,7 @@ def analyse_run(
     :param max_codes: Test examples in the PCA plot and in the stored latent codes.
     :param active_samples: Draws per example for E_q[u] in :func:`~pyro_lvae.analysis.latents.active_units`.
     :param test_subset: Analyse the first this many test examples (default: the run's setting).
-    :returns: The run's row of the report table, plus its figure file names.
+    :returns: The run's row of the report table, with its figure file names and curves.
     """
     out = Path(out_dir)
     model, guide, config, ckpt = load_run(run_dir, device=device)
@@ -103,26 +147,26 @@ def analyse_run(
     plots.pca_scatter(codes, title=f"{name}: PCA of q(z_i|·)", path=out / figures["pca"])
     plots.samples_grid(model, title=f"{name}: prior samples", path=out / figures["samples"])
     plots.reconstructions(model, guide, test[:20], title=name, path=out / figures["reconstructions"])
-    return {
-        "name": name,
-        "run_dir": str(run_dir),
-        "epochs": int(ckpt["epoch"]),
-        "guide": config.model.guide,
-        # On the discrete images for a dequantized run, as in results.json.
-        "test_elbo": ev["elbo"] + discrete_offset(config),
-        "test_log_likelihood": ev["log_likelihood"] + discrete_offset(config),
-        "num_samples": num_samples,
-        "num_test_examples": ev["num_examples"],
-        "khat_share_above": float((khat > KHAT_THRESHOLD).mean()),
-        "khat_median": float(np.median(khat)),
-        "active_units": active["counts"].tolist(),
-        "informative_units": [int((u > KL_UNIT_THRESHOLD).sum()) for u in units_kl],
-        "latent_sizes": list(config.model.latent_sizes),
-        "kl_per_layer": layers.tolist(),
-        "figures": figures,
-        "netcdf": f"{name}_importance.nc",
-        "_curves": curves,
-    }
+    offset = discrete_offset(config)
+    return RunAnalysis(
+        name=name,
+        run_dir=str(run_dir),
+        epochs=int(ckpt["epoch"]),
+        guide=config.model.guide,
+        test_elbo=ev["elbo"] + offset,
+        test_log_likelihood=ev["log_likelihood"] + offset,
+        num_samples=num_samples,
+        num_test_examples=ev["num_examples"],
+        khat_share_above=float((khat > KHAT_THRESHOLD).mean()),
+        khat_median=float(np.median(khat)),
+        active_units=active["counts"].tolist(),
+        informative_units=[int((u > KL_UNIT_THRESHOLD).sum()) for u in units_kl],
+        latent_sizes=list(config.model.latent_sizes),
+        kl_per_layer=layers.tolist(),
+        figures=figures,
+        netcdf=f"{name}_importance.nc",
+        curves=curves,
+    )
 
 
 def _unique_names(run_dirs: list[Path]) -> list[str]:
@@ -181,8 +225,8 @@ def write_report(
                 test_subset=test_subset,
             )
         )
-    plots.layer_kl_bars({r["name"]: np.array(r["kl_per_layer"]) for r in rows}, path=out / "layer_kl.png")
-    plots.elbo_curves({r["name"]: r["_curves"] for r in rows}, path=out / "elbo_curves.png")
+    plots.layer_kl_bars({r.name: np.array(r.kl_per_layer) for r in rows}, path=out / "layer_kl.png")
+    plots.elbo_curves({r.name: r.curves for r in rows}, path=out / "elbo_curves.png")
 
     k = num_samples
     lines = [
@@ -200,17 +244,17 @@ def write_report(
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        active = " / ".join(f"{a}/{s}" for a, s in zip(r["active_units"], r["latent_sizes"]))
-        informative = " / ".join(f"{a}/{s}" for a, s in zip(r["informative_units"], r["latent_sizes"]))
-        kl = " / ".join(f"{v:.2f}" for v in r["kl_per_layer"])
+        active = " / ".join(f"{a}/{s}" for a, s in zip(r.active_units, r.latent_sizes))
+        informative = " / ".join(f"{a}/{s}" for a, s in zip(r.informative_units, r.latent_sizes))
+        kl = " / ".join(f"{v:.2f}" for v in r.kl_per_layer)
         lines.append(
-            f"| {r['name']} | {r['guide']} | {r['epochs']} | {r['test_elbo']:.2f} | {r['test_log_likelihood']:.2f} "
-            f"| {r['khat_share_above']:.3f} | {r['khat_median']:.2f} | {active} | {informative} | {kl} |"
+            f"| {r.name} | {r.guide} | {r.epochs} | {r.test_elbo:.2f} | {r.test_log_likelihood:.2f} "
+            f"| {r.khat_share_above:.3f} | {r.khat_median:.2f} | {active} | {informative} | {kl} |"
         )
     lines += ["", "## Comparisons", "", "![layer-wise KL](layer_kl.png)", "", "![ELBO curves](elbo_curves.png)", ""]
     for r in rows:
-        lines += [f"## {r['name']}", "", f"Per-example log-weights, L_K, k̂ and latent codes: `{r['netcdf']}`.", ""]
-        lines += [f"![{key}]({file})" for key, file in r["figures"].items()]
+        lines += [f"## {r.name}", "", f"Per-example log-weights, L_K, k̂ and latent codes: `{r.netcdf}`.", ""]
+        lines += [f"![{key}]({file})" for key, file in r.figures.items()]
         lines.append("")
     report = out / "report.md"
     report.write_text("\n".join(lines))

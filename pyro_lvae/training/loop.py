@@ -108,39 +108,28 @@ def train(
     Clears Pyro's param store and seeds every RNG with ``config.train.seed``.
 
     :param config: The experiment.
-    :param out_dir: Run directory for ``config.json``, ``metrics.jsonl``,
-        checkpoints and ``results.json``; ``None`` keeps everything in memory.
-    :param dataset: Train on this :class:`~pyro_lvae.data.Dataset` instead of
-        loading ``config.train.dataset``.
+    :param out_dir: Run directory (config, metrics, checkpoints, results); ``None``: in memory only.
+    :param dataset: Train on this :class:`~pyro_lvae.data.Dataset` instead of ``config.train.dataset``.
     :param data_root: Data root (default ``$PYRO_LVAE_DATA`` or ``./data``).
     :param download: Allow torchvision to download missing MNIST files.
     :param device: ``"cpu"``, ``"cuda"`` or a :class:`torch.device`.
     :param resume: Continue the run in ``out_dir`` from its checkpoint.
     :param overwrite: Replace an existing run in ``out_dir``.
-    :param final_evaluation: Evaluate test ELBO and L_K (K =
-        ``config.train.num_importance_samples``) after the last epoch.
-    :param final_eval_subset: Run that final evaluation on the first this many test
-        examples only (0 = all of them). L_5000 on 10,000 MNIST test images takes
-        about 35 minutes on two CPU cores.
+    :param final_evaluation: Evaluate test ELBO and L_K (K = ``num_importance_samples``) at the end.
+    :param final_eval_subset: Evaluate only the first this many test examples (0 = all; L_5000 on
+        10,000 MNIST images takes about 35 minutes on two CPU cores).
     :param memory_budget: Bytes per particle chunk in the L_K evaluation.
     :param progress: Show tqdm progress bars.
-    :returns: A :class:`TrainResult`.
     """
     _check_arguments(config, out_dir=out_dir, resume=resume, final_eval_subset=final_eval_subset)
     warn_about_schedule(config)
     ctx, device = _start_processes(config, device)
-    run_dir = None
-    if out_dir is not None:
-        run_dir = RunDirectory.prepare(out_dir, resume=resume, overwrite=overwrite, writer=ctx.is_main)
-        ctx.barrier()
+    run_dir = _open_run_dir(out_dir, resume=resume, overwrite=overwrite, ctx=ctx)
     pyro.clear_param_store()
     pyro.set_rng_seed(config.train.seed)
     data = prepare_data(config, dataset=dataset, data_root=data_root, download=download, device=device)
     trainer = _Trainer(config, data, ctx, run_dir, memory_budget=memory_budget, progress=progress)
-    if resume:
-        trainer.restore()
-    if run_dir is not None:
-        run_dir.write_config(config)
+    trainer.start(resume=resume)
 
     with stop_on_signals() as stop:
         for epoch in range(trainer.epochs_done, trainer.total_epochs):
@@ -151,12 +140,19 @@ def train(
             if stop.signal is not None and epoch + 1 < trainer.total_epochs:
                 raise TrainingInterrupted(stop.signal, run_dir and run_dir.path, epoch + 1, 0, 0)
 
-    result = TrainResult(model=trainer.model, guide=trainer.guide, config=config, data=data, metrics=trainer.metrics)
-    if final_evaluation:
-        result.results = trainer.final_results(final_eval_subset)
-        if run_dir is not None:
-            run_dir.write_results(result.results)
-    return result
+    results = trainer.final_results(final_eval_subset) if final_evaluation else None
+    return TrainResult(trainer.model, trainer.guide, config, data, metrics=trainer.metrics, results=results)
+
+
+def _open_run_dir(
+    out_dir: str | os.PathLike | None, *, resume: bool, overwrite: bool, ctx: DistributedContext
+) -> RunDirectory | None:
+    """The checked run directory (``None`` without ``out_dir``); every process waits for rank 0 to set it up."""
+    if out_dir is None:
+        return None
+    run_dir = RunDirectory.prepare(out_dir, resume=resume, overwrite=overwrite, writer=ctx.is_main)
+    ctx.barrier()
+    return run_dir
 
 
 def _check_arguments(
@@ -235,6 +231,16 @@ class _Trainer:
         self.partial: dict[str, Any] | None = None
 
     # -- resume and checkpoints ---------------------------------------------------------
+
+    def start(self, *, resume: bool) -> None:
+        """Restore the checkpoint when resuming, then write the run's ``config.json``.
+
+        :param resume: Continue from the run directory's checkpoint.
+        """
+        if resume:
+            self.restore()
+        if self.run_dir is not None:
+            self.run_dir.write_config(self.config)
 
     def restore(self) -> None:
         """Continue from the run directory's checkpoint: parameters, batch-norm statistics,
@@ -445,14 +451,15 @@ class _Trainer:
             self.checkpoint(record["epoch"])
 
     def final_results(self, subset: int) -> RunResults:
-        """The final evaluation, on the first ``subset`` test examples (0 = all).
+        """The final evaluation, on the first ``subset`` test examples (0 = all), written as
+        ``results.json`` in the run directory.
 
         :param subset: Test examples to evaluate.
         """
         test = self.data.test[:subset] if subset else self.data.test
         # results.json records the subset that was evaluated
         config = self.config.replace(test_subset=len(test)) if subset else self.config
-        return final_results(
+        results = final_results(
             self.model,
             self.guide,
             config,
@@ -463,3 +470,6 @@ class _Trainer:
             memory_budget=self.memory_budget,
             progress=self.progress,
         )
+        if self.run_dir is not None:
+            self.run_dir.write_results(results)
+        return results
