@@ -39,6 +39,10 @@ _PUBLIC = {
     "get_preset": "repro.presets",
     "load_pretrained": "pretrained",
     "kl_weight": "inference.warmup",
+    "LayerEncoding": "models.hierarchy",
+    "encode": "models.hierarchy",
+    "interpolate": "models.hierarchy",
+    "resample": "models.hierarchy",
     "warmup_beta": "inference.warmup",
 }
 
@@ -55,25 +59,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_PUBLIC))
 
 
-__all__ = [
-    "BottomUpGuide",
-    "ExperimentConfig",
-    "GenerativeModel",
-    "LadderGuide",
-    "ModelConfig",
-    "PRESETS",
-    "TrainConfig",
-    "compare",
-    "elbo_for",
-    "evaluate",
-    "fit_guide",
-    "get_preset",
-    "importance_sampled_bounds",
-    "kl_weight",
-    "load_pretrained",
-    "log_importance_weights",
-    "make_guide",
-    "make_model",
-    "precision_weighted_merge",
-    "warmup_beta",
-]
+__all__ = sorted(_PUBLIC)

@@ -109,3 +109,23 @@ def test_saved_runs_page_runs_on_a_saved_run(tmp_path, shared_data_root, monkeyp
     assert namespace["result"].metrics[-1]["epoch"] == 52
     assert namespace["codes"]["mean_z2"].shape == (500, 2)  # the page's 500-image subset
     assert (tmp_path / "my-lvae.pt").exists() and not namespace["model"].training
+
+
+def test_latents_page_runs_on_a_saved_run(tmp_path, shared_data_root, monkeypatch):
+    """Every Python block of docs/latents.md, in order, on the tiny saved run of the fixture."""
+    import shutil
+
+    shutil.copytree(REPO / "tests" / "fixtures" / "checkpoint-13e79a1", tmp_path / "runs" / "lvae5")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYRO_LVAE_DATA", str(shared_data_root))
+    page = (REPO / "docs" / "latents.md").read_text()
+    namespace: dict = {}
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    for block in blocks:
+        exec(compile(block, "latents.md", "exec"), namespace)
+    assert len(blocks) == 6
+    assert (
+        namespace["data_share"].shape == (100, 4)
+        and ((namespace["data_share"] > 0) & (namespace["data_share"] < 1)).all()
+    )
+    assert namespace["x_draws"].shape == (10, 5, 784)

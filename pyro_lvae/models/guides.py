@@ -177,10 +177,13 @@ class LadderGuide(HierarchicalGuide):
         parts = {"": self.upward_net} | ({".top_down": self.top_down_net} if self.top_down_net is not None else {})
         self.name = register_modules(self.name, parts)
 
-    def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> None:
+    def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None, *, record: dict | None = None) -> None:
         """Sample zL, …, z1 given ``x`` of shape ``(batch, input_dim)``.
 
         :param beta: Warm-up KL weight, as for the model.
+        :param record: If given, filled with the merge's terms per layer,
+            ``{layer: ((loc_hat, var_hat), (prior_loc, prior_var) or None)}``
+            (:func:`~pyro_lvae.models.hierarchy.encode` reads them).
         """
         if self.register_params:
             self.register()
@@ -189,7 +192,11 @@ class LadderGuide(HierarchicalGuide):
         with pyro.plate("data", x.shape[0], dim=-1), kl_weight(beta):
             loc, var = estimates[-1]
             z = pyro.sample(f"z{depth}", dist.Normal(loc, var.sqrt()).to_event(1))
+            if record is not None:
+                record[depth] = (estimates[-1], None)
             for layer in range(depth - 1, 0, -1):
-                prior_loc, prior_var = self.prior_params(layer, z)
-                loc, var = precision_weighted_merge(*estimates[layer - 1], prior_loc, prior_var)
+                prior = self.prior_params(layer, z)
+                loc, var = precision_weighted_merge(*estimates[layer - 1], *prior)
                 z = pyro.sample(f"z{layer}", dist.Normal(loc, var.sqrt()).to_event(1))
+                if record is not None:
+                    record[layer] = (estimates[layer - 1], prior)

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch import nn
 
 from ..config import ModelConfig
@@ -158,36 +157,3 @@ class GenerativeModel(HierarchicalModel):
                     z = pyro.sample(f"z{layer}", dist.Normal(loc, var.sqrt()).to_event(1))
             pyro.sample("x", self.likelihood(z), obs=x)
         return z
-
-    @torch.no_grad()
-    def sample(self, num_samples: int, *, mean: bool = True) -> torch.Tensor:
-        """Ancestral samples from the prior, :math:`z_L \\to \\cdots \\to z_1 \\to x`.
-
-        Call ``model.eval()`` first when the model uses batch normalization.
-
-        :param num_samples: How many samples.
-        :param mean: Return the mean of :math:`p(x|z_1)` (grey levels, as in the
-            paper's Fig. 9) rather than a sample of x.
-        :returns: Tensor of shape ``(num_samples, input_dim)``.
-        """
-        if num_samples <= 0:
-            raise ValueError(f"num_samples must be positive, got {num_samples}.")
-        device = next(self.parameters()).device
-        dtype = next(self.parameters()).dtype
-        dummy = torch.zeros(num_samples, self.config.input_dim, device=device, dtype=dtype)
-        trace = poutine.trace(poutine.uncondition(self)).get_trace(dummy)
-        if not mean:
-            return trace.nodes["x"]["value"]
-        return trace.nodes["x"]["fn"].mean
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, guide: nn.Module) -> torch.Tensor:
-        """Reconstruct ``x``: z ~ q(z|x) from ``guide``, then the mean of p(x|z1).
-
-        :param x: Data of shape ``(batch, input_dim)``.
-        :param guide: A guide for this model (e.g. :class:`~pyro_lvae.models.guides.LadderGuide`).
-        :returns: Tensor of the same shape as ``x``.
-        """
-        guide_trace = poutine.trace(guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(self, trace=guide_trace)).get_trace(x)
-        return model_trace.nodes["x"]["fn"].mean

@@ -87,6 +87,48 @@ class HierarchicalModel(nn.Module):
         by default nothing is shared."""
         return contextlib.nullcontext()
 
+    @torch.no_grad()
+    def sample(
+        self, num_samples: int, *, mean: bool = True, temperature: float | tuple[float, ...] = 1.0
+    ) -> torch.Tensor:
+        """Ancestral samples from the prior, :math:`z_L \to \\cdots \to z_1 \to x`.
+
+        Call ``model.eval()`` first when the model uses batch normalization.
+
+        :param num_samples: How many samples.
+        :param mean: Return the mean of :math:`p(x|z_1)` (grey levels, as in the
+            paper's Fig. 9) rather than a sample of x.
+        :param temperature: Multiply every prior layer's standard deviation by τ ≥ 0
+            (0: the means, deterministic); a tuple gives one τ per layer, z1 first
+            (:class:`~pyro_lvae.models.hierarchy.Temperature`). Gaussian latents only.
+        :returns: Tensor of shape ``(num_samples, input_dim)``.
+        """
+        from pyro import poutine
+
+        from .hierarchy import Temperature, layer_temperatures  # it builds on this module
+
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+        temps = layer_temperatures(self.config.depth, temperature)
+        param = next(self.parameters())
+        dummy = torch.zeros(num_samples, self.config.input_dim, device=param.device, dtype=param.dtype)
+        trace = poutine.trace(Temperature(temps)(poutine.uncondition(self))).get_trace(dummy)
+        return trace.nodes["x"]["fn"].mean if mean else trace.nodes["x"]["value"]
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, guide: nn.Module) -> torch.Tensor:
+        """Reconstruct ``x``: z ~ q(z|x) from ``guide``, then the mean of p(x|z1).
+
+        :param x: Data of shape ``(batch, input_dim)``.
+        :param guide: A guide for this model.
+        :returns: Tensor of the same shape as ``x``.
+        """
+        from pyro import poutine
+
+        guide_trace = poutine.trace(guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(self, trace=guide_trace)).get_trace(x)
+        return model_trace.nodes["x"]["fn"].mean
+
     def test_metrics(self, guide: nn.Module, data: torch.Tensor) -> dict[str, Any]:
         """The family's entries of ``results.json`` besides the bounds.
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch import nn
 
 from ..config import ModelConfig
@@ -108,24 +107,6 @@ class VLAEModel(HierarchicalModel):
                     zero = x.new_zeros(batch, self.config.latent_sizes[layer - 1])
                     zs[layer - 1] = pyro.sample(f"z{layer}", dist.Normal(zero, torch.ones_like(zero)).to_event(1))
             pyro.sample("x", self.decode(zs), obs=x)
-
-    @torch.no_grad()
-    def sample(self, num_samples: int, *, mean: bool = True) -> torch.Tensor:
-        """Samples from the prior; the mean of p(x|z) when ``mean``
-        (see :meth:`pyro_lvae.models.model.GenerativeModel.sample`)."""
-        if num_samples <= 0:
-            raise ValueError(f"num_samples must be positive, got {num_samples}.")
-        param = next(self.parameters())
-        dummy = torch.zeros(num_samples, self.config.input_dim, device=param.device, dtype=param.dtype)
-        trace = poutine.trace(poutine.uncondition(self)).get_trace(dummy)
-        return trace.nodes["x"]["fn"].mean if mean else trace.nodes["x"]["value"]
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, guide: nn.Module) -> torch.Tensor:
-        """z ~ q(z|x), then the mean of p(x|z)."""
-        guide_trace = poutine.trace(guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(self, trace=guide_trace)).get_trace(x)
-        return model_trace.nodes["x"]["fn"].mean
 
     @torch.no_grad()
     def traverse(

@@ -41,7 +41,6 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.distributions import constraints
 from torch import nn
 from torch.nn import functional as F
@@ -167,15 +166,6 @@ class VQVAEModel(HierarchicalModel):
             with kl_weight(beta):
                 z_q = pyro.sample("z1", UniformCodebook(self.codebook, self.positions))
             pyro.sample("x", self.likelihood(z_q), obs=x)
-
-    @torch.no_grad()
-    def sample(self, num_samples: int, *, mean: bool = True) -> torch.Tensor:
-        """Decode codes drawn uniformly: the mean of p(x|z_q) when ``mean``."""
-        if num_samples <= 0:
-            raise ValueError(f"num_samples must be positive, got {num_samples}.")
-        dummy = torch.zeros(num_samples, self.config.input_dim, device=self.codebook.device, dtype=self.codebook.dtype)
-        trace = poutine.trace(poutine.uncondition(self)).get_trace(dummy)
-        return trace.nodes["x"]["fn"].mean if mean else trace.nodes["x"]["value"]
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, guide: nn.Module) -> torch.Tensor:
