@@ -52,7 +52,12 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
         globals()[name] = value  # later lookups skip this function
         return value
+    if name in _SUBMODULES or name in _aliases.FLAT_NAMES:  # pyro_lvae.presets, pyro_lvae.models, …
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_SUBMODULES = ("analysis", "cli", "config", "data", "inference", "models", "pretrained", "repro", "rng", "training")
 
 
 def __dir__() -> list[str]:

@@ -40,7 +40,7 @@ from .repro.sweep import SUMMARY_MD, load_grid, parse_override, run_sweep, shipp
 from .training.signals import TrainingInterrupted
 
 if TYPE_CHECKING:
-    from .training.results import RunResults
+    from .training.results_file import RunResults
 
 # torch, Pyro and the trainer are imported by the handlers that need them, so that
 # `pyro-lvae --help` and argument errors answer without loading them.

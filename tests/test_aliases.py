@@ -34,3 +34,9 @@ def test_an_old_import_first_in_a_fresh_process_gives_the_same_objects():
 def test_a_name_that_never_existed_is_still_an_import_error():
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("pyro_lvae.modle")
+
+
+def test_submodules_are_attributes_after_a_bare_import():
+    code = "import pyro_lvae as p; print(len(p.presets.PRESETS) > 0, p.models.__name__, p.engine.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "pyro_lvae.models", "pyro_lvae.training.steps"], out.stderr

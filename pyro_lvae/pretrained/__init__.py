@@ -216,17 +216,18 @@ def export_run(
     :param download: Allow torchvision to download missing MNIST files.
     :returns: The manifest entry.
     """
+    from ..training.results_file import RunResults
     from ..training.run_dir import load_run
     from ..training.run_files import RESULTS_NAME
 
     results_path = Path(run_dir) / RESULTS_NAME
     if not results_path.exists():
         raise ValueError(f"{run_dir} has no {RESULTS_NAME}; evaluate it first (pyro-lvae evaluate {run_dir}).")
-    results = json.loads(results_path.read_text())
+    results = RunResults.load(results_path)
     model, guide, config, ckpt = load_run(run_dir)
-    if results["epochs"] != ckpt["epoch"]:
+    if results.epochs != ckpt["epoch"]:
         raise ValueError(
-            f"{results_path} was written after epoch {results['epochs']} but the checkpoint is at epoch "
+            f"{results_path} was written after epoch {results.epochs} but the checkpoint is at epoch "
             f"{ckpt['epoch']}; evaluate the run again (pyro-lvae evaluate {run_dir}) before exporting it."
         )
     out = Path(out_dir)
@@ -238,10 +239,10 @@ def export_run(
         "sha256": sha256_of(out / f"{name}.pt"),
         "preset": config.name,
         "epochs": ckpt["epoch"],
-        "test_log_likelihood": results["test_log_likelihood"],
-        "num_importance_samples": results["num_importance_samples"],
-        "test_elbo": results["test_elbo"],
-        "num_test_examples": results["num_test_examples"],
+        "test_log_likelihood": results.test_log_likelihood,
+        "num_importance_samples": results.num_importance_samples,
+        "test_elbo": results.test_elbo,
+        "num_test_examples": results.num_test_examples,
         "commit": commit,
         "check": CHECK | {"value": check_value(loaded, loaded_guide, config, data_root=data_root, download=download)},
     }

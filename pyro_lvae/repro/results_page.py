@@ -28,7 +28,8 @@ import numpy as np
 from matplotlib.figure import Figure  # no pyplot: the figures are drawn without a GUI backend
 
 from ..config import ExperimentConfig
-from ..training.results import RunResults
+from ..training.results_file import RunResults
+from ..training.run_files import RESULTS_NAME
 from .paper import PAPER_BEST_VAE_L5000, PAPER_L1, PAPER_L5000
 from .presets import PRESET_INFO, PRESETS, PresetInfo
 from .presets import VARIANT_LABELS as VARIANTS
@@ -105,7 +106,7 @@ def load_runs(sweeps: Sequence[str | os.PathLike]) -> list[RunResult]:
     runs = []
     for sweep in sweeps:
         sweep = Path(sweep)
-        files = sorted(sweep.glob("*/results.json"))
+        files = sorted(sweep.glob(f"*/{RESULTS_NAME}"))
         if not files:
             raise FileNotFoundError(f"{sweep} holds no */results.json; run `pyro-lvae sweep GRID --out {sweep}` first.")
         for f in files:

@@ -54,6 +54,7 @@ from typing import Any
 import tomllib
 
 from ..config import ExperimentConfig, ModelConfig, TrainConfig, parse_field
+from ..training.results_file import RunResults
 from ..training.resume import can_resume_as
 from ..training.run_files import CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, PREVIOUS_NAME, RESULTS_NAME
 from .presets import at_depth, get_preset
@@ -377,11 +378,8 @@ def aggregate(grid: Grid, out: str | os.PathLike) -> list[dict[str, Any]]:
     rows = []
     for run in grid.runs():
         row: dict[str, Any] = {"run": run.name, "preset": run.preset, "seed": run.seed}
-        results = out / run.name / RESULTS_NAME
-        if run_state(run, out / run.name) == "done":
-            from ..training.results import RunResults  # torch: only once runs have finished
-
-            r = RunResults.load(results)
+        r = _finished(run, out / run.name)
+        if r is not None:
             row |= {
                 "status": "done",
                 "epochs": r.epochs,
@@ -398,6 +396,17 @@ def aggregate(grid: Grid, out: str | os.PathLike) -> list[dict[str, Any]]:
     (out / SUMMARY_JSON).write_text(json.dumps({"description": grid.description, "runs": rows}, indent=2) + "\n")
     (out / SUMMARY_MD).write_text(summary_markdown(grid, rows))
     return rows
+
+
+def _finished(run: Run, out_dir: Path) -> RunResults | None:
+    """The run's results, or ``None`` when it is not done or its results.json is unreadable."""
+    if run_state(run, out_dir) != "done":
+        return None
+    try:
+        return RunResults.load(out_dir / RESULTS_NAME)
+    except ValueError as exc:  # written by another pyro-lvae version
+        logger.warning("Counting %s as missing: %s", out_dir.name, exc)
+        return None
 
 
 def _mean_std(values: Sequence[float]) -> str:

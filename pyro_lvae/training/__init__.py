@@ -27,7 +27,7 @@ _NAMES = {
     "TrainResult": "loop",
     "train": "loop",
     "can_resume_as": "resume",
-    "RunResults": "results",
+    "RunResults": "results_file",
     "discrete_offset": "results",
     "evaluate_run": "results",
     "final_results": "results",
@@ -43,6 +43,10 @@ def __getattr__(name: str) -> Any:
     if name in _NAMES:
         return getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_NAMES))
 
 
 __all__ = sorted(_NAMES)

@@ -1,4 +1,5 @@
-"""Training with ``pyro.infer.SVI``, KL warm-up, per-epoch metrics and checkpoints.
+"""Training by stochastic variational inference (either step engine), with KL warm-up,
+per-epoch metrics and checkpoints.
 
 :func:`train` runs a whole experiment from an :class:`~pyro_lvae.config.ExperimentConfig`:
 
@@ -27,7 +28,7 @@
    :func:`~pyro_lvae.training.schedule.finetune_learning_rate` and
    :func:`~pyro_lvae.inference.objectives.importance_weighted_loss`);
 6. finally evaluate the test ELBO and L_K and write ``results.json``
-   (:class:`~pyro_lvae.training.results.RunResults`).
+   (:class:`~pyro_lvae.training.results_file.RunResults`).
 
 ``resume=True`` restores parameters, batch-norm statistics, optimizer and RNG
 state from the checkpoint and continues with the next epoch, so a resumed run
@@ -57,7 +58,8 @@ from ..models.families import make_guide, make_model
 from ..rng import preserved_rng, rng_state, set_rng_state
 from .batches import PreparedData, epoch_batches, epoch_seed, prepare_data
 from .distributed import DistributedContext, all_reduce_sum, gather_objects, init_from_environment, local_device, shard
-from .results import RunResults, discrete_offset, final_results
+from .results import discrete_offset, final_results
+from .results_file import RunResults
 from .resume import check_resume
 from .run_dir import RunDirectory
 from .schedule import EpochPlan, epoch_plan, is_evaluation_epoch, warn_about_schedule
@@ -103,7 +105,7 @@ def train(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = True,
 ) -> TrainResult:
-    """Train the model and guide of ``config`` with SVI and warm-up.
+    """Train the model and guide of ``config`` by SVI with KL warm-up.
 
     Clears Pyro's param store and seeds every RNG with ``config.train.seed``.
 
@@ -391,7 +393,8 @@ class _Trainer:
     def _stop_inside_epoch(
         self, signum: int, epoch: int, done: int, steps: int, sums: _EpochSums, seconds: float
     ) -> None:
-        """Save the position inside the epoch (this step is done) and raise :class:`TrainingInterrupted`."""
+        """Save the position inside the epoch (this step is done) and raise
+        :class:`~pyro_lvae.training.signals.TrainingInterrupted`."""
         if self.run_dir is not None:
             parts = gather_objects((sums.loss.item(), sums.seen), self.ctx)  # each process's part
             partial = {

@@ -20,18 +20,8 @@ import torch
 from ..config import ExperimentConfig
 from ..models.families import make_guide, make_model
 from .checkpoint import load_checkpoint, save_checkpoint
+from .results_file import write_json_atomic
 from .run_files import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, RESULTS_NAME
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` through a temporary file and a rename.
-
-    :param path: The file.
-    :param obj: A JSON-serializable object.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def read_metrics(run_dir: str | os.PathLike, up_to_epoch: int) -> list[dict[str, Any]]:
@@ -116,7 +106,7 @@ class RunDirectory:
     def write_results(self, results: Any) -> None:
         """Write ``results.json``.
 
-        :param results: A :class:`~pyro_lvae.training.results.RunResults`.
+        :param results: A :class:`~pyro_lvae.training.results_file.RunResults`.
         """
         if self.writer:
             write_json_atomic(self.path / RESULTS_NAME, results.to_dict())

@@ -132,7 +132,7 @@ class TrainingStep:
     β-weighted ELBO summed over the batch) as a 0-dim tensor on the
     parameters' device. When that loss or any gradient is not finite the update is
     skipped, the batch-norm statistics are restored, and :attr:`skipped` is ``True``
-    until the next call. A subclass implements ``_update`` and the optimizer's
+    until the next call. A subclass implements ``_build_optimizer``, ``_update`` and the optimizer's
     learning rate and state.
 
     >>> import torch
@@ -146,7 +146,7 @@ class TrainingStep:
     #: The engine name this class implements.
     engine: ClassVar[str]
 
-    def __new__(cls, model: nn.Module, guide: nn.Module, *, engine: str = "fast", **options: Any) -> TrainingStep:
+    def __new__(cls, *args: Any, engine: str = "fast", **options: Any) -> TrainingStep:
         if cls is TrainingStep:
             if engine not in _ENGINES:
                 raise ValueError(f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
@@ -208,12 +208,17 @@ class TrainingStep:
         raise NotImplementedError
 
     def loss(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        """The differentiable loss this engine minimizes, without a step.
+        """The differentiable loss both engines minimize, without a step.
+
+        It is ``elbo.differentiable_loss(model, guide, x, beta)`` with validation off,
+        the parameters registered once and the top-down priors shared; its value and
+        gradients equal the reference ELBO's on the same random draws.
 
         :param x: A minibatch, shape ``(batch, input_dim)``.
         :param beta: The warm-up weight, a 0-dim tensor.
         """
-        return self.elbo.differentiable_loss(self.model, self.guide, x, beta)
+        with pyro.validation_enabled(False), self.model.shared_priors(), registered_once(self.model, self.guide):
+            return self.elbo.differentiable_loss(self.model, self.guide, x, beta)
 
     def use_objective(self, objective: Any) -> None:
         """Minimize ``objective`` from now on, with the same optimizer and its state.
@@ -273,7 +278,7 @@ class SVIStep(TrainingStep):
         self.svi = SVI(self.model, self.guide, self.optimizer, loss=self.elbo)
         # Optimizer states restored from a checkpoint and not yet handed to pyro.optim,
         # which builds each parameter's optimizer when SVI first sees the parameter.
-        self._restored: dict[str, Any] | None = None
+        self._restored: dict[str, Any] = {}
 
     def _update(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         """The body of ``SVI.step``, with the finiteness check between gradients and update."""
@@ -294,12 +299,19 @@ class SVIStep(TrainingStep):
         self.skipped = not _all_finite(loss, [p.grad for p in params])
         if not self.skipped:
             clip_gradients(list(params), **self.clip)
-            if self._restored is not None:
-                self.optimizer.set_state(self._restored)
-                self._restored = None
+            self._hand_over_restored_state(params)
             self.optimizer(params)
         zero_grads(params)
         return loss
+
+    def _hand_over_restored_state(self, params: set[torch.Tensor]) -> None:
+        """Give pyro.optim the restored states of the parameters it is about to see for the
+        first time; the others stay here, where set_learning_rate and state_dict reach them."""
+        if not self._restored:
+            return
+        store = pyro.get_param_store()
+        names = {store.param_name(p) for p in params} & self._restored.keys()
+        self.optimizer.set_state({name: self._restored.pop(name) for name in names})
 
     def use_objective(self, objective: Any) -> None:  # noqa: D102 - documented on the base class
         super().use_objective(objective)
@@ -311,12 +323,12 @@ class SVIStep(TrainingStep):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate
         self.optimizer.pt_optim_args["lr"] = learning_rate  # for parameters SVI has not seen yet
-        for state in (self._restored or {}).values():
+        for state in self._restored.values():
             for group in state["param_groups"]:
                 group["lr"] = learning_rate
 
     def _optimizer_state(self) -> Any:
-        return {**(self._restored or {}), **self.optimizer.get_state()}
+        return {**self._restored, **self.optimizer.get_state()}
 
     def _load_optimizer_state(self, state: Any) -> None:
         self._restored = copy.deepcopy(state)
@@ -390,19 +402,6 @@ class FastStep(TrainingStep):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
-
-    def loss(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        """The differentiable loss the fast engine minimizes, without a step.
-
-        It is ``elbo.differentiable_loss(model, guide, x, beta)`` with validation off,
-        the parameters registered once and the top-down priors shared; its value and
-        gradients equal the reference ELBO's on the same random draws.
-
-        :param x: A minibatch, shape ``(batch, input_dim)``.
-        :param beta: The warm-up weight, a 0-dim tensor.
-        """
-        with pyro.validation_enabled(False), self.model.shared_priors(), registered_once(self.model, self.guide):
-            return self.elbo.differentiable_loss(self.model, self.guide, x, beta)
 
     def set_learning_rate(self, learning_rate: float) -> None:  # noqa: D102
         _check_options(learning_rate, 1.0, 0.0, 0.0)

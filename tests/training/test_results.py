@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from pyro_lvae.training.results import RunResults
+from pyro_lvae.training.results_file import RunResults
 
 REPO = Path(__file__).resolve().parents[2]
 STORED = sorted((REPO / "experiments").rglob("results.json")) + sorted(
@@ -44,3 +45,10 @@ def test_an_unknown_entry_is_named_in_the_error(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=r"unknown entries \['test_elbow'\]"):
         RunResults.load(tmp_path)
+
+
+def test_entries_that_apply_to_every_run_are_written_even_when_empty():
+    results = RunResults.load(STORED[0])
+    unset = dataclasses.replace(results, train_seconds=None)
+    assert unset.to_dict()["train_seconds"] is None and unset["train_seconds"] is None
+    assert "vq" not in unset.to_dict() and "dequantized" not in unset.to_dict()

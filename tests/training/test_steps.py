@@ -267,3 +267,10 @@ def test_the_engines_are_two_classes_built_by_one_factory():
         make_step(model, guide, learning_rate=1e-3, engine="turbo")
     with pytest.raises(ValueError, match="is the 'fast' engine"):
         FastStep(model, guide, learning_rate=1e-3, engine="svi")
+
+
+def test_a_step_can_be_copied():
+    model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)), name="c")
+    step = TrainingStep(model, LadderGuide(model), learning_rate=1e-3, engine="svi")
+    clone = copy.deepcopy(step)
+    assert type(clone) is type(step) and clone.model is not step.model
