@@ -12,6 +12,7 @@ and rebuild it with :meth:`ExperimentConfig.from_dict`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ ACTIVATIONS = ("leaky_relu", "tanh", "identity")
 LIKELIHOODS = ("bernoulli", "gaussian")
 GUIDES = ("ladder", "vae")
 FAMILIES = ("lvae", "vlae", "vqvae")
+BOTTOMS = ("mlp", "conv")
 DATASETS = ("mnist", "binarized_mnist", "fashion_mnist", "omniglot28", "omniglot", "norb")
 BINARIZATIONS = ("dynamic", "static", "none")
 ENGINES = ("fast", "svi")
@@ -33,6 +35,7 @@ CHOICES = {
     "likelihood": LIKELIHOODS,
     "guide": GUIDES,
     "family": FAMILIES,
+    "bottom": BOTTOMS,
     "dataset": DATASETS,
     "binarization": BINARIZATIONS,
     "engine": ENGINES,
@@ -102,6 +105,12 @@ class ModelConfig:
     :param only_mu_up: Ladder guide: the upward pass reads the bottom-up mean
         :math:`\hat\mu_{q,n-1}` of the layer below instead of :math:`d_{n-1}` (the
         authors' ``-only_mu_up True``; the paper's eq. 13 reads :math:`d_{n-1}`).
+    :param bottom: The networks between x and z1 (decoder) and between x and d1 (the
+        guides' first upward block): ``"mlp"`` (the paper) or ``"conv"``, two stride-2
+        convolutions from the square image to a quarter of its side and the transposed
+        ones back (:mod:`pyro_lvae.models.nn`); the ladder above stays as in the paper.
+        The LVAE family only; ``input_dim`` must be the square of a multiple of 4.
+    :param conv_channels: Channels of the first convolution (the second has twice as many).
     """
 
     input_dim: int = 784
@@ -121,6 +130,8 @@ class ModelConfig:
     leaky_slope: float = 0.1
     ladder_share_params: bool = True
     only_mu_up: bool = False
+    bottom: str = "mlp"
+    conv_channels: int = 32
 
     def __post_init__(self) -> None:
         if isinstance(self.input_dim, bool) or not isinstance(self.input_dim, int) or self.input_dim <= 0:
@@ -159,11 +170,32 @@ class ModelConfig:
             raise ValueError(f"leaky_slope must lie in [0, 1), got {self.leaky_slope!r}; the paper uses 0.1.")
         if not isinstance(self.ema_decay, (int, float)) or not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie strictly between 0 and 1, got {self.ema_decay!r}.")
+        self._check_bottom()
         if self.family == "vqvae" and self.depth != 1:
             raise ValueError(
                 f"A VQ-VAE has one latent layer: set latent_sizes to (number of code positions,) "
                 f"and hidden_sizes to one width, got {self.latent_sizes} and {self.hidden_sizes}."
             )
+
+    def _check_bottom(self) -> None:
+        _check_choice("bottom", self.bottom, BOTTOMS)
+        if isinstance(self.conv_channels, bool) or not isinstance(self.conv_channels, int) or self.conv_channels <= 0:
+            raise ValueError(f"conv_channels must be a positive integer, got {self.conv_channels!r}.")
+        if self.bottom != "conv":
+            return
+        if self.family != "lvae":
+            raise ValueError(f"bottom='conv' is built for the LVAE family, not the {self.family}; use bottom='mlp'.")
+        side = math.isqrt(self.input_dim)
+        if side * side != self.input_dim or side % 4:
+            raise ValueError(
+                f"bottom='conv' needs square images whose side is a multiple of 4 (e.g. 784 = 28²), "
+                f"got input_dim={self.input_dim}; use bottom='mlp'."
+            )
+
+    @property
+    def image_side(self) -> int:
+        """The side of the square image, for ``bottom='conv'``."""
+        return math.isqrt(self.input_dim)
 
     @property
     def depth(self) -> int:

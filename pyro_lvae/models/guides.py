@@ -42,14 +42,18 @@ from ..config import ModelConfig
 from ..inference.warmup import kl_weight
 from .merge import precision_weighted_merge
 from .model import GenerativeModel
-from .nn import gaussian_head_for, mlp_for
+from .nn import bottom_encoder_for, gaussian_head_for, mlp_for
 from .protocol import HierarchicalGuide
 from .registration import register_modules
 
 
-def _mlps_and_heads(cfg: ModelConfig, inputs: tuple[int, ...]) -> tuple[nn.ModuleList, nn.ModuleList]:
-    """One MLP of width ``hidden_sizes[i]`` reading ``inputs[i]`` and one Gaussian head per layer."""
-    mlps = nn.ModuleList(mlp_for(cfg, inputs[i], cfg.hidden_sizes[i]) for i in range(cfg.depth))
+def _mlps_and_heads(
+    cfg: ModelConfig, inputs: tuple[int, ...], encoder: nn.Module | None
+) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """One MLP of width ``hidden_sizes[i]`` reading ``inputs[i]`` and one Gaussian head per layer;
+    the first block reads x: ``encoder``, or the one of ``config.bottom``."""
+    first = encoder if encoder is not None else bottom_encoder_for(cfg)
+    mlps = nn.ModuleList([first] + [mlp_for(cfg, inputs[i], cfg.hidden_sizes[i]) for i in range(1, cfg.depth)])
     heads = nn.ModuleList(gaussian_head_for(cfg, cfg.hidden_sizes[i], cfg.latent_sizes[i]) for i in range(cfg.depth))
     return mlps, heads
 
@@ -67,6 +71,8 @@ class BottomUpGuide(HierarchicalGuide):
 
     :param model: The generative model this guide approximates the posterior of;
         only its configuration is used (the networks are the guide's own).
+    :param encoder: Your own first block instead of ``config.bottom``'s: a module mapping x of
+        shape ``(N, input_dim)`` to ``(N, hidden_sizes[0])``.
 
     Registered in the param store as ``f"{model.name}.bottom_up"``.
     """
@@ -74,13 +80,13 @@ class BottomUpGuide(HierarchicalGuide):
     #: Site order differs from the model's; use Trace_ELBO (see module docstring).
     mean_field_compatible = False
 
-    def __init__(self, model: GenerativeModel) -> None:
+    def __init__(self, model: GenerativeModel, *, encoder: nn.Module | None = None) -> None:
         super().__init__()
         cfg = model.config
         self.config = cfg
         self.name = f"{model.name}.bottom_up"
-        # q(z_i | z_{i-1}) reads z_{i-1} (x for i = 1).
-        self.mlps, self.heads = _mlps_and_heads(cfg, (cfg.input_dim,) + cfg.latent_sizes[:-1])
+        # q(z_i | z_{i-1}) reads z_{i-1} (x for i = 1, through config.bottom's block or the user's).
+        self.mlps, self.heads = _mlps_and_heads(cfg, (cfg.input_dim,) + cfg.latent_sizes[:-1], encoder)
 
     def register(self) -> None:
         """Register the guide's parameters in Pyro's param store under its ``name``."""
@@ -121,6 +127,8 @@ class LadderGuide(HierarchicalGuide):
         With ``config.ladder_share_params = False`` the guide has top-down networks of
         its own instead (the authors' code), and with ``config.only_mu_up = True`` its
         upward pass reads :math:`\\hat\\mu_{q,n-1}` instead of :math:`d_{n-1}`.
+    :param encoder: Your own first upward block x → d1 instead of ``config.bottom``'s: a module
+        mapping ``(N, input_dim)`` to ``(N, hidden_sizes[0])``.
 
     The guide's own (upward) parameters are registered as ``f"{model.name}.ladder"``,
     its own top-down networks, if any, as ``f"{model.name}.ladder.top_down"`` (or under
@@ -131,7 +139,7 @@ class LadderGuide(HierarchicalGuide):
     #: Sites come in the model's order, conditioned like the model's: TraceMeanField_ELBO is valid.
     mean_field_compatible = True
 
-    def __init__(self, model: GenerativeModel) -> None:
+    def __init__(self, model: GenerativeModel, *, encoder: nn.Module | None = None) -> None:
         super().__init__()
         cfg = model.config
         self.config = cfg
@@ -140,7 +148,7 @@ class LadderGuide(HierarchicalGuide):
         # The guide's own parameters: the deterministic upward pass d_n = MLP(d_{n-1}),
         # which reads d_{n-1} (x for n = 1), or μ̂_{n-1} with only_mu_up, and its heads.
         below = cfg.latent_sizes[:-1] if cfg.only_mu_up else cfg.hidden_sizes[:-1]
-        mlps, heads = _mlps_and_heads(cfg, (cfg.input_dim,) + below)
+        mlps, heads = _mlps_and_heads(cfg, (cfg.input_dim,) + below, encoder)
         self.upward_net = nn.ModuleDict({"mlps": mlps, "heads": heads})
         self.top_down_net = None if cfg.ladder_share_params else _top_down_networks(cfg)
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..inference.warmup import kl_weight
-from .nn import gaussian_head_for, mlp_for
+from .nn import decoder_for, gaussian_head_for, mlp_for
 from .protocol import HierarchicalModel
 from .registration import register_modules
 
@@ -40,6 +40,11 @@ class GenerativeModel(HierarchicalModel):
 
     :param config: The architecture.
     :param name: Prefix of the parameters in Pyro's param store.
+    :param decoder: Your own network for p(x | z1) instead of ``config.bottom``'s: a module
+        mapping z1 of shape ``(N, latent_sizes[0])`` to the logits ``(N, input_dim)``
+        (Bernoulli likelihood) or to ``(loc, variance)``, each ``(N, input_dim)`` (Gaussian).
+        Leading particle dimensions arrive flattened into N only if your module flattens
+        them: the L_K evaluation passes z1 of shape ``(K, N, latent_sizes[0])``.
 
     >>> import torch
     >>> from pyro_lvae.config import ModelConfig
@@ -54,7 +59,7 @@ class GenerativeModel(HierarchicalModel):
     #: own steps only.
     register_params: bool = True
 
-    def __init__(self, config: ModelConfig, *, name: str = "lvae") -> None:
+    def __init__(self, config: ModelConfig, *, name: str = "lvae", decoder: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
         self.name = name
@@ -68,11 +73,12 @@ class GenerativeModel(HierarchicalModel):
         self.top_down_heads = nn.ModuleList(
             gaussian_head_for(config, config.hidden_sizes[i + 1], sizes[i]) for i in range(config.depth - 1)
         )
-        self.decoder_mlp = mlp_for(config, sizes[0], config.hidden_sizes[0])
-        if config.likelihood == "bernoulli":
-            self.decoder_head: nn.Module = nn.Linear(config.hidden_sizes[0], config.input_dim)
+        # p(x | z1): an MLP and a linear or Gaussian head (the paper), the conv blocks of
+        # config.bottom, or the user's decoder with no head of its own.
+        if decoder is None:
+            self.decoder_mlp, self.decoder_head = decoder_for(config)
         else:
-            self.decoder_head = gaussian_head_for(config, config.hidden_sizes[0], config.input_dim)
+            self.decoder_mlp, self.decoder_head = decoder, nn.Identity()
         # Memo of prior_params, live only inside shared_priors() (see there).
         self._prior_memo: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] | None = None
 

@@ -67,11 +67,7 @@ class MLP(nn.Module):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         lead = y.shape[:-1]
         flat = y.reshape(-1, y.shape[-1])
-        if self.batch_norm and self.training and flat.shape[0] == 1:
-            raise ValueError(
-                "Batch norm in training mode needs more than one example, got one; call "
-                "model.eval(); guide.eval() first to use the running statistics (as for pyro.infer.Importance)."
-            )
+        _check_batch(flat, self, self.batch_norm)
         out = self.net(flat)
         return out.reshape(*lead, self.out_features)
 
@@ -125,3 +121,162 @@ def gaussian_head_for(config: ModelConfig, in_features: int, out_features: int) 
     :param out_features: Number of Gaussian units.
     """
     return GaussianHead(in_features, out_features, variance_floor=config.variance_floor)
+
+
+def _check_batch(flat: torch.Tensor, module: nn.Module, batch_norm: bool) -> None:
+    if batch_norm and module.training and flat.shape[0] == 1:
+        raise ValueError(
+            "Batch norm in training mode needs more than one example, got one; call "
+            "model.eval(); guide.eval() first to use the running statistics (as for pyro.infer.Importance)."
+        )
+
+
+def _conv_block(conv: nn.Module, channels: int, *, activation: str, batch_norm: bool, leaky_slope: float) -> list:
+    norm = [nn.BatchNorm2d(channels)] if batch_norm else []
+    return [conv, *norm, make_activation(activation, leaky_slope=leaky_slope)]
+
+
+class ConvEncoder(nn.Module):
+    """The guides' bottom block for ``bottom='conv'``: x → d1.
+
+    Data flow for a 28×28 image (``C = conv_channels``)::
+
+        x (…, 784) ─reshape─> (1, 28, 28) ─conv 4×4 /2─> (C, 14, 14) ─conv 4×4 /2─> (2C, 7, 7)
+                   ─flatten─> Linear ─> d1 (…, out_features)
+
+    each convolution and the linear layer followed by batch norm (if enabled) and the
+    nonlinearity. A user's own encoder may replace it: any module mapping ``(N, input_dim)``
+    to ``(N, hidden_sizes[0])``.
+
+    :param side: Side of the square image (a multiple of 4).
+    :param out_features: Width of d1, ``hidden_sizes[0]``.
+    :param channels: Channels of the first convolution.
+    :param activation: Name of the nonlinearity (:func:`make_activation`).
+    :param batch_norm: Batch-normalize after each convolution and the linear layer.
+    :param leaky_slope: Negative slope of the leaky rectifier.
+    """
+
+    def __init__(
+        self, side: int, out_features: int, *, channels: int, activation: str, batch_norm: bool, leaky_slope: float
+    ) -> None:
+        super().__init__()
+        opts = {"activation": activation, "batch_norm": batch_norm, "leaky_slope": leaky_slope}
+        self.side, self.out_features, self.batch_norm = side, out_features, batch_norm
+        self.convs = nn.Sequential(
+            *_conv_block(nn.Conv2d(1, channels, 4, stride=2, padding=1), channels, **opts),
+            *_conv_block(nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1), 2 * channels, **opts),
+        )
+        norm = [nn.BatchNorm1d(out_features)] if batch_norm else []
+        self.out = nn.Sequential(
+            nn.Linear(2 * channels * (side // 4) ** 2, out_features),
+            *norm,
+            make_activation(activation, leaky_slope=leaky_slope),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, 1, self.side, self.side)
+        _check_batch(flat, self, self.batch_norm)
+        return self.out(self.convs(flat).flatten(1)).reshape(*lead, self.out_features)
+
+
+class ConvDecoder(nn.Module):
+    """The model's bottom block for ``bottom='conv'``: z1 → a feature map, the transpose of
+    :class:`ConvEncoder`::
+
+        z1 (…, latent) ─Linear─> (2C, 7, 7) ─convT 4×4 ×2─> (C, 14, 14) ─convT 4×4 ×2─> (C, 28, 28)
+
+    :class:`ConvOutput` turns the map into the parameters of p(x | z1).
+
+    :param latent: Units of z1.
+    :param side: Side of the square image.
+    :param channels: Channels of the last map.
+    :param activation: Name of the nonlinearity.
+    :param batch_norm: Batch-normalize after the linear layer and each convolution.
+    :param leaky_slope: Negative slope of the leaky rectifier.
+    """
+
+    def __init__(
+        self, latent: int, side: int, *, channels: int, activation: str, batch_norm: bool, leaky_slope: float
+    ) -> None:
+        super().__init__()
+        opts = {"activation": activation, "batch_norm": batch_norm, "leaky_slope": leaky_slope}
+        self.side, self.channels, self.batch_norm = side, channels, batch_norm
+        width = 2 * channels * (side // 4) ** 2
+        norm = [nn.BatchNorm1d(width)] if batch_norm else []
+        self.inp = nn.Sequential(nn.Linear(latent, width), *norm, make_activation(activation, leaky_slope=leaky_slope))
+        self.convs = nn.Sequential(
+            *_conv_block(nn.ConvTranspose2d(2 * channels, channels, 4, stride=2, padding=1), channels, **opts),
+            *_conv_block(nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1), channels, **opts),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        lead = z.shape[:-1]
+        flat = z.reshape(-1, z.shape[-1])
+        _check_batch(flat, self, self.batch_norm)
+        h = self.inp(flat).reshape(-1, 2 * self.channels, self.side // 4, self.side // 4)
+        return self.convs(h).reshape(*lead, self.channels, self.side, self.side)
+
+
+class ConvOutput(nn.Module):
+    """1×1 convolutions from :class:`ConvDecoder`'s map to the parameters of p(x | z1), flattened
+    to ``(…, side²)``: Bernoulli logits, or a Gaussian ``(loc, variance)`` with the variance floor.
+
+    :param channels: Channels of the map.
+    :param gaussian: Return ``(loc, variance)`` instead of logits.
+    :param variance_floor: Smallest variance (Gaussian).
+    """
+
+    def __init__(self, channels: int, *, gaussian: bool, variance_floor: float = DEFAULT_VARIANCE_FLOOR) -> None:
+        super().__init__()
+        self.loc = nn.Conv2d(channels, 1, 1)
+        self.var = nn.Conv2d(channels, 1, 1) if gaussian else None
+        self.variance_floor = float(variance_floor)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        lead = h.shape[:-3]
+        flat = h.reshape(-1, *h.shape[-3:])
+        loc = self.loc(flat).reshape(*lead, -1)
+        if self.var is None:
+            return loc
+        return loc, F.softplus(self.var(flat).reshape(*lead, -1)).clamp_min(self.variance_floor)
+
+
+def bottom_encoder_for(config: ModelConfig) -> nn.Module:
+    """The guides' first upward block x → d1 of ``config.bottom``.
+
+    :param config: The architecture.
+    """
+    if config.bottom == "conv":
+        return ConvEncoder(
+            config.image_side,
+            config.hidden_sizes[0],
+            channels=config.conv_channels,
+            activation=config.activation,
+            batch_norm=config.batch_norm,
+            leaky_slope=config.leaky_slope,
+        )
+    return mlp_for(config, config.input_dim, config.hidden_sizes[0])
+
+
+def decoder_for(config: ModelConfig) -> tuple[nn.Module, nn.Module]:
+    """The model's ``(decoder_mlp, decoder_head)`` from z1 to the parameters of p(x | z1), for
+    ``config.bottom`` and ``config.likelihood``.
+
+    :param config: The architecture.
+    """
+    gaussian = config.likelihood == "gaussian"
+    if config.bottom == "conv":
+        body = ConvDecoder(
+            config.latent_sizes[0],
+            config.image_side,
+            channels=config.conv_channels,
+            activation=config.activation,
+            batch_norm=config.batch_norm,
+            leaky_slope=config.leaky_slope,
+        )
+        return body, ConvOutput(config.conv_channels, gaussian=gaussian, variance_floor=config.variance_floor)
+    body = mlp_for(config, config.latent_sizes[0], config.hidden_sizes[0])
+    if gaussian:
+        return body, gaussian_head_for(config, config.hidden_sizes[0], config.input_dim)
+    return body, nn.Linear(config.hidden_sizes[0], config.input_dim)
