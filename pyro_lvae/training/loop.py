@@ -266,6 +266,8 @@ class _Trainer:
             )
         self.epochs_done = ckpt["epoch"]
         self.metrics = self.run_dir.metrics(self.epochs_done)
+        self.ctx.barrier()  # every process has read the file before rank 0 rewrites it
+        self.run_dir.rewrite_metrics(self.metrics)
         self.consecutive_skips = ckpt.get("consecutive_skips", 0)
         self.partial = ckpt.get("partial")
         logger.info("Resuming %s from epoch %d.", self.run_dir.path, self.epochs_done)

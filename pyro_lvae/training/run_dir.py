@@ -77,14 +77,19 @@ class RunDirectory:
         return run
 
     def metrics(self, up_to_epoch: int) -> list[dict[str, Any]]:
-        """The metric lines of the checkpointed epochs; the writer drops later lines from the file.
+        """The metric lines of the checkpointed epochs.
 
         :param up_to_epoch: The checkpoint's completed epochs.
         """
-        kept = read_metrics(self.path, up_to_epoch)
+        return read_metrics(self.path, up_to_epoch)
+
+    def rewrite_metrics(self, records: list[dict[str, Any]]) -> None:
+        """Replace ``metrics.jsonl`` by ``records`` (on resume, the lines after the checkpoint go).
+
+        :param records: The metric lines to keep.
+        """
         if self.writer:
-            (self.path / METRICS_NAME).write_text("".join(json.dumps(m) + "\n" for m in kept))
-        return kept
+            (self.path / METRICS_NAME).write_text("".join(json.dumps(m) + "\n" for m in records))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one epoch's line to ``metrics.jsonl``.
