@@ -21,6 +21,21 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 GUIDES = ("ladder", "vae")
 FAMILIES = ("lvae", "vlae", "vqvae")
 BOTTOMS = ("mlp", "conv")
+FREE_BITS_MODES = ("layer", "unit")
+
+
+def check_free_bits(free_bits: float, mode: str) -> None:
+    """Raise :class:`ValueError` for a free-bits λ that is negative or not finite, or an unknown mode.
+
+    :param free_bits: λ, nats per example (0 = off).
+    :param mode: ``"layer"`` or ``"unit"``.
+    """
+    if isinstance(free_bits, bool) or not isinstance(free_bits, (int, float)) or not 0 <= free_bits < float("inf"):
+        raise ValueError(f"free_bits must be a finite number ≥ 0 (nats per example; 0 = off), got {free_bits!r}.")
+    if mode not in FREE_BITS_MODES:
+        raise ValueError(f"free_bits_mode must be one of {', '.join(FREE_BITS_MODES)}, got {mode!r}.")
+
+
 DATASETS = ("mnist", "binarized_mnist", "fashion_mnist", "omniglot28", "omniglot", "norb")
 BINARIZATIONS = ("dynamic", "static", "none")
 ENGINES = ("fast", "svi")
@@ -36,6 +51,7 @@ CHOICES = {
     "guide": GUIDES,
     "family": FAMILIES,
     "bottom": BOTTOMS,
+    "free_bits_mode": FREE_BITS_MODES,
     "dataset": DATASETS,
     "binarization": BINARIZATIONS,
     "engine": ENGINES,
@@ -252,6 +268,10 @@ class TrainConfig:
         seeded), and report the bounds on the discrete images, log-density − D log 256,
         with bits per dimension (:func:`~pyro_lvae.data.dequantize`). Without it a
         continuous density on the 256 discrete values is unbounded.
+    :param free_bits: λ of free bits (Kingma et al. 2016), nats per example: during
+        training each layer's KL term is replaced by max(λ, KL) over the minibatch
+        (:mod:`pyro_lvae.inference.free_bits`); 0 = off. The reported ELBO and L_K stay the true bounds.
+    :param free_bits_mode: ``"layer"`` (λ per layer) or ``"unit"`` (λ per unit of each layer).
     """
 
     dataset: str = "mnist"
@@ -277,6 +297,8 @@ class TrainConfig:
     grad_clip: float = 0.0
     grad_clip_value: float = 0.0
     dequantize: bool = False
+    free_bits: float = 0.0
+    free_bits_mode: str = "layer"
 
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)
@@ -317,6 +339,7 @@ class TrainConfig:
                 "dequantize applies to grey levels; set binarization='none' (with a Gaussian likelihood) "
                 "or dequantize=False for binary data."
             )
+        check_free_bits(self.free_bits, self.free_bits_mode)
         if self.dataset == "binarized_mnist" and self.binarization != "static":
             raise ValueError("binarized_mnist is already binary; set binarization='static' for it.")
 

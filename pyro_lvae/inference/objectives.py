@@ -23,12 +23,17 @@ from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from ..models.protocol import HierarchicalGuide, HierarchicalModel
 
 
-def elbo_for(guide: Callable[..., Any], **kwargs: Any) -> ELBO:
+def elbo_for(
+    guide: Callable[..., Any], *, free_bits: float = 0.0, free_bits_mode: str = "layer", **kwargs: Any
+) -> ELBO:
     """The ELBO estimator to train ``guide`` with.
 
     :param guide: A Pyro guide; ``guide.mean_field_compatible`` (default ``False``)
         selects :class:`~pyro.infer.TraceMeanField_ELBO` (analytic KL per layer)
         over :class:`~pyro.infer.Trace_ELBO` (Monte Carlo KL).
+    :param free_bits: λ > 0 puts the free-bits floor under each layer's KL term
+        (:mod:`pyro_lvae.inference.free_bits`); 0 is the plain ELBO.
+    :param free_bits_mode: ``"layer"`` or ``"unit"``: where the floor applies.
     :param kwargs: Passed to the ELBO (e.g. ``num_particles``, ``vectorize_particles``).
 
     >>> from pyro_lvae import GenerativeModel, LadderGuide, BottomUpGuide, ModelConfig
@@ -36,9 +41,15 @@ def elbo_for(guide: Callable[..., Any], **kwargs: Any) -> ELBO:
     >>> type(elbo_for(LadderGuide(model))).__name__, type(elbo_for(BottomUpGuide(model))).__name__
     ('TraceMeanField_ELBO', 'Trace_ELBO')
     """
-    if isinstance(guide, HierarchicalGuide) and guide.mean_field_compatible:
-        return TraceMeanField_ELBO(**kwargs)
-    return Trace_ELBO(**kwargs)
+    from ..config import check_free_bits
+    from .free_bits import FreeBitsMeanFieldELBO, FreeBitsTraceELBO
+
+    check_free_bits(free_bits, free_bits_mode)
+    mean_field = isinstance(guide, HierarchicalGuide) and guide.mean_field_compatible
+    if free_bits > 0:
+        estimator = FreeBitsMeanFieldELBO if mean_field else FreeBitsTraceELBO
+        return estimator(free_bits=free_bits, mode=free_bits_mode, **kwargs)
+    return TraceMeanField_ELBO(**kwargs) if mean_field else Trace_ELBO(**kwargs)
 
 
 def importance_weighted_loss(

@@ -221,6 +221,8 @@ class _Trainer:
             adam_eps=tc.adam_eps,
             grad_clip=tc.grad_clip,
             grad_clip_value=tc.grad_clip_value,
+            free_bits=tc.free_bits,
+            free_bits_mode=tc.free_bits_mode,
         )
         if ctx.rank > 0:
             # Independent draws on every process (rank 0 keeps the single-process stream);

@@ -79,14 +79,23 @@ def is_evaluation_epoch(config: ExperimentConfig, epoch: int) -> bool:
 
 
 def warn_about_schedule(config: ExperimentConfig) -> None:
-    """Warn when the warm-up is longer than training, so that training ends at β < 1.
+    """Warn when the warm-up is longer than training, so that training ends at β < 1, and
+    when free bits are combined with a warm-up.
 
     The final ELBO and L_K are always scored at β = 1, so such a run is scored on an
-    objective it was never trained on.
+    objective it was never trained on. Free bits and a KL warm-up both keep the KL terms
+    from collapsing early; most runs use one of them.
 
     :param config: The run's configuration.
     """
     tc = config.train
+    if tc.free_bits > 0 and tc.warmup_epochs > 0:
+        warnings.warn(
+            f"free_bits={tc.free_bits} is combined with a KL warm-up of {tc.warmup_epochs} epochs; "
+            "if you meant free bits alone, set warmup_epochs=0 (--warmup-epochs 0).",
+            UserWarning,
+            stacklevel=3,
+        )
     final_beta = warmup_beta(tc.epochs - 1, tc.warmup_epochs)
     if final_beta < 1 and not tc.finetune_epochs:  # fine-tuning trains at β = 1
         warnings.warn(

@@ -127,6 +127,9 @@ class TrainingStep:
     :param adam_eps: Adam's ε.
     :param grad_clip: Clip the global gradient norm to this before each update (0 = off).
     :param grad_clip_value: Then clip each gradient entry to ± this (0 = off).
+    :param free_bits: λ of the free-bits floor under each layer's KL (0 = off,
+        :mod:`pyro_lvae.inference.free_bits`).
+    :param free_bits_mode: ``"layer"`` or ``"unit"``.
 
     Call it as ``step(x, beta)``; it returns the minibatch loss (the negative
     β-weighted ELBO summed over the batch) as a 0-dim tensor on the
@@ -164,6 +167,8 @@ class TrainingStep:
         adam_eps: float = 1e-8,
         grad_clip: float = 0.0,
         grad_clip_value: float = 0.0,
+        free_bits: float = 0.0,
+        free_bits_mode: str = "layer",
     ) -> None:
         if engine is not None and engine != self.engine:
             raise ValueError(f"{type(self).__name__} is the {self.engine!r} engine, not {engine!r}; use make_step.")
@@ -173,7 +178,7 @@ class TrainingStep:
         self.distributed = distributed
         self.clip = {"max_norm": float(grad_clip), "max_value": float(grad_clip_value)}
         #: The objective minimized (:func:`~pyro_lvae.inference.objectives.elbo_for` of the guide).
-        self.elbo = elbo_for(guide)
+        self.elbo = elbo_for(guide, free_bits=free_bits, free_bits_mode=free_bits_mode)
         #: Whether the last call skipped its update (non-finite loss or gradient).
         self.skipped = False
         self._build_optimizer(learning_rate, adam_eps)
