@@ -58,9 +58,12 @@ def free_bits_penalty(model_trace, guide_trace, free_bits: float, *, mode: str, 
         if model_site["type"] != "sample" or model_site["is_observed"]:
             continue
         guide_site = guide_trace.nodes[name]
-        kl = _unit_kl(model_site, guide_site, analytic=analytic)
         mask = guide_site["mask"]
-        kl = scale_and_mask(kl, mask=None if mask is None else torch.as_tensor(mask)[..., None])
+        if mask is not None:
+            mask = torch.as_tensor(mask, device=guide_site["value"].device).unsqueeze(-1)
+            if not mask.any():  # β = 0 (masked, see warmup.kl_weight): no KL term to floor
+                continue
+        kl = scale_and_mask(_unit_kl(model_site, guide_site, analytic=analytic), mask=mask)
         examples = kl[..., 0].numel()
         totals = kl.reshape(-1, kl.shape[-1]).sum(0)  # per unit, summed over the minibatch
         if mode == "layer":
@@ -86,6 +89,17 @@ class FreeBits:
         super().__init__(**kwargs)
         self.free_bits = float(free_bits)
         self.mode = mode
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """The objective's value (Pyro's ``Trace_ELBO.loss`` would leave the floor out).
+
+        :param model: The model.
+        :param guide: The guide.
+        :param args: The model's and guide's arguments.
+        :param kwargs: Their keyword arguments.
+        """
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, *args, **kwargs))
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         loss, surrogate = super()._differentiable_loss_particle(model_trace, guide_trace)

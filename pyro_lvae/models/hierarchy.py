@@ -213,8 +213,10 @@ def interpolate(
     steps: int = 8,
     temperature: float | tuple[float, ...] = 0.0,
 ) -> torch.Tensor:
-    """Decode ``steps`` points on the line between the posterior means of :math:`z_L` for two
+    """Decode ``steps`` points on the line between the guide's means of :math:`z_L` for two
     examples, the layers below drawn at ``temperature`` (0: their means). In evaluation mode.
+    With the bottom-up guide, whose :math:`z_L` depends on :math:`z_{L-1}`, every guide layer
+    is taken at its mean.
 
     :param model: The generative model.
     :param guide: Its guide.
@@ -226,9 +228,16 @@ def interpolate(
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ValueError(f"steps must be an integer ≥ 2, got {steps!r}.")
+    depth = model.config.depth
+    layer_temperatures(depth, temperature)  # checked before any work
     ends = torch.cat([x_from.reshape(1, -1), x_to.reshape(1, -1)])
-    top = encode(model, guide, ends)[-1].loc
+    _check_input(model, ends)
+    # The guide at temperature 0: every layer at its mean, so that z_L's mean does not depend
+    # on a draw below it (the bottom-up guide reads z_{L-1}; the ladder's z_L reads x only).
+    with eval_mode(model, guide), registered_once(model, guide):
+        trace = poutine.trace(Temperature((0.0,) * depth)(guide)).get_trace(ends, None)
+    top = trace.nodes[f"z{depth}"]["value"]
     t = torch.linspace(0, 1, steps, device=top.device, dtype=top.dtype)[:, None]
     line = (1 - t) * top[0] + t * top[1]
     with eval_mode(model):
-        return _decode_with(model, {f"z{model.config.depth}": line}, steps, temperature, mean=True)[0]
+        return _decode_with(model, {f"z{depth}": line}, steps, temperature, mean=True)[0]

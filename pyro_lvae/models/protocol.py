@@ -91,7 +91,7 @@ class HierarchicalModel(nn.Module):
     def sample(
         self, num_samples: int, *, mean: bool = True, temperature: float | tuple[float, ...] = 1.0
     ) -> torch.Tensor:
-        """Ancestral samples from the prior, :math:`z_L \to \\cdots \to z_1 \to x`.
+        r"""Ancestral samples from the prior, :math:`z_L \to \cdots \to z_1 \to x`.
 
         Call ``model.eval()`` first when the model uses batch normalization.
 

@@ -404,7 +404,7 @@ def _finished(run: Run, out_dir: Path) -> RunResults | None:
         return None
     try:
         return RunResults.load(out_dir / RESULTS_NAME)
-    except ValueError as exc:  # written by another pyro-lvae version
+    except (ValueError, KeyError, TypeError) as exc:  # written by another pyro-lvae version, or damaged
         logger.warning("Counting %s as missing: %s", out_dir.name, exc)
         return None
 

@@ -128,3 +128,18 @@ def test_free_bits_with_a_warm_up_is_warned_about(make_synthetic):
     )
     with pytest.warns(UserWarning, match="combined with a KL warm-up of 1 epochs"):
         train(config, dataset=make_synthetic(), progress=False, final_evaluation=False)
+
+
+@pytest.mark.parametrize("guide_cls", [LadderGuide, BottomUpGuide])
+def test_loss_and_differentiable_loss_agree_and_beta_zero_has_no_floor(guide_cls):
+    model, guide, x = _setup(guide_cls)
+    elbo = elbo_for(guide, free_bits=5.0)
+    for beta in (torch.tensor(0.6, dtype=torch.float64), 0.6):  # a tensor, or a plain number
+        pyro.set_rng_seed(4)
+        value = elbo.loss(model, guide, x, beta)
+        pyro.set_rng_seed(4)
+        assert value == pytest.approx(float(elbo.differentiable_loss(model, guide, x, beta)))
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    floored, _ = _loss_and_grads(elbo, model, guide, x, zero)
+    plain, _ = _loss_and_grads(elbo_for(guide), model, guide, x, zero)
+    assert floored == plain  # β = 0: the KL terms are masked out, and so is their floor

@@ -194,3 +194,13 @@ def test_predictive_returns_every_latent_and_x_with_a_sample_dimension(guide_cls
     assert all(torch.equal(a, b) for a, b in zip(buffers, list(model.buffers()) + list(guide.buffers())))
     draws = Predictive(poutine.uncondition(model), guide=guide, num_samples=7)(x)["x"]
     assert draws.shape == (7, 3, 6) and not torch.equal(draws, x.expand(7, -1, -1))  # p(x | z) draws
+
+
+@pytest.mark.parametrize("guide_cls", [LadderGuide, BottomUpGuide])
+def test_interpolation_is_deterministic_and_checks_its_input_first(guide_cls):
+    model = GenerativeModel(CFG)
+    guide = guide_cls(model)
+    x = _x(2)
+    assert torch.equal(interpolate(model, guide, x[0], x[1], steps=4), interpolate(model, guide, x[0], x[1], steps=4))
+    with pytest.raises(ValueError, match="finite number ≥ 0"):
+        interpolate(model, guide, x[0], x[1], temperature=-1.0)
