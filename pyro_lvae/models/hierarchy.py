@@ -142,17 +142,25 @@ def encode(model: HierarchicalModel, guide: nn.Module, x: torch.Tensor, *, eval:
     return layers
 
 
-def _decode_with(
+def decode_with(
     model: HierarchicalModel, fixed: dict[str, torch.Tensor], n: int, temperature: float | tuple, mean: bool
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run the model's prior with the sites in ``fixed`` set, the others at ``temperature``;
-    return x (its mean, or a sample) and the layers' values, z1 first."""
+    """Run the model's prior for ``n`` examples with the sites in ``fixed`` set and the others
+    drawn at ``temperature``; return x (its mean, or a sample) and the layers' values, z1 first.
+    :meth:`HierarchicalModel.sample <pyro_lvae.models.protocol.HierarchicalModel.sample>` is
+    this with nothing fixed.
+
+    :param model: The generative model.
+    :param fixed: Values of ``z{i}`` sites to keep, each with ``n`` rows.
+    :param n: Examples to draw.
+    :param temperature: τ per layer, or one for all (:func:`layer_temperatures`).
+    :param mean: Return the mean of :math:`p(x|z_1)` rather than a sample of x.
+    """
     temps = layer_temperatures(model.config.depth, temperature)
     param = next(model.parameters())
     dummy = torch.zeros(n, model.config.input_dim, device=param.device, dtype=param.dtype)
-    with registered_once(model):
-        fn = poutine.condition(Temperature(temps)(poutine.uncondition(model)), data=fixed)
-        trace = poutine.trace(fn).get_trace(dummy)
+    fn = poutine.condition(Temperature(temps)(poutine.uncondition(model)), data=fixed)
+    trace = poutine.trace(fn).get_trace(dummy)
     x = trace.nodes["x"]["fn"].mean if mean else trace.nodes["x"]["value"]
     return x, [trace.nodes[f"z{i}"]["value"] for i in range(1, model.config.depth + 1)]
 
@@ -196,8 +204,8 @@ def resample(
     layers = encode(model, guide, x)
     copies = num_samples or 1
     kept = {f"z{e.layer}": e.sample.repeat(copies, 1) for e in layers if e.layer >= keep_from}
-    with eval_mode(model):
-        images, zs = _decode_with(model, kept, copies * x.shape[0], temperature, mean)
+    with eval_mode(model), registered_once(model):
+        images, zs = decode_with(model, kept, copies * x.shape[0], temperature, mean)
     if num_samples is not None:
         images, zs = images.reshape(copies, x.shape[0], -1), [z.reshape(copies, x.shape[0], -1) for z in zs]
     return (images, zs) if return_latents else images
@@ -239,5 +247,5 @@ def interpolate(
     top = trace.nodes[f"z{depth}"]["value"]
     t = torch.linspace(0, 1, steps, device=top.device, dtype=top.dtype)[:, None]
     line = (1 - t) * top[0] + t * top[1]
-    with eval_mode(model):
-        return _decode_with(model, {f"z{depth}": line}, steps, temperature, mean=True)[0]
+    with eval_mode(model), registered_once(model):
+        return decode_with(model, {f"z{depth}": line}, steps, temperature, mean=True)[0]

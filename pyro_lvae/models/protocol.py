@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
+from pyro import poutine
 from torch import nn
 
 from ..config import ModelConfig
@@ -103,17 +104,11 @@ class HierarchicalModel(nn.Module):
             (:class:`~pyro_lvae.models.hierarchy.Temperature`). Gaussian latents only.
         :returns: Tensor of shape ``(num_samples, input_dim)``.
         """
-        from pyro import poutine
-
-        from .hierarchy import Temperature, layer_temperatures  # it builds on this module
+        from .hierarchy import decode_with  # it builds on this module
 
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
-        temps = layer_temperatures(self.config.depth, temperature)
-        param = next(self.parameters())
-        dummy = torch.zeros(num_samples, self.config.input_dim, device=param.device, dtype=param.dtype)
-        trace = poutine.trace(Temperature(temps)(poutine.uncondition(self))).get_trace(dummy)
-        return trace.nodes["x"]["fn"].mean if mean else trace.nodes["x"]["value"]
+        return decode_with(self, {}, num_samples, temperature, mean)[0]
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, guide: nn.Module) -> torch.Tensor:
@@ -123,8 +118,6 @@ class HierarchicalModel(nn.Module):
         :param guide: A guide for this model.
         :returns: Tensor of the same shape as ``x``.
         """
-        from pyro import poutine
-
         guide_trace = poutine.trace(guide).get_trace(x)
         model_trace = poutine.trace(poutine.replay(self, trace=guide_trace)).get_trace(x)
         return model_trace.nodes["x"]["fn"].mean
