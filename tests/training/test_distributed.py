@@ -189,7 +189,10 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path, shared
     import time
 
     run = tmp_path / "run"
-    data = ["--data-root", str(shared_data_root)]
+    # Batches of 20 make an epoch 200 steps long, so that the signal, sent as soon as epoch 1's
+    # checkpoint appears, lands inside epoch 2 even on a fast machine (with 20 steps per epoch the
+    # whole run could finish before the signal arrived).
+    data = ["--data-root", str(shared_data_root), "--batch-size", "20"]
     proc = subprocess.Popen(
         TORCHRUN + TRAIN + ["--out", str(run)] + data,
         stdout=subprocess.PIPE,
@@ -209,7 +212,7 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path, shared
         time.sleep(0.05)
     os.kill(_worker_of_rank(proc.pid, 1), signal.SIGTERM)
     out, err = proc.communicate(timeout=240)
-    assert proc.returncode != 0  # the workers stopped with the signal's status
+    assert proc.returncode != 0, err[-2000:]  # the workers stopped with the signal's status
     ckpt = torch.load(checkpoint, weights_only=False)
     assert ckpt["epoch"] == 1 and ckpt["partial"] is not None and ckpt["partial"]["step"] > 0, err[-2000:]
     assert (
