@@ -80,19 +80,26 @@ def _field_parser(name: str) -> Any:
     return parse
 
 
+def _metavar(f: dataclasses.Field) -> str:
+    """How an option's value is shown in ``--help``: its choices, or its type."""
+    choices = CHOICES.get(f.name)
+    if choices:
+        return "{" + ",".join(choices + tuple(ALIASES.get(f.name, {}))) + "}"
+    if str(f.type) == "float | str":
+        return "{auto,FLOAT}"
+    return str(f.type).split("[")[0].upper()
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("configuration overrides (default: the preset's value, or the run's on --resume)")
     docs = param_docs(ModelConfig) | param_docs(TrainConfig)
     for f in _config_fields():
-        choices = CHOICES.get(f.name)
         group.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             type=_field_parser(f.name),
             default=None,
-            metavar="{" + ",".join(choices + tuple(ALIASES.get(f.name, {}))) + "}"
-            if choices
-            else str(f.type).split("[")[0].upper(),
+            metavar=_metavar(f),
             help=docs.get(f.name, "").replace("%", "%%"),
         )
 
@@ -132,6 +139,13 @@ def _add_train_parser(p: argparse.ArgumentParser) -> None:
         help="run the final test ELBO and L_K on the first N test examples only (default: all)",
     )
     p.add_argument("--no-final-eval", action="store_true", help="skip the final test ELBO and L_K evaluation")
+    p.add_argument(
+        "--tensorboard",
+        default=None,
+        metavar="DIR",
+        help="also write TensorBoard events (scalars per epoch, image grids per evaluation) into DIR; "
+        "needs pip install 'pyro-lvae[tensorboard]'",
+    )
     _add_config_options(p)
     _add_runtime_options(p)
 
@@ -146,6 +160,7 @@ def _add_evaluate_parser(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="evaluate the first N test examples only (default: the run's setting)",
     )
+    _add_weights_option(p)
     _add_runtime_options(p)
 
 
@@ -160,7 +175,17 @@ def _add_report_parser(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="analyse the first N test examples only (default: the run's setting)",
     )
+    _add_weights_option(p)
     _add_runtime_options(p)
+
+
+def _add_weights_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights",
+        choices=("auto", "ema", "raw"),
+        default="auto",
+        help="auto: the moving average of the weights when the run kept one (--ema), else the raw weights",
+    )
 
 
 def _add_sweep_parser(p: argparse.ArgumentParser) -> None:
@@ -259,7 +284,8 @@ def _report(results: RunResults) -> str:
     return (
         f"test ELBO (L1): {results.test_elbo:.3f} nats\n"
         f"test L_{results.num_importance_samples}: {results.test_log_likelihood:.3f} nats\n"
-        f"({results.num_test_examples} test examples, {results.epochs} epochs)\n"
+        f"({results.num_test_examples} test examples, {results.epochs} epochs"
+        f"{', moving-average weights' if results.weights == 'ema' else ''})\n"
     )
 
 
@@ -284,6 +310,7 @@ def _train(args: argparse.Namespace) -> int:
         final_eval_subset=args.final_eval_subset,
         memory_budget=_budget(args),
         progress=not args.no_progress,
+        tensorboard=args.tensorboard,
     )
     if result.results is None:
         sys.stdout.write(f"Trained {len(result.metrics)} epochs; evaluate with: pyro-lvae evaluate {args.out}\n")
@@ -304,6 +331,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         memory_budget=_budget(args),
         progress=not args.no_progress,
         test_subset=args.test_subset,
+        weights=args.weights,
     )
     sys.stdout.write(_report(results))
     return 0
@@ -321,6 +349,7 @@ def _report_command(args: argparse.Namespace) -> int:
         device=args.device,
         memory_budget=_budget(args),
         test_subset=args.test_subset,
+        weights=args.weights,
     )
     sys.stdout.write(report.read_text().split("\n## Comparisons")[0] + f"\nwritten: {report}\n")
     return 0

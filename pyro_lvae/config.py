@@ -36,6 +36,29 @@ def check_free_bits(free_bits: float, mode: str) -> None:
         raise ValueError(f"free_bits_mode must be one of {', '.join(FREE_BITS_MODES)}, got {mode!r}.")
 
 
+def check_skip_threshold(threshold: float | str) -> None:
+    """Raise :class:`ValueError` unless ``threshold`` is ``"auto"`` or a finite number ≥ 0.
+
+    :param threshold: The gradient-norm skip threshold (0 = off).
+    """
+    if threshold == "auto":
+        return
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
+        raise ValueError(
+            f"skip_threshold must be 'auto' or a finite gradient norm ≥ 0 (0 = off), got {threshold!r}; "
+            "use 'auto' to follow the recent norms."
+        )
+
+
+def check_ema_decay(decay: float) -> None:
+    """Raise :class:`ValueError` unless ``decay`` is 0 (off) or lies in (0, 1).
+
+    :param decay: The decay of the weights' moving average.
+    """
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+        raise ValueError(f"ema must be a decay in [0, 1) (0 = off; e.g. 0.999), got {decay!r}.")
+
+
 DATASETS = ("mnist", "binarized_mnist", "fashion_mnist", "omniglot28", "omniglot", "norb")
 BINARIZATIONS = ("dynamic", "static", "none")
 ENGINES = ("fast", "svi")
@@ -272,6 +295,15 @@ class TrainConfig:
         training each layer's KL term is replaced by max(λ, KL) over the minibatch
         (:mod:`pyro_lvae.inference.free_bits`); 0 = off. The reported ELBO and L_K stay the true bounds.
     :param free_bits_mode: ``"layer"`` (λ per layer) or ``"unit"`` (λ per unit of each layer).
+    :param skip_threshold: Skip an update whose global gradient norm (before clipping) exceeds this:
+        a number, ``"auto"`` (twice the 99th percentile of the last 500 norms, so that it follows a lasting
+        rise; :class:`~pyro_lvae.training.skipping.SkipRule`) or 0 (off; non-finite steps are always skipped).
+    :param ema: Decay of an exponential moving average of the weights (0 = off; e.g. 0.999). The
+        average is checkpointed and is what the periodic and final evaluations, ``evaluate``, ``report``
+        and ``export`` use (:mod:`pyro_lvae.training.ema`).
+    :param valid_size: Hold out this many training images (chosen with a fixed seed, the same for every
+        run) for the periodic evaluation, which is then labelled ``valid``; the test set is used once, at
+        the end. 0 (the paper's protocol): train on the whole training set, evaluate on the test set.
     """
 
     dataset: str = "mnist"
@@ -299,6 +331,9 @@ class TrainConfig:
     dequantize: bool = False
     free_bits: float = 0.0
     free_bits_mode: str = "layer"
+    skip_threshold: float | str = 0.0
+    ema: float = 0.0
+    valid_size: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)
@@ -318,7 +353,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        for name in ("warmup_epochs", "train_subset", "test_subset", "seed", "finetune_epochs"):
+        for name in ("warmup_epochs", "train_subset", "test_subset", "seed", "finetune_epochs", "valid_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
@@ -340,6 +375,13 @@ class TrainConfig:
                 "or dequantize=False for binary data."
             )
         check_free_bits(self.free_bits, self.free_bits_mode)
+        check_skip_threshold(self.skip_threshold)
+        check_ema_decay(self.ema)
+        if self.valid_size and self.train_subset and self.valid_size >= self.train_subset:
+            raise ValueError(
+                f"valid_size={self.valid_size} leaves no training data of train_subset={self.train_subset}; "
+                "lower valid_size or raise train_subset."
+            )
         if self.dataset == "binarized_mnist" and self.binarization != "static":
             raise ValueError("binarized_mnist is already binary; set binarization='static' for it.")
 
@@ -463,10 +505,12 @@ def parse_field(name: str, text: str) -> Any:
             return int(text)
         if kind == "float":
             return float(text)
+        if kind == "float | str":  # skip_threshold: a number or "auto"
+            return text if text == "auto" else float(text)
         if kind.startswith("tuple"):
             return tuple(int(part) for part in text.split(","))
     except ValueError:
-        forms = {"bool": "true or false", "int": "an integer", "float": "a number"}
+        forms = {"bool": "true or false", "int": "an integer", "float": "a number", "float | str": "a number or auto"}
         form = forms.get(kind, "comma-separated integers such as 64,32")
         raise ValueError(f"{name} expects {form}, got {text!r}.") from None
     value = ALIASES.get(name, {}).get(text, text)

@@ -132,6 +132,11 @@ CASES = [
         "set binarization='none'",
     ),
     ("unknown preset", lambda tmp: get_preset("lvae-bn-wu-7"), ValueError, "did you mean lvae-bn-wu-5"),
+    ("negative free bits", lambda tmp: SMALL.replace(free_bits=-0.5), ValueError, "free_bits must be a finite number"),
+    ("non-finite clip", lambda tmp: SMALL.replace(grad_clip=float("inf")), ValueError, "grad_clip must be a finite"),
+    ("negative skip threshold", lambda tmp: SMALL.replace(skip_threshold=-1.0), ValueError, "use 'auto'"),
+    ("EMA decay of 1", _cli("train", "--ema", "1"), SystemExit, "ema must be a decay in [0, 1)"),
+    ("validation split too large", _train_on(_grey(), valid_size=64), ValueError, "set valid_size below 64"),
     ("unknown configuration key", lambda tmp: SMALL.replace(learning_rat=0.1), ValueError, "known keys are"),
     (
         "unknown CLI key",

@@ -84,6 +84,7 @@ def test_train_then_evaluate(tmp_path, shared_data_root, capsys):
         (["train", "--preset", "nope"], "Unknown preset"),
         (["train", "--activation", "relu6"], "choose one of leaky_relu, tanh, identity, got 'relu6'"),
         (["train", "--guide", "top-down"], "choose one of ladder, vae, bottom-up"),
+        (["train", "--skip-threshold", "often"], "skip_threshold expects a number or auto, got 'often'"),
     ],
 )
 def test_bad_cli_input(args, match, capsys, tmp_path):
@@ -243,3 +244,25 @@ def test_the_cli_and_the_package_import_no_heavy_library():
     code = "import sys, pyro_lvae; pyro_lvae.GenerativeModel; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"  # the public names still load on first use
+
+
+def test_training_controls_from_the_cli_then_evaluate_either_weights(tmp_path, shared_data_root, capsys):
+    """--ema, --skip-threshold auto, --valid-size and --tensorboard together; evaluate uses the
+    moving average by default and the raw weights with --weights raw, and results.json says which."""
+    run, board = tmp_path / "run", tmp_path / "tb"
+    extra = ["--epochs", "2", "--eval-every", "1", "--ema", "0.99", "--skip-threshold", "auto", "--valid-size", "56"]
+    assert main(_tiny_train_args(run, shared_data_root) + extra + ["--tensorboard", str(board)]) == 0
+    assert "moving-average weights" in capsys.readouterr().out
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped_by_cause"] for m in metrics] == [{"non_finite": 0, "threshold": 0}] * 2
+    assert all("valid_elbo" in m and "test_elbo" not in m and m["weights"] == "ema" for m in metrics)
+    assert any(p.name.startswith("events.out.tfevents") for p in board.iterdir())
+    trained = json.loads((run / "results.json").read_text())
+    assert trained["weights"] == "ema" and trained["config"]["train"]["valid_size"] == 56
+    evaluate = ["evaluate", str(run), "--data-root", str(shared_data_root), "--no-progress"]
+    assert main(evaluate) == 0
+    again = json.loads((run / "results.json").read_text())
+    assert again["weights"] == "ema" and again["test_elbo"] == trained["test_elbo"]
+    assert main(evaluate + ["--weights", "raw"]) == 0
+    raw = json.loads((run / "results.json").read_text())
+    assert raw["weights"] == "raw" and raw["test_elbo"] != trained["test_elbo"]

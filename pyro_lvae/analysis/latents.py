@@ -193,9 +193,10 @@ def training_curves(run_dir: str | os.PathLike) -> xr.Dataset:
     """A run's ``metrics.jsonl`` as a Dataset indexed by ``epoch``.
 
     Scalar metrics (``beta``, ``seconds``, ``train_objective``, ``train_elbo``,
-    ``test_elbo``) become variables, NaN in epochs where they were not evaluated;
-    ``test_kl_per_layer`` becomes ``(epoch, layer)`` and ``test_kl_per_unit`` one
-    ``test_kl_z{i}`` of dims ``(epoch, z{i}_unit)`` per layer.
+    ``valid_elbo``, ``test_elbo``) become variables, NaN in epochs where they were not
+    evaluated; ``test_kl_per_layer`` becomes ``(epoch, layer)`` and ``test_kl_per_unit`` one
+    ``test_kl_z{i}`` of dims ``(epoch, z{i}_unit)`` per layer (``valid_…`` for a run whose
+    periodic evaluation used a validation split, ``valid_size`` > 0).
 
     :param run_dir: A run directory written by :func:`~pyro_lvae.training.loop.train`.
     """
@@ -209,25 +210,31 @@ def training_curves(run_dir: str | os.PathLike) -> xr.Dataset:
         raise ValueError(f"{path} is empty; train the run for at least one epoch.")
     epochs = np.array([r["epoch"] for r in records])
     variables: dict[str, tuple] = {}
-    for key in ("beta", "seconds", "train_objective", "train_elbo", "test_elbo"):
+    for key in ("beta", "seconds", "train_objective", "train_elbo", "valid_elbo", "test_elbo"):
         variables[key] = ("epoch", np.array([r.get(key, np.nan) for r in records], dtype=float))
-    layered = [r for r in records if "test_kl_per_layer" in r]
-    if layered:
-        depth = len(layered[0]["test_kl_per_layer"])
-        kl = np.full((len(records), depth), np.nan)
-        for j, r in enumerate(records):
-            if "test_kl_per_layer" in r:
-                kl[j] = r["test_kl_per_layer"]
-        variables["test_kl_per_layer"] = (("epoch", "layer"), kl)
-    units = [r for r in records if "test_kl_per_unit" in r]
-    if units:
-        for i, layer in enumerate(units[0]["test_kl_per_unit"]):
-            arr = np.full((len(records), len(layer)), np.nan)
-            for j, r in enumerate(records):
-                if "test_kl_per_unit" in r:
-                    arr[j] = r["test_kl_per_unit"][i]
-            variables[f"test_kl_z{i + 1}"] = (("epoch", f"z{i + 1}_unit"), arr)
+    for split in ("valid", "test"):
+        variables |= _kl_curves(records, split)
     return xr.Dataset(variables, coords={"epoch": epochs})
+
+
+def _kl_curves(records: list[dict], split: str) -> dict[str, tuple]:
+    """The per-layer and per-unit KL curves of the periodic evaluation on ``split``."""
+    variables: dict[str, tuple] = {}
+    layered = [r for r in records if f"{split}_kl_per_layer" in r]
+    if layered:
+        kl = np.full((len(records), len(layered[0][f"{split}_kl_per_layer"])), np.nan)
+        for j, r in enumerate(records):
+            if f"{split}_kl_per_layer" in r:
+                kl[j] = r[f"{split}_kl_per_layer"]
+        variables[f"{split}_kl_per_layer"] = (("epoch", "layer"), kl)
+    units = [r for r in records if f"{split}_kl_per_unit" in r]
+    for i, layer in enumerate(units[0][f"{split}_kl_per_unit"] if units else []):
+        arr = np.full((len(records), len(layer)), np.nan)
+        for j, r in enumerate(records):
+            if f"{split}_kl_per_unit" in r:
+                arr[j] = r[f"{split}_kl_per_unit"][i]
+        variables[f"{split}_kl_z{i + 1}"] = (("epoch", f"z{i + 1}_unit"), arr)
+    return variables
 
 
 def psis_khat(log_weights: torch.Tensor | np.ndarray) -> np.ndarray:

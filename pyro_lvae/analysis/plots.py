@@ -34,9 +34,11 @@ def kl_heatmap(curves: xr.Dataset, *, title: str = "", path: str | os.PathLike |
 
     Units are sorted by their final KL; white is an inactive unit.
 
-    :param curves: From :func:`~pyro_lvae.analysis.latents.training_curves`; needs ``test_kl_z{i}``.
+    :param curves: From :func:`~pyro_lvae.analysis.latents.training_curves`; needs ``test_kl_z{i}``
+        (or ``valid_kl_z{i}`` for a run with a validation split).
     """
-    layers = sorted((v for v in curves.data_vars if v.startswith("test_kl_z")), key=lambda v: int(v[9:]))
+    prefix = "test_kl_z" if any(v.startswith("test_kl_z") for v in curves.data_vars) else "valid_kl_z"
+    layers = sorted((v for v in curves.data_vars if v.startswith(prefix)), key=lambda v: int(v[len(prefix) :]))
     if not layers:
         raise ValueError("The run has no per-unit KL in its metrics; train it with this version of pyro-lvae.")
     fig, axes = plt.subplots(1, len(layers), figsize=(3 * len(layers), 3), squeeze=False)
@@ -53,7 +55,7 @@ def kl_heatmap(curves: xr.Dataset, *, title: str = "", path: str | os.PathLike |
             origin="lower",
             extent=(arr.epoch.values[0] - 0.5, arr.epoch.values[-1] + 0.5, -0.5, values.shape[1] - 0.5),
         )
-        ax.set(title=name.replace("test_kl_", ""), xlabel="epoch", ylabel="unit (sorted)")
+        ax.set(title=name[len(prefix) - 1 :], xlabel="epoch", ylabel="unit (sorted)")
     fig.subplots_adjust(left=0.08, right=0.85, bottom=0.18, top=0.82, wspace=0.4)
     fig.colorbar(im, cax=fig.add_axes((0.88, 0.18, 0.02, 0.64)), label="log10 KL (nats)")
     fig.suptitle(title or "KL per unit")
@@ -153,7 +155,7 @@ def reconstructions(model, guide, x: torch.Tensor, *, title: str = "", path: str
 
 
 def elbo_curves(curves_by_run: Mapping[str, xr.Dataset], *, path: str | os.PathLike | None = None) -> Figure:
-    """Train (solid) and test (dashed) ELBO over epochs for several runs (Fig. 2).
+    """Train (solid), validation (dotted) and test (dashed) ELBO over epochs for several runs (Fig. 2).
 
     :param curves_by_run: :func:`~pyro_lvae.analysis.latents.training_curves` of each run, keyed by label.
     :param path: Save the figure here as a PNG, if given.
@@ -161,7 +163,7 @@ def elbo_curves(curves_by_run: Mapping[str, xr.Dataset], *, path: str | os.PathL
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for j, (name, curves) in enumerate(curves_by_run.items()):
         color = f"C{j}"
-        for key, style in (("train_elbo", "-"), ("test_elbo", "--")):
+        for key, style in (("train_elbo", "-"), ("valid_elbo", ":"), ("test_elbo", "--")):
             series = curves[key].dropna("epoch")
             if series.size:
                 ax.plot(series.epoch, series, style, color=color, marker="o", ms=3, label=f"{name} {key[:-5]}")

@@ -68,6 +68,7 @@ class RunAnalysis:
     :param figures: The run's figure files by kind.
     :param netcdf: Its netCDF file of log-weights, L_K, k̂ and latent codes.
     :param curves: Its training curves (:func:`~pyro_lvae.analysis.latents.training_curves`).
+    :param weights: Which weights were analysed, ``"raw"`` or ``"ema"`` (their moving average).
     """
 
     name: str
@@ -87,6 +88,7 @@ class RunAnalysis:
     figures: dict[str, str]
     netcdf: str
     curves: Any = field(repr=False)
+    weights: str = "raw"
 
 
 def analyse_run(
@@ -102,6 +104,7 @@ def analyse_run(
     max_codes: int = 2000,
     active_samples: int = 20,
     test_subset: int | None = None,
+    weights: str = "auto",
 ) -> RunAnalysis:
     """Compute one run's diagnostics and write its figures and netCDF file.
 
@@ -110,10 +113,11 @@ def analyse_run(
     :param max_codes: Test examples in the PCA plot and in the stored latent codes.
     :param active_samples: Draws per example for E_q[u] in :func:`~pyro_lvae.analysis.latents.active_units`.
     :param test_subset: Analyse the first this many test examples (default: the run's setting).
+    :param weights: ``"auto"`` (the moving average when the run kept one), ``"ema"`` or ``"raw"``.
     :returns: The run's row of the report table, with its figure file names and curves.
     """
     out = Path(out_dir)
-    model, guide, config, ckpt = load_run(run_dir, device=device)
+    model, guide, config, ckpt = load_run(run_dir, device=device, weights=weights)
     if not model.gaussian_latents:
         raise ValueError(
             f"{run_dir} is a run of family {config.model.family!r}, whose latents are not Gaussian: "
@@ -166,6 +170,7 @@ def analyse_run(
         figures=figures,
         netcdf=f"{name}_importance.nc",
         curves=curves,
+        weights=ckpt["weights"],
     )
 
 
@@ -190,6 +195,7 @@ def write_report(
     device: str | torch.device = "cpu",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     test_subset: int | None = None,
+    weights: str = "auto",
 ) -> Path:
     """Analyse every run in ``run_dirs`` and write figures and ``report.md`` into ``out_dir``.
 
@@ -202,6 +208,7 @@ def write_report(
     :param memory_budget: Bytes per particle chunk of the L_K evaluation.
     :param test_subset: Analyse the first this many test examples of each run (default:
         each run's setting, usually all of them).
+    :param weights: Which weights of each run (:func:`~pyro_lvae.training.run_dir.load_run`).
     :returns: The path of ``report.md``.
     """
     if not run_dirs:
@@ -223,6 +230,7 @@ def write_report(
                 device=device,
                 memory_budget=memory_budget,
                 test_subset=test_subset,
+                weights=weights,
             )
         )
     plots.layer_kl_bars({r.name: np.array(r.kl_per_layer) for r in rows}, path=out / "layer_kl.png")
@@ -247,8 +255,9 @@ def write_report(
         active = " / ".join(f"{a}/{s}" for a, s in zip(r.active_units, r.latent_sizes))
         informative = " / ".join(f"{a}/{s}" for a, s in zip(r.informative_units, r.latent_sizes))
         kl = " / ".join(f"{v:.2f}" for v in r.kl_per_layer)
+        label = f"{r.name} (EMA weights)" if r.weights == "ema" else r.name
         lines.append(
-            f"| {r.name} | {r.guide} | {r.epochs} | {r.test_elbo:.2f} | {r.test_log_likelihood:.2f} "
+            f"| {label} | {r.guide} | {r.epochs} | {r.test_elbo:.2f} | {r.test_log_likelihood:.2f} "
             f"| {r.khat_share_above:.3f} | {r.khat_median:.2f} | {active} | {informative} | {kl} |"
         )
     lines += ["", "## Comparisons", "", "![layer-wise KL](layer_kl.png)", "", "![ELBO curves](elbo_curves.png)", ""]

@@ -206,7 +206,8 @@ def export_run(
     """Write a run's trained model and guide as ``out_dir/{name}.pt`` and add it to the manifest there.
 
     The entry takes the test ELBO and L_K from the run's ``results.json`` (evaluate the run
-    first) and computes the check value on the exported file.
+    first) and computes the check value on the exported file. A run trained with ``ema``
+    exports its moving average of the weights (the entry's ``weights`` says which).
 
     :param run_dir: A run directory written by ``pyro-lvae train``.
     :param out_dir: The folder of the pretrained files (``pyro_lvae/pretrained`` to ship it).
@@ -224,7 +225,12 @@ def export_run(
     if not results_path.exists():
         raise ValueError(f"{run_dir} has no {RESULTS_NAME}; evaluate it first (pyro-lvae evaluate {run_dir}).")
     results = RunResults.load(results_path)
-    model, guide, config, ckpt = load_run(run_dir)
+    model, guide, config, ckpt = load_run(run_dir)  # the moving average of the weights when there is one
+    if results.weights != ckpt["weights"]:
+        raise ValueError(
+            f"{results_path} evaluated the {results.weights} weights but the export takes the {ckpt['weights']} "
+            f"ones; evaluate the run again (pyro-lvae evaluate {run_dir}) before exporting it."
+        )
     if results.epochs != ckpt["epoch"]:
         raise ValueError(
             f"{results_path} was written after epoch {results.epochs} but the checkpoint is at epoch "
@@ -243,6 +249,7 @@ def export_run(
         "num_importance_samples": results.num_importance_samples,
         "test_elbo": results.test_elbo,
         "num_test_examples": results.num_test_examples,
+        "weights": ckpt["weights"],
         "commit": commit,
         "check": CHECK | {"value": check_value(loaded, loaded_guide, config, data_root=data_root, download=download)},
     }

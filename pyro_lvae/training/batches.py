@@ -26,6 +26,7 @@ class PreparedData:
     :param test_labels: Labels of ``test``.
     :param dynamic: Whether ``train`` is re-binarized every epoch.
     :param dequantized: Whether ``train`` is dequantized afresh every epoch (``test`` is, once).
+    :param valid: The held-out validation images (``valid_size`` > 0), prepared like ``test``; else ``None``.
     """
 
     train: torch.Tensor
@@ -34,6 +35,34 @@ class PreparedData:
     test_labels: torch.Tensor
     dynamic: bool
     dequantized: bool = False
+    valid: torch.Tensor | None = None
+
+    @property
+    def evaluation_set(self) -> tuple[str, torch.Tensor]:
+        """The set the periodic evaluation uses: ``("valid", valid)`` when held out, else ``("test", test)``."""
+        return ("valid", self.valid) if self.valid is not None else ("test", self.test)
+
+
+#: Seed of the choice of validation images: fixed, so that every run holds out the same ones.
+VALID_SPLIT_SEED = 20161205
+
+
+def split_validation(x: torch.Tensor, y: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+    """Hold out ``size`` examples, chosen with :data:`VALID_SPLIT_SEED`; both parts keep their order.
+
+    :param x: Training examples.
+    :param y: Their labels.
+    :param size: How many to hold out, fewer than ``len(x)``.
+    :returns: ``(train_x, train_y, valid_x, valid_y)``.
+    """
+    if size >= len(x):
+        raise ValueError(
+            f"valid_size={size} would hold out all {len(x)} training examples; set valid_size below {len(x)}."
+        )
+    chosen = torch.randperm(len(x), generator=torch.Generator().manual_seed(VALID_SPLIT_SEED))[:size]
+    held = torch.zeros(len(x), dtype=torch.bool)
+    held[chosen] = True
+    return x[~held], y[~held], x[held], y[held]
 
 
 def prepare_data(
@@ -69,20 +98,18 @@ def prepare_data(
                 )
         else:
             check_data(x, input_dim=mc.input_dim, likelihood=mc.likelihood, what=what)
+    valid_x = None
+    if tc.valid_size:  # after the checks above, which covered these images as training data
+        train_x, train_y, valid_x, _ = split_validation(train_x, train_y, tc.valid_size)
     if tc.batch_size > len(train_x):
         raise ValueError(
             f"batch_size {tc.batch_size} is larger than the {len(train_x)} training examples; lower batch_size."
         )
     device = torch.device(device)
-    train_x, test_x = train_x.to(device), test_x.to(device)
-    if tc.binarization == "dynamic":
-        # The test set is binarized once, with a generator seeded by the run's seed.
-        gen = torch.Generator(device=device).manual_seed(tc.seed)
-        test_x = binarize(test_x, generator=gen)
-    if tc.dequantize:
-        # The test set is dequantized once, with a generator seeded by the run's seed.
-        gen = torch.Generator(device=device).manual_seed(tc.seed)
-        test_x = dequantize(test_x, generator=gen)
+    train_x = train_x.to(device)
+    test_x = _fixed_draw(test_x.to(device), config, seed=tc.seed)
+    if valid_x is not None:
+        valid_x = _fixed_draw(valid_x.to(device), config, seed=tc.seed + VALID_SPLIT_SEED)
     return PreparedData(
         train=train_x,
         test=test_x,
@@ -90,7 +117,18 @@ def prepare_data(
         test_labels=test_y,
         dynamic=tc.binarization == "dynamic",
         dequantized=tc.dequantize,
+        valid=valid_x,
     )
+
+
+def _fixed_draw(x: torch.Tensor, config: ExperimentConfig, *, seed: int) -> torch.Tensor:
+    """An evaluation set as evaluated: binarized (dynamic binarization) or dequantized once,
+    with a generator seeded by ``seed``; otherwise ``x`` itself."""
+    if config.train.binarization == "dynamic":
+        return binarize(x, generator=torch.Generator(device=x.device).manual_seed(seed))
+    if config.train.dequantize:
+        return dequantize(x, generator=torch.Generator(device=x.device).manual_seed(seed))
+    return x
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

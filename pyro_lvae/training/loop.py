@@ -39,7 +39,9 @@ after the current step with a checkpoint of the position inside the epoch, which
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -58,13 +60,16 @@ from ..models.families import make_guide, make_model
 from ..rng import preserved_rng, rng_state, set_rng_state
 from .batches import PreparedData, epoch_batches, epoch_seed, prepare_data
 from .distributed import DistributedContext, all_reduce_sum, gather_objects, init_from_environment, local_device, shard
+from .ema import ExponentialMovingAverage
 from .results import discrete_offset, final_results
 from .results_file import RunResults
 from .resume import check_resume
 from .run_dir import RunDirectory
 from .schedule import EpochPlan, epoch_plan, is_evaluation_epoch, warn_about_schedule
 from .signals import StopRequest, TrainingInterrupted, agree_on_signal, stop_on_signals
+from .skipping import SKIP_CAUSES
 from .steps import make_step
+from .tensorboard import TensorBoardLog
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +78,9 @@ logger = logging.getLogger(__name__)
 class TrainResult:
     """What :func:`train` returns.
 
-    :param model: The trained generative model.
-    :param guide: The trained guide.
+    :param model: The trained generative model (with ``ema``, its moving average of the weights,
+        which the evaluations used; the raw weights stay in the checkpoint).
+    :param guide: The trained guide (the same).
     :param config: The configuration of the run.
     :param data: The data it was trained and evaluated on.
     :param metrics: One dict per epoch (the lines of ``metrics.jsonl``).
@@ -104,6 +110,7 @@ def train(
     final_eval_subset: int = 0,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = True,
+    tensorboard: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train the model and guide of ``config`` by SVI with KL warm-up.
 
@@ -122,18 +129,21 @@ def train(
         10,000 MNIST images takes about 35 minutes on two CPU cores).
     :param memory_budget: Bytes per particle chunk in the L_K evaluation.
     :param progress: Show tqdm progress bars.
+    :param tensorboard: Also write TensorBoard events into this folder
+        (:mod:`pyro_lvae.training.tensorboard`; needs the ``tensorboard`` package).
     """
     _check_arguments(config, out_dir=out_dir, resume=resume, final_eval_subset=final_eval_subset)
     warn_about_schedule(config)
     ctx, device = _start_processes(config, device)
+    board = TensorBoardLog(tensorboard if ctx.is_main else None)
     run_dir = _open_run_dir(out_dir, resume=resume, overwrite=overwrite, ctx=ctx)
     pyro.clear_param_store()
     pyro.set_rng_seed(config.train.seed)
     data = prepare_data(config, dataset=dataset, data_root=data_root, download=download, device=device)
-    trainer = _Trainer(config, data, ctx, run_dir, memory_budget=memory_budget, progress=progress)
+    trainer = _Trainer(config, data, ctx, run_dir, memory_budget=memory_budget, progress=progress, board=board)
     trainer.start(resume=resume)
 
-    with stop_on_signals() as stop:
+    with stop_on_signals() as stop, contextlib.closing(board):
         for epoch in range(trainer.epochs_done, trainer.total_epochs):
             record, x_epoch = trainer.run_epoch(epoch, epoch_plan(config, epoch), stop)
             if is_evaluation_epoch(config, epoch):
@@ -142,6 +152,8 @@ def train(
             if stop.signal is not None and epoch + 1 < trainer.total_epochs:
                 raise TrainingInterrupted(stop.signal, run_dir and run_dir.path, epoch + 1, 0, 0)
 
+    if trainer.ema is not None:
+        trainer.ema.copy_to_live()  # what is evaluated and returned; the checkpoint keeps both
     results = trainer.final_results(final_eval_subset) if final_evaluation else None
     return TrainResult(trainer.model, trainer.guide, config, data, metrics=trainer.metrics, results=results)
 
@@ -189,7 +201,7 @@ class _EpochSums:
     loss: torch.Tensor
     first_step: int = 0
     seen: int = 0
-    skipped: int = 0
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_CAUSES, 0))
     seconds_before: float = 0.0
 
 
@@ -205,10 +217,11 @@ class _Trainer:
         *,
         memory_budget: int,
         progress: bool,
+        board: TensorBoardLog,
     ) -> None:
         tc = config.train
         self.config, self.data, self.ctx, self.run_dir = config, data, ctx, run_dir
-        self.memory_budget, self.progress = memory_budget, progress
+        self.memory_budget, self.progress, self.board = memory_budget, progress, board
         self.device = data.train.device
         self.model = make_model(config.model).to(self.device)
         self.guide = make_guide(self.model).to(self.device)
@@ -223,7 +236,10 @@ class _Trainer:
             grad_clip_value=tc.grad_clip_value,
             free_bits=tc.free_bits,
             free_bits_mode=tc.free_bits_mode,
+            skip_threshold=tc.skip_threshold,
         )
+        #: The moving average of the weights (``ema`` > 0), what every evaluation uses.
+        self.ema = ExponentialMovingAverage(self.model, self.guide, decay=tc.ema) if tc.ema else None
         if ctx.rank > 0:
             # Independent draws on every process (rank 0 keeps the single-process stream);
             # the parameters are equal everywhere, DDP broadcast them from rank 0.
@@ -256,6 +272,8 @@ class _Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.guide.load_state_dict(ckpt["guide"])
         self.step.load_state_dict(ckpt["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
         by_rank = ckpt.get("rng_by_rank") or [ckpt["rng"]]
         if len(by_rank) == self.ctx.world_size:
             set_rng_state(by_rank[self.ctx.rank])
@@ -294,6 +312,7 @@ class _Trainer:
                 "rng": rng_by_rank[0],
                 "rng_by_rank": rng_by_rank,
                 "world_size": self.ctx.world_size,
+                "ema": self.ema.state_dict() if self.ema is not None else None,
             }
         )
         self.ctx.barrier()
@@ -324,21 +343,28 @@ class _Trainer:
                 stop.signal = agree_on_signal(stop.signal, self.ctx, self.device)
             if stop.signal is not None and i + 1 < len(batches):
                 self._stop_inside_epoch(stop.signal, epoch, i + 1, len(batches), sums, time.perf_counter() - t0)
-        seconds = sums.seconds_before + time.perf_counter() - t0
+        return self._epoch_record(epoch, plan, sums, sums.seconds_before + time.perf_counter() - t0), x_epoch
+
+    def _epoch_record(self, epoch: int, plan: EpochPlan, sums: _EpochSums, seconds: float) -> dict[str, Any]:
+        """The metric line of an epoch's training: objective, time, skipped steps by cause."""
         total_loss, total_seen = all_reduce_sum([sums.loss.item(), sums.seen], self.ctx, self.device)
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "beta": plan.beta,
             # The β-weighted objective of eq. 20, running mean over the epoch's steps;
             # it equals the running train ELBO once β = 1. While fine-tuning it is the
-            # importance-weighted bound being maximized.
-            "train_objective": -total_loss / total_seen + discrete_offset(self.config),
+            # importance-weighted bound being maximized. None when every step was skipped.
+            "train_objective": -total_loss / total_seen + discrete_offset(self.config) if total_seen else None,
             "seconds": seconds,
-            "skipped_steps": sums.skipped,
+            "skipped_steps": sum(sums.skipped.values()),
+            "skipped_by_cause": dict(sums.skipped),
         }
+        if self.config.train.skip_threshold == "auto":  # null until enough norms were seen
+            threshold = self.step.skip_rule.current_threshold()
+            record["skip_threshold"] = threshold if math.isfinite(threshold) else None
         if plan.finetuning:
             record |= {"phase": "finetune", "learning_rate": plan.learning_rate}
-        return record, x_epoch
+        return record
 
     def _begin_epoch(self, plan: EpochPlan) -> None:
         tc = self.config.train
@@ -357,7 +383,10 @@ class _Trainer:
         partial, self.partial = self.partial, None
         if partial is None:
             return sums
-        sums.first_step, sums.skipped, sums.seconds_before = partial["step"], partial["skipped"], partial["seconds"]
+        sums.first_step, sums.seconds_before = partial["step"], partial["seconds"]
+        # Checkpoints written before skips had causes hold one count, of non-finite steps.
+        by_cause = partial["skipped"] if isinstance(partial["skipped"], dict) else {"non_finite": partial["skipped"]}
+        sums.skipped.update(by_cause)
         if len(partial["seen"]) == self.ctx.world_size:
             sums.seen, loss = partial["seen"][self.ctx.rank], partial["loss_sum"][self.ctx.rank]
         else:  # another number of processes: rank 0 carries the epoch's running sums
@@ -368,31 +397,50 @@ class _Trainer:
         return sums
 
     def _take_step(self, x: torch.Tensor, beta: torch.Tensor, sums: _EpochSums, *, epoch: int, step: int) -> None:
-        """One update; a skipped one is counted, and too many in a row stop the run."""
+        """One update (then the moving average follows); a skipped one is counted by cause,
+        and too many in a row stop the run."""
         loss = self.step(x, beta)
         if not self.step.skipped:
             self.consecutive_skips = 0
             sums.loss += loss
             sums.seen += len(x)
+            if self.ema is not None:
+                self.ema.update()
             return
-        sums.skipped += 1
+        sums.skipped[self.step.skip_cause] += 1
         self.consecutive_skips += 1
         logger.warning(
-            "Skipped step %d of epoch %d: non-finite loss or gradient (%d in a row).",
+            "Skipped step %d of epoch %d: %s (%d in a row).",
             step + 1,
             epoch + 1,
+            self._skip_reason(),
             self.consecutive_skips,
         )
         if self.consecutive_skips >= self.config.train.max_consecutive_skips:
-            kept = (
-                f"; the checkpoint of epoch {epoch} in {self.run_dir.path} is intact"
-                if self.run_dir and epoch > 0
-                else ""
+            self._give_up(epoch)
+
+    def _skip_reason(self) -> str:
+        if self.step.skip_cause == "threshold":
+            return (
+                f"gradient norm {self.step.grad_norm:.4g} above the threshold {self.step.skip_rule.last_threshold:.4g}"
             )
-            raise FloatingPointError(
-                f"{self.consecutive_skips} consecutive training steps had a non-finite loss or gradient "
-                f"(epoch {epoch + 1}){kept}; lower learning_rate or check the data and the configuration."
+        return "non-finite loss or gradient"
+
+    def _give_up(self, epoch: int) -> None:
+        """Stop the run after ``max_consecutive_skips`` skipped steps, naming the cause and the fix."""
+        kept = (
+            f"; the checkpoint of epoch {epoch} in {self.run_dir.path} is intact" if self.run_dir and epoch > 0 else ""
+        )
+        if self.step.skip_cause == "threshold":
+            raise RuntimeError(
+                f"{self.consecutive_skips} consecutive training steps were skipped because their gradient norm "
+                f"exceeded skip_threshold={self.config.train.skip_threshold} (epoch {epoch + 1}){kept}; raise the "
+                "threshold or use --skip-threshold auto, which follows the norms."
             )
+        raise FloatingPointError(
+            f"{self.consecutive_skips} consecutive training steps had a non-finite loss or gradient "
+            f"(epoch {epoch + 1}){kept}; lower learning_rate or check the data and the configuration."
+        )
 
     def _stop_inside_epoch(
         self, signum: int, epoch: int, done: int, steps: int, sums: _EpochSums, seconds: float
@@ -405,7 +453,7 @@ class _Trainer:
                 "step": done,
                 "loss_sum": [loss for loss, _ in parts],
                 "seen": [seen for _, seen in parts],
-                "skipped": sums.skipped,
+                "skipped": dict(sums.skipped),
                 "seconds": sums.seconds_before + seconds,
             }
             self.checkpoint(epoch, partial)
@@ -413,29 +461,47 @@ class _Trainer:
 
     # -- evaluation and the end of an epoch ---------------------------------------------
 
+    def evaluation_weights(self) -> contextlib.AbstractContextManager:
+        """The weights every evaluation uses: the moving average when there is one."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
     def evaluate(self, epoch: int, x_epoch: torch.Tensor) -> dict[str, Any]:
         """The periodic evaluation: the true ELBO (β = 1, batch norm in eval mode) on as many
-        training examples of this epoch's data as the test set has, and on the test set.
+        training examples of this epoch's data as the evaluation set has, and on that set,
+        the validation set when one is held out (keys ``valid_…``), else the test set
+        (keys ``test_…``).
 
         Its random draws do not advance the training stream, so that the training
         trajectory does not depend on when evaluations happen (a run stopped early and
         resumed evaluates at its first stop, an uninterrupted one does not).
         """
         tc, offset = self.config.train, discrete_offset(self.config)
-        seed = epoch_seed(tc.seed, epoch)
-        options = {"num_samples": tc.eval_particles, "memory_budget": self.memory_budget, "seed": seed}
-        with preserved_rng():
-            on_train = evaluate(self.model, self.guide, x_epoch[: len(self.data.test)], **options)
-            on_test = evaluate(self.model, self.guide, self.data.test, **options)
+        split, held_out = self.data.evaluation_set
+        options = {
+            "num_samples": tc.eval_particles,
+            "memory_budget": self.memory_budget,
+            "seed": epoch_seed(tc.seed, epoch),
+        }
+        with preserved_rng(), self.evaluation_weights():
+            on_train = evaluate(self.model, self.guide, x_epoch[: len(held_out)], **options)
+            on_held_out = evaluate(self.model, self.guide, held_out, **options)
             record = {
                 "train_elbo": on_train["elbo"] + offset,
-                "test_elbo": on_test["elbo"] + offset,
-                "test_kl_per_layer": on_test["kl_per_layer"],
+                f"{split}_elbo": on_held_out["elbo"] + offset,
+                f"{split}_kl_per_layer": on_held_out["kl_per_layer"],
             }
             if self.model.gaussian_latents:
-                per_unit = kl_per_unit(self.model, self.guide, self.data.test, num_samples=tc.eval_particles)
-                record["test_kl_per_unit"] = [k.tolist() for k in per_unit]
+                per_unit = kl_per_unit(self.model, self.guide, held_out, num_samples=tc.eval_particles)
+                record[f"{split}_kl_per_unit"] = [k.tolist() for k in per_unit]
+            if self.ema is not None:
+                record["weights"] = "ema"
+            self._log_images(epoch, held_out)
         return record
+
+    def _log_images(self, epoch: int, x: torch.Tensor) -> None:
+        side = self.config.model.image_side
+        if self.board.writer is not None and side * side == self.config.model.input_dim:
+            self.board.log_images(epoch + 1, self.model, self.guide, x, side)
 
     def end_epoch(self, record: dict[str, Any]) -> None:
         """Keep, log and write the epoch's metric line, then checkpoint.
@@ -443,16 +509,21 @@ class _Trainer:
         :param record: The epoch's metrics.
         """
         self.metrics.append(record)
+        held_out = [
+            f"{split} ELBO {record[f'{split}_elbo']:.3f}  " for split in ("valid", "test") if f"{split}_elbo" in record
+        ]
         logger.info(
-            "epoch %d/%d  beta %.3f  train objective %.3f  %s%s%.1fs",
+            "epoch %d/%d  beta %.3f  train objective %s  %s%s%.1fs",
             record["epoch"],
             self.total_epochs,
             record["beta"],
-            record["train_objective"],
-            f"test ELBO {record['test_elbo']:.3f}  " if "test_elbo" in record else "",
-            f"skipped steps {record['skipped_steps']}  " if record["skipped_steps"] else "",
+            "n/a" if record["train_objective"] is None else f"{record['train_objective']:.3f}",
+            "".join(held_out),
+            f"skipped steps {record['skipped_by_cause']}  " if record["skipped_steps"] else "",
             record["seconds"],
         )
+        if self.ctx.is_main:
+            self.board.log_epoch(record)
         if self.run_dir is not None:
             self.run_dir.append_metrics(record)
             self.checkpoint(record["epoch"])
@@ -476,6 +547,7 @@ class _Trainer:
             train_seconds=sum(m["seconds"] for m in self.metrics),
             memory_budget=self.memory_budget,
             progress=self.progress,
+            weights="ema" if self.ema is not None else "raw",
         )
         if self.run_dir is not None:
             self.run_dir.write_results(results)

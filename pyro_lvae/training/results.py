@@ -55,6 +55,7 @@ def final_results(
     train_seconds: float | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = False,
+    weights: str = "raw",
 ) -> RunResults:
     """Evaluate test ELBO and L_K and describe the run, in nats per example.
 
@@ -71,6 +72,7 @@ def final_results(
     :param train_seconds: Training time, stored in the results.
     :param memory_budget: Bytes per particle chunk of the L_K evaluation.
     :param progress: Show a progress bar.
+    :param weights: Which weights ``model`` and ``guide`` hold, ``"raw"`` or ``"ema"`` (recorded).
     """
     t0 = time.perf_counter()
     ev = evaluate(
@@ -102,6 +104,7 @@ def final_results(
         device=_device_name(next(model.parameters()).device),
         versions={"torch": torch.__version__, "pyro": pyro.__version__},
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        weights=weights,
         **extra,
     )
 
@@ -116,6 +119,7 @@ def evaluate_run(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = True,
     test_subset: int | None = None,
+    weights: str = "auto",
 ) -> RunResults:
     """Evaluate a trained run's test ELBO and L_K and write ``results.json`` into it.
 
@@ -128,10 +132,12 @@ def evaluate_run(
     :param progress: Show a progress bar.
     :param test_subset: Evaluate the first this many test examples only (default: the
         run's ``test_subset``, usually all of them).
+    :param weights: ``"auto"`` (the moving average when the run has one), ``"ema"`` or ``"raw"``
+        (:func:`~pyro_lvae.training.run_dir.load_run`).
     """
     ctx = init_from_environment(torch.device(device))
     device = local_device(torch.device(device), ctx)
-    model, guide, config, ckpt = load_run(run_dir, device=device)
+    model, guide, config, ckpt = load_run(run_dir, device=device, weights=weights)
     if num_samples is not None:
         config = config.replace(num_importance_samples=num_samples)
     if test_subset is not None:
@@ -148,6 +154,7 @@ def evaluate_run(
         train_seconds=sum(m["seconds"] for m in read_metrics(run_dir, ckpt["epoch"])),
         memory_budget=memory_budget,
         progress=progress,
+        weights=ckpt["weights"],
     )
     if ctx.is_main:
         results.save(Path(run_dir) / RESULTS_NAME)

@@ -56,6 +56,8 @@ class RunResults(Mapping):
     :param dequantized: Whether the bounds are of a dequantized run, on the 8-bit images.
     :param test_bits_per_dim: -L_K in bits per dimension (dequantized runs).
     :param vq: The VQ-VAE's codebook statistics (``vq_statistics``).
+    :param weights: Which weights were evaluated: ``"raw"`` (the optimizer's) or ``"ema"``
+        (their moving average, for a run trained with ``ema``).
     """
 
     test_elbo: float
@@ -76,6 +78,7 @@ class RunResults(Mapping):
     dequantized: bool = False
     test_bits_per_dim: float | None = None
     vq: dict[str, Any] | None = None
+    weights: str = "raw"
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``results.json``; the family- and data-specific entries only when present."""

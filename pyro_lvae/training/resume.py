@@ -14,8 +14,16 @@ from typing import Any
 from ..config import ExperimentConfig
 
 #: ``TrainConfig`` fields a resumed run may change: it may be extended, evaluated
-#: differently or allowed more skipped steps.
-RESUMABLE_FIELDS = ("epochs", "eval_every", "num_importance_samples", "finetune_epochs", "max_consecutive_skips")
+#: differently or allowed more skipped steps, or skip by another gradient-norm threshold
+#: (to rescue a run that a fixed threshold froze).
+RESUMABLE_FIELDS = (
+    "epochs",
+    "eval_every",
+    "num_importance_samples",
+    "finetune_epochs",
+    "max_consecutive_skips",
+    "skip_threshold",
+)
 
 #: The fine-tuning settings, which may change until fine-tuning has started.
 FINETUNE_SETTINGS = ("finetune_mc_samples", "finetune_iw_samples", "finetune_lr_decay", "finetune_decay_every")

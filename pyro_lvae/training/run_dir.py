@@ -129,26 +129,41 @@ class RunDirectory:
         return load_checkpoint(self.path)
 
 
+#: The choices of :func:`load_run`'s ``weights``.
+WEIGHTS = ("auto", "ema", "raw")
+
+
 def load_run(
     run_dir: str | os.PathLike,
     *,
     device: str | torch.device = "cpu",
+    weights: str = "auto",
 ) -> tuple[torch.nn.Module, torch.nn.Module, ExperimentConfig, dict[str, Any]]:
     """Rebuild the model and guide of a run from its newest checkpoint.
 
     :param run_dir: The run directory.
     :param device: Where to put the model and guide.
-
-    :returns: ``(model, guide, config, checkpoint)``, in evaluation mode.
+    :param weights: ``"auto"``: the moving average of the weights when the run kept one
+        (``ema`` > 0), else the raw weights; ``"ema"`` or ``"raw"`` to choose.
+    :returns: ``(model, guide, config, checkpoint)``, in evaluation mode; ``checkpoint["weights"]``
+        says which weights were loaded (``"ema"`` or ``"raw"``).
+    :raises ValueError: for an unknown ``weights``, or ``"ema"`` for a run without an average.
     """
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}.")
     ckpt = load_checkpoint(run_dir)
+    average = ckpt.get("ema")
+    if weights == "ema" and average is None:
+        raise ValueError(f"{run_dir} kept no moving average of its weights (trained without --ema); use weights='raw'.")
+    ckpt["weights"] = "ema" if average is not None and weights != "raw" else "raw"
+    states = average if ckpt["weights"] == "ema" else ckpt
     config = ExperimentConfig.from_dict(ckpt["config"])
     pyro.clear_param_store()
     model = make_model(config.model)
     guide = make_guide(model)
     try:
-        model.load_state_dict(ckpt["model"])
-        guide.load_state_dict(ckpt["guide"])
+        model.load_state_dict(states["model"])
+        guide.load_state_dict(states["guide"])
     except RuntimeError as exc:
         raise ValueError(
             f"The checkpoint in {run_dir} does not match its own configuration ({exc}); it is corrupt."

@@ -43,14 +43,17 @@ with these changes, each measured in ``docs/performance.md``:
 * the loss stays a tensor; the caller sums it on the device.
 
 Both engines skip an update whose loss or gradients are not finite (a NaN in a
-batch, an overflow): the parameters and the optimizer state are left as they were,
-and :attr:`TrainingStep.skipped` says so. The check reads one flag per step from the
-device (one host synchronization per step on a GPU).
+batch, an overflow), and, with ``skip_threshold``, one whose gradient norm explodes
+(:class:`~pyro_lvae.training.skipping.SkipRule`): the parameters, the batch-norm
+statistics and the optimizer state are left as they were, and
+:attr:`TrainingStep.skip_cause` says why. The check reads the loss and the gradient
+norm from the device together (one host synchronization per step on a GPU).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, ClassVar
 
 import pyro
@@ -65,6 +68,7 @@ from ..config import ENGINES
 from ..inference.objectives import elbo_for
 from ..models.registration import registered_once
 from .distributed import SINGLE_PROCESS, DistributedContext, all_true
+from .skipping import SkipRule
 
 
 def trainable_parameters(model: nn.Module, guide: nn.Module) -> list[nn.Parameter]:
@@ -79,14 +83,18 @@ def trainable_parameters(model: nn.Module, guide: nn.Module) -> list[nn.Paramete
     return list(seen.values())
 
 
-def _all_finite(loss: torch.Tensor, grads: list[torch.Tensor | None]) -> bool:
-    """Whether ``loss`` and every gradient are finite (one host synchronization)."""
+def loss_and_grad_norm(loss: torch.Tensor, grads: list[torch.Tensor | None]) -> tuple[float, float]:
+    """The loss and the global 2-norm of the gradients, read together (one host synchronization).
+
+    The norm is finite exactly when every gradient entry is.
+
+    :param loss: The 0-dim loss.
+    :param grads: The gradients; ``None`` entries are ignored.
+    """
     grads = [g for g in grads if g is not None]
-    total = loss.detach().float()
-    if grads:
-        # The 2-norm of all gradients is finite exactly when every entry is.
-        total = total + torch.nn.utils.get_total_norm(grads).to(total.device)
-    return bool(torch.isfinite(total))
+    norm = torch.nn.utils.get_total_norm(grads).to(loss.device) if grads else loss.new_zeros(())
+    value, total = torch.stack([loss.detach().float(), norm.float()]).tolist()
+    return value, total
 
 
 def clip_gradients(params: list[torch.Tensor], *, max_norm: float, max_value: float) -> None:
@@ -130,13 +138,16 @@ class TrainingStep:
     :param free_bits: λ of the free-bits floor under each layer's KL (0 = off,
         :mod:`pyro_lvae.inference.free_bits`).
     :param free_bits_mode: ``"layer"`` or ``"unit"``.
+    :param skip_threshold: Also skip an update whose gradient norm (before clipping)
+        exceeds this: a number, ``"auto"`` (a running quantile of recent norms) or 0 (off);
+        see :class:`~pyro_lvae.training.skipping.SkipRule`.
 
     Call it as ``step(x, beta)``; it returns the minibatch loss (the negative
     β-weighted ELBO summed over the batch) as a 0-dim tensor on the
-    parameters' device. When that loss or any gradient is not finite the update is
-    skipped, the batch-norm statistics are restored, and :attr:`skipped` is ``True``
-    until the next call. A subclass implements ``_build_optimizer``, ``_update`` and the optimizer's
-    learning rate and state.
+    parameters' device. When that loss or any gradient is not finite, or the gradient
+    norm is above the skip threshold, the update is skipped, the batch-norm statistics
+    are restored, and :attr:`skip_cause` says why until the next call. A subclass
+    implements ``_build_optimizer``, ``_update`` and the optimizer's learning rate and state.
 
     >>> import torch
     >>> from pyro_lvae import GenerativeModel, LadderGuide, ModelConfig
@@ -169,6 +180,7 @@ class TrainingStep:
         grad_clip_value: float = 0.0,
         free_bits: float = 0.0,
         free_bits_mode: str = "layer",
+        skip_threshold: float | str = 0.0,
     ) -> None:
         if engine is not None and engine != self.engine:
             raise ValueError(f"{type(self).__name__} is the {self.engine!r} engine, not {engine!r}; use make_step.")
@@ -179,9 +191,25 @@ class TrainingStep:
         self.clip = {"max_norm": float(grad_clip), "max_value": float(grad_clip_value)}
         #: The objective minimized (:func:`~pyro_lvae.inference.objectives.elbo_for` of the guide).
         self.elbo = elbo_for(guide, free_bits=free_bits, free_bits_mode=free_bits_mode)
-        #: Whether the last call skipped its update (non-finite loss or gradient).
-        self.skipped = False
+        #: Decides which updates are skipped, and why.
+        self.skip_rule = SkipRule(skip_threshold)
+        #: Why the last call skipped its update (``"non_finite"`` or ``"threshold"``), or ``None``.
+        self.skip_cause: str | None = None
+        #: The global gradient norm of the last call, before clipping (``nan`` if not computed).
+        self.grad_norm = math.nan
         self._build_optimizer(learning_rate, adam_eps)
+
+    @property
+    def skipped(self) -> bool:
+        """Whether the last call skipped its update."""
+        return self.skip_cause is not None
+
+    def _decide(self, loss: torch.Tensor, params: list[torch.Tensor]) -> None:
+        """Set :attr:`skip_cause` and :attr:`grad_norm` from the loss and the gradients of
+        ``params``, with the same decision on every process."""
+        value, self.grad_norm = loss_and_grad_norm(loss, [p.grad for p in params])
+        finite = all_true(math.isfinite(value), self.distributed, loss.device)
+        self.skip_cause = self.skip_rule.cause(loss_finite=finite, grad_norm=self.grad_norm)
 
     def __call__(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         """Take one step on ``x`` with warm-up weight ``beta`` (a 0-dim tensor).
@@ -241,8 +269,8 @@ class TrainingStep:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer's state, for checkpoints, tagged with the engine."""
-        return {"engine": self.engine, "optimizer": self._optimizer_state()}
+        """The optimizer's state and the skip rule's, for checkpoints, tagged with the engine."""
+        return {"engine": self.engine, "optimizer": self._optimizer_state(), "skip_rule": self.skip_rule.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the engines' states are not interchangeable.
@@ -256,6 +284,7 @@ class TrainingStep:
                 f"{self.engine!r}; resume with the engine the run was started with."
             )
         self._load_optimizer_state(state["optimizer"])
+        self.skip_rule.load_state_dict(state.get("skip_rule", {}))  # absent in checkpoints before it existed
 
     def _optimizer_state(self) -> Any:
         raise NotImplementedError
@@ -297,11 +326,11 @@ class SVIStep(TrainingStep):
             if torch.isfinite(x).all() and all(torch.isfinite(p).all() for p in everything):
                 raise
             zero_grads(set(everything))
-            self.skipped = True
+            self.skip_cause, self.grad_norm = "non_finite", math.nan
             return torch.tensor(float("nan"), dtype=x.dtype, device=x.device)
         params = {site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
         loss = torch.as_tensor(loss, dtype=x.dtype, device=x.device).detach()
-        self.skipped = not _all_finite(loss, [p.grad for p in params])
+        self._decide(loss, list(params))
         if not self.skipped:
             clip_gradients(list(params), **self.clip)
             self._hand_over_restored_state(params)
@@ -397,10 +426,10 @@ class FastStep(TrainingStep):
         else:
             loss = self.loss(x, beta)
             loss.backward()
-        # Skip on a non-finite loss or gradient, the same decision on every process.
+        # Skip on a non-finite loss or gradient, or an exploding gradient norm: the same
+        # decision on every process.
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        finite = _all_finite(loss, [p.grad for p in params])
-        self.skipped = not all_true(finite, self.distributed, loss.device)
+        self._decide(loss, params)
         # Clip, update, clear.
         if not self.skipped:
             clip_gradients(params, **self.clip)

@@ -93,6 +93,8 @@ TRAIN = [
     "train", "--preset", "lvae-bn-wu-2", "--latent-sizes", "8,4", "--hidden-sizes", "32,16",
     "--epochs", "10", "--warmup-epochs", "3", "--train-subset", "3000", "--test-subset", "100",
     "--batch-size", "100", "--num-importance-samples", "5", "--eval-every", "4", "--no-progress",
+    # The moving average and the adaptive skip threshold carry state across a resume too.
+    "--ema", "0.99", "--skip-threshold", "auto",
 ]  # fmt: skip
 
 
@@ -125,8 +127,12 @@ def _wait_for_checkpoint_of_epoch(run_dir, epoch: int, timeout: float = 120) -> 
     raise AssertionError(f"no checkpoint of epoch {epoch} in {run_dir} within {timeout} s")
 
 
-def _final_model(run_dir):
-    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+def _final_state(run_dir):
+    """The raw weights, their moving average and the skip rule's remembered norms."""
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    state = {f"raw.{k}": v for k, v in ckpt["model"].items()}
+    state |= {f"ema.{k}": v for k, v in ckpt["ema"]["model"].items()}
+    return state | {"norms": torch.tensor(ckpt["optimizer"]["skip_rule"]["norms"], dtype=torch.float64)}
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +145,8 @@ def reference_run(tmp_path_factory, shared_data_root):
 
 
 def _assert_same_run(run_dir, reference):
-    ours, theirs = _final_model(run_dir), _final_model(reference)
-    assert ours.keys() == theirs.keys()
+    ours, theirs = _final_state(run_dir), _final_state(reference)
+    assert ours.keys() == theirs.keys() and len(ours["norms"]) > 50
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
     assert [m["train_objective"] for m in _lines(run_dir)] == [m["train_objective"] for m in _lines(reference)]

@@ -15,6 +15,7 @@ CHANGED = {
     "num_importance_samples": 100,
     "finetune_epochs": 10,
     "max_consecutive_skips": 3,
+    "skip_threshold": "auto",
     "finetune_mc_samples": 3,
     "finetune_iw_samples": 4,
     "finetune_lr_decay": 0.5,
@@ -36,7 +37,9 @@ def test_fine_tuning_settings_may_change_only_until_fine_tuning_starts(field):
     assert not can_resume_as(stored, changed, finetuning_started=True)
 
 
-@pytest.mark.parametrize("change", [{"learning_rate": 2e-3}, {"seed": 1}, {"batch_norm": False}])
+@pytest.mark.parametrize(
+    "change", [{"learning_rate": 2e-3}, {"seed": 1}, {"batch_norm": False}, {"ema": 0.999}, {"valid_size": 100}]
+)
 def test_anything_else_may_not(change):
     stored = get_preset("lvae-bn-wu-5")
     assert not can_resume_as(stored, stored.replace(**change), finetuning_started=False)
