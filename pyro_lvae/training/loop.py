@@ -17,12 +17,16 @@ per-epoch metrics and checkpoints.
    (``max_consecutive_skips`` in a row stop the run);
 4. append one JSON line per epoch to ``metrics.jsonl`` and write an atomic
    checkpoint (:mod:`pyro_lvae.training.checkpoint`). Every line has ``epoch``, ``beta``,
-   ``seconds`` and ``train_objective`` (the β-weighted bound of eq. 20, running
-   mean over the epoch's steps, which is the running train ELBO once β = 1);
+   ``seconds``, ``train_objective`` (the β-weighted bound of eq. 20, running
+   mean over the epoch's steps, which is the running train ELBO once β = 1) and the
+   skipped steps (``skipped_steps``, and ``skipped_by_cause``: ``non_finite``, ``threshold``);
    every ``eval_every`` epochs (and the last) it also has ``train_elbo`` (the
-   ELBO on the first ``len(test)`` training examples of the epoch),
+   ELBO on as many training examples of the epoch as the evaluation set has),
    ``test_elbo``, ``test_kl_per_layer`` and ``test_kl_per_unit`` (one list per
-   layer, see :func:`~pyro_lvae.analysis.latents.kl_per_unit`), all in nats per example;
+   layer, see :func:`~pyro_lvae.analysis.latents.kl_per_unit`), all in nats per example,
+   or ``valid_…`` instead of ``test_…`` when ``valid_size`` holds out a validation set.
+   With ``ema`` every evaluation uses the moving average of the weights
+   (:mod:`pyro_lvae.training.ema`) and says ``"weights": "ema"``;
 5. with ``finetune_epochs`` > 0, continue for that many epochs on the
    importance-weighted bound with an annealed learning rate (paper §3; see
    :func:`~pyro_lvae.training.schedule.finetune_learning_rate` and
