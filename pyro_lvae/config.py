@@ -62,6 +62,7 @@ def check_ema_decay(decay: float) -> None:
 DATASETS = ("mnist", "binarized_mnist", "fashion_mnist", "omniglot28", "omniglot", "norb")
 BINARIZATIONS = ("dynamic", "static", "none")
 ENGINES = ("fast", "svi")
+PRECISIONS = ("fp32", "bf16")
 
 #: Default memory budget for one particle chunk of the L_K evaluation, in bytes
 #: (:func:`~pyro_lvae.inference.evaluation.evaluate`).
@@ -78,6 +79,7 @@ CHOICES = {
     "dataset": DATASETS,
     "binarization": BINARIZATIONS,
     "engine": ENGINES,
+    "precision": PRECISIONS,
 }
 
 #: Latent and hidden sizes of the paper's deepest model (§3), bottom to top.
@@ -301,6 +303,10 @@ class TrainConfig:
     :param ema: Decay of an exponential moving average of the weights (0 = off; e.g. 0.999). The
         average is checkpointed and is what the periodic and final evaluations, ``evaluate``, ``report``
         and ``export`` use (:mod:`pyro_lvae.training.ema`).
+    :param precision: ``"fp32"`` (the default; every reproduction number is fp32) or ``"bf16"``: the
+        fast engine runs the networks under bfloat16 autocast, while the log-densities, the KL, the
+        merge and the loss stay in fp32 (the Gaussian heads and the likelihood return fp32). The
+        evaluations always run in fp32.
     :param valid_size: Hold out this many training images (chosen with a fixed seed, the same for every
         run) for the periodic evaluation, which is then labelled ``valid``; the test set is used once, at
         the end. 0 (the paper's protocol): train on the whole training set, evaluate on the test set.
@@ -334,11 +340,17 @@ class TrainConfig:
     skip_threshold: float | str = 0.0
     ema: float = 0.0
     valid_size: int = 0
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("engine", self.engine, ENGINES)
         _check_choice("binarization", self.binarization, BINARIZATIONS)
+        _check_choice("precision", self.precision, PRECISIONS)
+        if self.precision != "fp32" and self.engine != "fast":
+            raise ValueError(
+                f"precision={self.precision!r} runs on the fast engine; set engine='fast' or precision='fp32'."
+            )
         for name in (
             "epochs",
             "batch_size",

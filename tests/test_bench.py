@@ -1,4 +1,5 @@
-"""The benchmark harness runs end to end in its quick mode (a smoke test; no times are asserted)."""
+"""The benchmark harness runs end to end in its quick mode (a smoke test; no times are asserted),
+and its baselines compute the library's loss and gradients."""
 
 from __future__ import annotations
 
@@ -8,7 +9,41 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyro
+import pytest
+import torch
+
+from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig
+from pyro_lvae.training.steps import TrainingStep
+
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from baseline import CompactLVAE, compact_loss  # noqa: E402
+
+
+@pytest.mark.parametrize("guide_cls", [LadderGuide, BottomUpGuide])
+def test_the_compact_baseline_has_the_librarys_loss_and_gradients(guide_cls):
+    """In float64 on the same draws: the same loss, and every gradient the same once the fused
+    heads' gradients are split back into mean and variance parts."""
+    cfg = ModelConfig(input_dim=12, latent_sizes=(5, 4, 3), hidden_sizes=(16, 12, 8))
+    model = GenerativeModel(cfg, name="bench").double()
+    guide = guide_cls(model).double()
+    compact = CompactLVAE(model, guide)
+    x = torch.bernoulli(torch.full((9, 12), 0.4, dtype=torch.float64))
+    beta = torch.tensor(0.7, dtype=torch.float64)
+    pyro.set_rng_seed(5)
+    library = TrainingStep(model, guide, learning_rate=1e-3).loss(x, beta)
+    library.backward()
+    pyro.set_rng_seed(5)
+    ours = compact_loss(compact, x, beta)
+    ours.backward()
+    torch.testing.assert_close(ours, library, rtol=1e-12, atol=0)
+    heads = guide.upward_net["heads"] if guide_cls is LadderGuide else guide.heads
+    for head, fused in [*zip(heads, compact.up_heads), *zip(model.top_down_heads, compact.down_heads)]:
+        torch.testing.assert_close(fused.weight.grad, torch.cat([head.loc.weight.grad, head.var.weight.grad]))
+        torch.testing.assert_close(fused.bias.grad, torch.cat([head.loc.bias.grad, head.var.bias.grad]))
+    torch.testing.assert_close(compact.decoder[-1].weight.grad, model.decoder_head.weight.grad)
+    torch.testing.assert_close(compact.down[0][0].weight.grad, model.top_down_mlps[0].net[0].weight.grad)
 
 
 def test_bench_quick_runs_and_writes_every_measurement(shared_data_root, tmp_path):
@@ -41,6 +76,7 @@ def test_bench_quick_runs_and_writes_every_measurement(shared_data_root, tmp_pat
             "+no validation",
             "+registered once",
             "fast engine",
+            "plain, library modules",
             "baseline",
         }
         assert all(v > 0 for v in r["step_ms"].values())

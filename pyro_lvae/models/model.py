@@ -134,10 +134,11 @@ class GenerativeModel(HierarchicalModel):
     def likelihood(self, z1: torch.Tensor) -> dist.Distribution:
         """The observation distribution :math:`p(x | z_1)`, with event shape ``(input_dim,)``."""
         d = self.decoder_mlp(z1)
+        # The log-likelihood in the precision of z1, also under bfloat16 autocast (precision="bf16").
         if self.config.likelihood == "bernoulli":
-            return dist.Bernoulli(logits=self.decoder_head(d)).to_event(1)
+            return dist.Bernoulli(logits=self.decoder_head(d).to(z1.dtype)).to_event(1)
         loc, var = self.decoder_head(d)
-        return dist.Normal(loc, var.sqrt()).to_event(1)
+        return dist.Normal(loc.to(z1.dtype), var.to(z1.dtype).sqrt()).to_event(1)
 
     def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> torch.Tensor:
         """Run the model, observing ``x``.

@@ -98,7 +98,10 @@ class GaussianHead(nn.Module):
         self.variance_floor = float(variance_floor)
 
     def forward(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.loc(d), F.softplus(self.var(d)).clamp_min(self.variance_floor)
+        # In the parameters' precision: under bfloat16 autocast (precision="bf16") the linear
+        # layers compute in bf16, and the softplus, the merge and the densities get fp32 back.
+        dtype = self.loc.weight.dtype
+        return self.loc(d).to(dtype), F.softplus(self.var(d).to(dtype)).clamp_min(self.variance_floor)
 
 
 def mlp_for(config: ModelConfig, in_features: int, hidden: int) -> MLP:
@@ -236,10 +239,11 @@ class ConvOutput(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         lead = h.shape[:-3]
         flat = h.reshape(-1, *h.shape[-3:])
-        loc = self.loc(flat).reshape(*lead, -1)
+        dtype = self.loc.weight.dtype  # fp32 out under bfloat16 autocast, as GaussianHead
+        loc = self.loc(flat).reshape(*lead, -1).to(dtype)
         if self.var is None:
             return loc
-        return loc, F.softplus(self.var(flat).reshape(*lead, -1)).clamp_min(self.variance_floor)
+        return loc, F.softplus(self.var(flat).reshape(*lead, -1).to(dtype)).clamp_min(self.variance_floor)
 
 
 def bottom_encoder_for(config: ModelConfig) -> nn.Module:

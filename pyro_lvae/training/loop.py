@@ -241,6 +241,7 @@ class _Trainer:
             free_bits=tc.free_bits,
             free_bits_mode=tc.free_bits_mode,
             skip_threshold=tc.skip_threshold,
+            precision=tc.precision,
         )
         #: The moving average of the weights (``ema`` > 0), what every evaluation uses.
         self.ema = ExponentialMovingAverage(self.model, self.guide, decay=tc.ema) if tc.ema else None

@@ -1,0 +1,164 @@
+"""Where the fast engine's training step spends its time, beside the compact baseline.
+
+Two views of the same steps (``lvae-bn-wu-5`` by default, batch 256):
+
+1. **cProfile**, self time partitioned by where the code lives: PyTorch's C++ kernels and
+   autograd (every built-in call), and the Python of Pyro's handlers and traces, of
+   Pyro's ELBO, of ``torch.distributions`` and Pyro's distributions, of ``torch.nn`` module
+   calls, of this library, and the rest. cProfile slows Python code more than C++ calls,
+   so the Python shares are upper bounds; the times of the step without the profiler are
+   printed beside them.
+2. **Direct timings** of the pieces the engine adds around the loss: saving (and, on a
+   skipped step, restoring) the batch-norm statistics, and the finiteness check (the
+   gradient norm read back to the host).
+
+    python bench/profile_step.py --data-root ../shared/data
+    python bench/profile_step.py --guide vae --steps 100
+
+It prints Markdown tables; docs/performance.md quotes them with their command and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baseline import CompactLVAE, compact_loss  # noqa: E402
+
+from pyro_lvae import get_preset  # noqa: E402
+from pyro_lvae.data import load_dataset  # noqa: E402
+from pyro_lvae.models.families import make_guide  # noqa: E402
+from pyro_lvae.models.model import GenerativeModel  # noqa: E402
+from pyro_lvae.training.steps import TrainingStep, loss_and_grad_norm, trainable_parameters  # noqa: E402
+
+#: Where a function's self time is counted, by the first matching part of its file path.
+CATEGORIES = (
+    ("pyro/poutine/", "Pyro handlers and traces"),
+    ("pyro/infer/", "Pyro ELBO"),
+    ("pyro/distributions/", "distribution objects"),
+    ("torch/distributions/", "distribution objects"),
+    ("pyro/", "Pyro, other"),
+    ("torch/nn/", "torch.nn module calls"),
+    ("torch/optim/", "optimizer (Python)"),
+    ("pyro_lvae/", "pyro-lvae (Python)"),
+)
+
+
+def _category(filename: str) -> str:
+    if filename == "~":  # a built-in: a C++ call into PyTorch (kernels, autograd) or Python's own
+        return "C++ calls (kernels, autograd)"
+    for part, name in CATEGORIES:
+        if part in filename.replace("\\", "/"):
+            return name
+    return "other Python"
+
+
+def profile_shares(fn, steps: int) -> dict[str, float]:
+    """Seconds of self time per category over ``steps`` calls of ``fn`` under cProfile."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        fn()
+    profiler.disable()
+    totals: dict[str, float] = {}
+    for (filename, _, _), (_, _, tottime, _, _) in pstats.Stats(profiler).stats.items():
+        key = _category(filename)
+        totals[key] = totals.get(key, 0.0) + tottime
+    return totals
+
+
+def median_ms(fn, *, steps: int, rounds: int = 5) -> float:
+    """Median milliseconds per call over ``rounds`` rounds of ``steps // rounds`` calls."""
+    times = []
+    per = max(1, steps // rounds)
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(per):
+            fn()
+        times.append((time.perf_counter() - t0) / per * 1e3)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="lvae-bn-wu-5")
+    parser.add_argument("--guide", default="ladder", choices=("ladder", "vae"))
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--data-root", default=None)
+    args = parser.parse_args(argv)
+
+    config = get_preset(args.preset).replace(guide=args.guide)
+    pyro.set_rng_seed(0)
+    x = torch.bernoulli(load_dataset("mnist", root=args.data_root, download=False).train_x[: config.train.batch_size])
+    beta = torch.tensor(1.0)
+    model = GenerativeModel(config.model, name="profile")
+    guide = make_guide(model)
+    step = TrainingStep(model, guide, learning_rate=config.train.learning_rate)
+    compact = CompactLVAE(*(lambda m: (m, make_guide(m)))(GenerativeModel(config.model, name="compact")))
+    opt = torch.optim.Adam(compact.parameters(), lr=config.train.learning_rate, fused=True)
+
+    def baseline() -> None:
+        compact_loss(compact, x, beta).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def fast() -> None:
+        step(x, beta)
+
+    for fn in (fast, baseline):  # warm-up
+        for _ in range(5):
+            fn()
+    timed = {"fast engine": median_ms(fast, steps=args.steps), "baseline": median_ms(baseline, steps=args.steps)}
+    shares = {"fast engine": profile_shares(fast, args.steps), "baseline": profile_shares(baseline, args.steps)}
+    print(f"{args.preset}, guide {args.guide}, batch {config.train.batch_size}, {torch.get_num_threads()} threads")
+    print()
+    print("| | fast engine | baseline |\n|---|---|---|")
+    print(f"| ms/step, no profiler | {timed['fast engine']:.2f} | {timed['baseline']:.2f} |")
+    names = sorted({k for s in shares.values() for k in s}, key=lambda k: -shares["fast engine"].get(k, 0.0))
+    for name in names:
+        cells = [f"{shares[v].get(name, 0.0) / args.steps * 1e3:.2f}" for v in ("fast engine", "baseline")]
+        print(f"| {name}, ms/step under cProfile | {cells[0]} | {cells[1]} |")
+    _engine_pieces(step, model, guide, x, beta, args.steps)
+
+
+def _engine_pieces(step: TrainingStep, model, guide, x: torch.Tensor, beta: torch.Tensor, steps: int) -> None:
+    """The pieces the engine adds around the loss, timed one by one."""
+    buffers = step._buffers()
+    saved = [b.clone() for b in buffers]
+    step.loss(x, beta).backward()
+    params = trainable_parameters(model, guide)
+    loss = torch.tensor(1.0)
+
+    def clone_each() -> None:
+        [b.clone() for b in buffers]
+
+    def foreach_copy() -> None:
+        torch._foreach_copy_(saved, buffers)
+
+    def check() -> None:
+        loss_and_grad_norm(loss, [p.grad for p in params])
+
+    rows = {
+        f"clone {len(buffers)} BN buffers, one by one (before)": clone_each,
+        "copy them into kept storage, one multi-tensor call (now)": foreach_copy,
+        f"finiteness check: gradient norm of {len(params)} tensors, read back": check,
+    }
+    print()
+    print("| piece of the fast step | ms |\n|---|---|")
+    for name, fn in rows.items():
+        for _ in range(5):
+            fn()
+        print(f"| {name} | {median_ms(fn, steps=steps * 5):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
