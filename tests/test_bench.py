@@ -87,5 +87,6 @@ def test_bench_quick_runs_and_writes_every_measurement(shared_data_root, tmp_pat
             and r["epoch_seconds"] > 0
             and r["epoch_seconds_svi_engine"] > 0
             and r["lk_pairs_per_second"] > 0
+            and r["lk_seconds_traced"] > 0
         )
         assert r["peak_memory_bytes"] > 0

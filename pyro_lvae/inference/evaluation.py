@@ -38,6 +38,7 @@ from ..models.model import GenerativeModel
 from ..models.protocol import check_examples, eval_mode  # noqa: F401 - also importable from here
 from ..models.registration import registered_once
 from ..rng import preserved_rng, rng_state, set_rng_state
+from .closed_form import closed_form_applies, closed_form_log_weights
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,10 @@ def log_importance_weights(model: GenerativeModel, guide: nn.Module, x: torch.Te
     :param x: Data, shape ``(batch, input_dim)``.
     :param num_particles: Particles per example.
     """
+    if closed_form_applies(model, guide):
+        # The same weights on the same draws, without traces or distribution objects
+        # (docs/performance.md has the speed-up; tests/inference/test_closed_form.py the equality).
+        return LogWeights(*closed_form_log_weights(model, guide, x, num_particles))
     return particle_log_weights(model, guide, x, num_particles)
 
 

@@ -1,0 +1,86 @@
+"""The closed-form log importance weights equal the traced ones on the same draws."""
+
+from __future__ import annotations
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+
+from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig
+from pyro_lvae.inference import evaluation
+from pyro_lvae.inference.closed_form import closed_form_applies, closed_form_log_weights
+from pyro_lvae.inference.evaluation import evaluate, particle_log_weights
+
+
+def _pair(guide_cls, **model_kw):
+    cfg = ModelConfig(input_dim=10, latent_sizes=(5, 4, 3), hidden_sizes=(16, 12, 8), **model_kw)
+    model = GenerativeModel(cfg, name="closed").double()
+    guide = guide_cls(model).double()
+    with torch.no_grad():  # statistics away from the initial ones, so that eval mode matters
+        for m in list(model.modules()) + list(guide.modules()):
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval(), guide.eval()
+
+
+CASES = [
+    (LadderGuide, {}),
+    (LadderGuide, {"ladder_share_params": False}),
+    (LadderGuide, {"only_mu_up": True}),
+    (BottomUpGuide, {}),
+    (LadderGuide, {"likelihood": "gaussian"}),
+    (BottomUpGuide, {"likelihood": "gaussian"}),
+]
+
+
+@pytest.mark.parametrize("guide_cls, model_kw", CASES, ids=lambda c: getattr(c, "__name__", str(c)))
+def test_the_closed_form_gives_the_traced_weights_on_the_same_draws(guide_cls, model_kw):
+    model, guide = _pair(guide_cls, **model_kw)
+    gaussian = model_kw.get("likelihood") == "gaussian"
+    x = torch.rand(7, 10, dtype=torch.float64) if gaussian else torch.bernoulli(torch.full((7, 10), 0.4)).double()
+    assert closed_form_applies(model, guide)
+    pyro.set_rng_seed(11)
+    with torch.no_grad():
+        traced = particle_log_weights(model, guide, x, 13)
+    pyro.set_rng_seed(11)
+    total, reconstruction, layer_kl = closed_form_log_weights(model, guide, x, 13)
+    after = torch.rand(()).item()
+    assert total.shape == (13, 7) and layer_kl.shape == (3, 13, 7)
+    torch.testing.assert_close(total, traced.total, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(reconstruction, traced.reconstruction, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer_kl, traced.layer_kl, rtol=1e-10, atol=1e-10)
+    assert after == _next_draw_after(model, guide, x, 13)  # both used the same amount of noise
+
+
+def _next_draw_after(model, guide, x, k) -> float:
+    """The draw that follows the traced path's noise on seed 11."""
+    pyro.set_rng_seed(11)
+    with torch.no_grad():
+        particle_log_weights(model, guide, x, k)
+    return torch.rand(()).item()
+
+
+def test_other_families_and_wrapped_guides_keep_the_traced_path():
+    model, guide = _pair(LadderGuide)
+    assert not closed_form_applies(model, poutine.scale(guide, scale=2.0))
+    assert not closed_form_applies(model, LadderGuide(_pair(LadderGuide)[0]))  # a guide of another model
+    from pyro_lvae.models.families import make_guide, make_model
+
+    vlae = make_model(ModelConfig(family="vlae", guide="vae", input_dim=10, latent_sizes=(3, 2), hidden_sizes=(8, 8)))
+    assert not closed_form_applies(vlae, make_guide(vlae))
+
+
+def test_evaluate_gives_the_numbers_of_the_traced_path(monkeypatch):
+    """float32, as evaluated in practice: per-example L_K and ELBO agree to rounding."""
+    cfg = ModelConfig(input_dim=10, latent_sizes=(5, 3), hidden_sizes=(16, 8))
+    model = GenerativeModel(cfg, name="eval").eval()
+    guide = LadderGuide(model).eval()
+    x = torch.bernoulli(torch.full((20, 10), 0.4))
+    fast = evaluate(model, guide, x, num_samples=300, seed=3, return_log_weights=True)
+    monkeypatch.setattr(evaluation, "closed_form_applies", lambda *a: False)
+    traced = evaluate(model, guide, x, num_samples=300, seed=3, return_log_weights=True)
+    torch.testing.assert_close(fast["log_weights"], traced["log_weights"], rtol=1e-5, atol=1e-4)
+    assert fast["log_likelihood"] == pytest.approx(traced["log_likelihood"], abs=1e-4)
+    assert fast["elbo"] == pytest.approx(traced["elbo"], abs=1e-4)
