@@ -36,7 +36,11 @@ _LOG_2PI = math.log(2 * math.pi)
 
 def closed_form_applies(model: torch.nn.Module, guide: torch.nn.Module) -> bool:
     """Whether :func:`closed_form_log_weights` covers ``model`` and ``guide``: the paper's
-    model (not a subclass) with its ladder or bottom-up guide, as built by the library."""
+    model (not a subclass) with its ladder or bottom-up guide, as built by the library.
+
+    :param model: A generative model.
+    :param guide: A guide for it.
+    """
     if type(model) is not GenerativeModel:
         return False
     if type(guide) is LadderGuide:
