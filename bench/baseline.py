@@ -140,12 +140,20 @@ class CompactLVAE(nn.Module):
         self.floor = cfg.variance_floor
 
     def gaussian(self, head: nn.Linear, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of a fused head."""
+        """Mean and variance of a fused head.
+
+        :param head: One of the fused heads.
+        :param d: Its input.
+        """
         loc, pre = head(d).chunk(2, dim=-1)
         return loc, F.softplus(pre).clamp_min(self.floor)
 
     def prior(self, layer: int, z_above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of p(z_layer | z_layer+1), ``layer`` 1-based."""
+        """Mean and variance of p(z_layer | z_layer+1).
+
+        :param layer: The lower layer, 1-based.
+        :param z_above: A sample of the layer above.
+        """
         return self.gaussian(self.down_heads[layer - 1], self.down[layer - 1](z_above))
 
 
@@ -185,5 +193,10 @@ def _compact_bottom_up(c: CompactLVAE, x: torch.Tensor, beta: torch.Tensor) -> t
 
 
 def compact_loss(c: CompactLVAE, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """The baseline's loss: the negative β-weighted ELBO of ``c``'s guide, summed over the batch."""
+    """The baseline's loss: the negative β-weighted ELBO of ``c``'s guide, summed over the batch.
+
+    :param c: The compact networks.
+    :param x: A minibatch, ``(batch, input_dim)``.
+    :param beta: The warm-up weight, a 0-dim tensor.
+    """
     return _compact_ladder(c, x, beta) if c.ladder else _compact_bottom_up(c, x, beta)

@@ -26,6 +26,7 @@ import pstats
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyro
@@ -62,8 +63,12 @@ def _category(filename: str) -> str:
     return "other Python"
 
 
-def profile_shares(fn, steps: int) -> dict[str, float]:
-    """Seconds of self time per category over ``steps`` calls of ``fn`` under cProfile."""
+def profile_shares(fn: Callable[[], object], steps: int) -> dict[str, float]:
+    """Seconds of self time per category over ``steps`` calls of ``fn`` under cProfile.
+
+    :param fn: One training step.
+    :param steps: How many to profile.
+    """
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(steps):
@@ -76,8 +81,13 @@ def profile_shares(fn, steps: int) -> dict[str, float]:
     return totals
 
 
-def median_ms(fn, *, steps: int, rounds: int = 5) -> float:
-    """Median milliseconds per call over ``rounds`` rounds of ``steps // rounds`` calls."""
+def median_ms(fn: Callable[[], object], *, steps: int, rounds: int = 5) -> float:
+    """Median milliseconds per call over ``rounds`` rounds of ``steps // rounds`` calls.
+
+    :param fn: The code to time.
+    :param steps: Calls in all.
+    :param rounds: Rounds, whose median is taken.
+    """
     times = []
     per = max(1, steps // rounds)
     for _ in range(rounds):

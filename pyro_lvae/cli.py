@@ -38,6 +38,7 @@ from .config import ALIASES, CHOICES, DEFAULT_MEMORY_BUDGET, ExperimentConfig, M
 from .repro.presets import PRESETS, get_preset
 from .repro.sweep import SUMMARY_MD, load_grid, parse_override, run_sweep, shipped_grids
 from .training.signals import TrainingInterrupted
+from .training.skipping import TooManySkippedSteps
 
 if TYPE_CHECKING:
     from .training.results_file import RunResults
@@ -224,6 +225,7 @@ def _add_export_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder of pretrained files (pyro_lvae/pretrained to ship it)")
     p.add_argument("--commit", default="", help="the code version that trained it (git rev-parse HEAD)")
     p.add_argument("--data-root", default=None, help="data folder (default: $PYRO_LVAE_DATA or ./data)")
+    _add_weights_option(p)
 
 
 def _add_presets_parser(p: argparse.ArgumentParser) -> None:
@@ -380,7 +382,9 @@ def _results_page(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .pretrained import export_run
 
-    entry = export_run(args.run_dir, args.out, name=args.name, commit=args.commit, data_root=args.data_root)
+    entry = export_run(
+        args.run_dir, args.out, name=args.name, commit=args.commit, data_root=args.data_root, weights=args.weights
+    )
     sys.stdout.write(json.dumps(entry, indent=2) + "\n")
     return 0
 
@@ -433,6 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"pyro-lvae: error: {exc}\n")
     except TrainingInterrupted as exc:
         parser.exit(128 + exc.signum, f"pyro-lvae: {exc}\n")
+    except (FloatingPointError, TooManySkippedSteps) as exc:  # training stopped, its checkpoint intact
+        parser.exit(1, f"pyro-lvae: error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -308,8 +308,9 @@ class TrainConfig:
         merge and the loss stay in fp32 (the Gaussian heads and the likelihood return fp32). The
         evaluations always run in fp32.
     :param valid_size: Hold out this many training images (chosen with a fixed seed, the same for every
-        run) for the periodic evaluation, which is then labelled ``valid``; the test set is used once, at
-        the end. 0 (the paper's protocol): train on the whole training set, evaluate on the test set.
+        run on the same training set, taken after ``train_subset``) for the periodic evaluation, which
+        is then labelled ``valid``; the test set is used once, at the end. 0 (the paper's protocol):
+        train on the whole training set, evaluate on the test set.
     """
 
     dataset: str = "mnist"

@@ -266,3 +266,28 @@ def test_training_controls_from_the_cli_then_evaluate_either_weights(tmp_path, s
     assert main(evaluate + ["--weights", "raw"]) == 0
     raw = json.loads((run / "results.json").read_text())
     assert raw["weights"] == "raw" and raw["test_elbo"] != trained["test_elbo"]
+    # export takes the weights results.json evaluated, and says which.
+    export = [
+        "export",
+        str(run),
+        "--name",
+        "tiny",
+        "--out",
+        str(tmp_path / "pre"),
+        "--data-root",
+        str(shared_data_root),
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main(export)  # auto: the average, but results.json evaluated the raw weights
+    assert exit_info.value.code == 2 and "--weights ema" in capsys.readouterr().err
+    assert main(export + ["--weights", "raw"]) == 0
+    assert json.loads(capsys.readouterr().out)["weights"] == "raw"
+
+
+def test_a_threshold_that_skips_every_step_stops_training_with_one_line(tmp_path, shared_data_root, capsys):
+    args = _tiny_train_args(tmp_path / "run", shared_data_root)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + ["--skip-threshold", "1e-9", "--max-consecutive-skips", "2", "--no-final-eval"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1
+    assert err[-1].startswith("pyro-lvae: error: 2 consecutive training steps were skipped") and "auto" in err[-1]

@@ -202,6 +202,7 @@ def export_run(
     commit: str = "",
     data_root: str | os.PathLike | None = None,
     download: bool = False,
+    weights: str = "auto",
 ) -> dict[str, Any]:
     """Write a run's trained model and guide as ``out_dir/{name}.pt`` and add it to the manifest there.
 
@@ -215,6 +216,8 @@ def export_run(
     :param commit: The code version that trained it (``git rev-parse HEAD``).
     :param data_root: Data root for the check value.
     :param download: Allow torchvision to download missing MNIST files.
+    :param weights: ``"auto"`` (the moving average when the run kept one), ``"ema"`` or ``"raw"``;
+        the run's ``results.json`` must have evaluated the same weights.
     :returns: The manifest entry.
     """
     from ..training.results_file import RunResults
@@ -225,11 +228,12 @@ def export_run(
     if not results_path.exists():
         raise ValueError(f"{run_dir} has no {RESULTS_NAME}; evaluate it first (pyro-lvae evaluate {run_dir}).")
     results = RunResults.load(results_path)
-    model, guide, config, ckpt = load_run(run_dir)  # the moving average of the weights when there is one
+    model, guide, config, ckpt = load_run(run_dir, weights=weights)
     if results.weights != ckpt["weights"]:
         raise ValueError(
             f"{results_path} evaluated the {results.weights} weights but the export takes the {ckpt['weights']} "
-            f"ones; evaluate the run again (pyro-lvae evaluate {run_dir}) before exporting it."
+            f"ones; evaluate the run again (pyro-lvae evaluate {run_dir} --weights {ckpt['weights']}) "
+            "before exporting it."
         )
     if results.epochs != ckpt["epoch"]:
         raise ValueError(

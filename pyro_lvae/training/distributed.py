@@ -143,6 +143,31 @@ def all_true(flag: bool, ctx: DistributedContext, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def max_over_processes(value: int, ctx: DistributedContext, device: torch.device) -> int:
+    """The largest of every process's ``value`` (identity on one process).
+
+    :param value: This process's value.
+    :param ctx: The distributed context.
+    :param device: A device the backend can reduce on.
+    """
+    if not ctx.enabled:
+        return value
+    t = torch.tensor([float(value)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def broadcast_from_main(tensors: list[torch.Tensor], ctx: DistributedContext) -> None:
+    """Overwrite ``tensors`` on every process with rank 0's, in place (nothing on one process).
+
+    :param tensors: Tensors of the same shapes on every process.
+    :param ctx: The distributed context.
+    """
+    if ctx.enabled:
+        for t in tensors:
+            dist.broadcast(t, src=0)
+
+
 def gather_batches(mine: dict[int, Any], ctx: DistributedContext) -> dict[int, Any]:
     """Collect every process's ``{batch index: result}`` on every process.
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..config import check_ema_decay
+from .distributed import DistributedContext, broadcast_from_main
 
 
 def ema_decay_at(decay: float, updates: int) -> float:
@@ -95,6 +96,18 @@ class ExponentialMovingAverage:
             with torch.no_grad():
                 for t, s in zip(self._live, saved):
                     t.copy_(s)
+
+    def broadcast_from_main(self, ctx: DistributedContext) -> None:
+        """Give every process rank 0's average (in a data-parallel run).
+
+        The parameters agree across processes, but each process updates its batch-norm
+        statistics from its own share of the batch until DDP broadcasts rank 0's again, so the
+        averages of those statistics drift apart. Rank 0's is the one checkpointed; calling this
+        before every use of the average makes all processes use that one.
+
+        :param ctx: The distributed context.
+        """
+        broadcast_from_main(self._average, ctx)
 
     @torch.no_grad()
     def copy_to_live(self) -> None:

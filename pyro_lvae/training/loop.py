@@ -71,9 +71,9 @@ from .resume import check_resume
 from .run_dir import RunDirectory
 from .schedule import EpochPlan, epoch_plan, is_evaluation_epoch, warn_about_schedule
 from .signals import StopRequest, TrainingInterrupted, agree_on_signal, stop_on_signals
-from .skipping import SKIP_CAUSES
+from .skipping import SKIP_CAUSES, TooManySkippedSteps
 from .steps import make_step
-from .tensorboard import TensorBoardLog
+from .tensorboard import TensorBoardLog, require_tensorboard
 
 logger = logging.getLogger(__name__)
 
@@ -138,16 +138,17 @@ def train(
     """
     _check_arguments(config, out_dir=out_dir, resume=resume, final_eval_subset=final_eval_subset)
     warn_about_schedule(config)
+    if tensorboard is not None:
+        require_tensorboard()  # before anything starts
     ctx, device = _start_processes(config, device)
-    board = TensorBoardLog(tensorboard if ctx.is_main else None)
     run_dir = _open_run_dir(out_dir, resume=resume, overwrite=overwrite, ctx=ctx)
     pyro.clear_param_store()
     pyro.set_rng_seed(config.train.seed)
     data = prepare_data(config, dataset=dataset, data_root=data_root, download=download, device=device)
-    trainer = _Trainer(config, data, ctx, run_dir, memory_budget=memory_budget, progress=progress, board=board)
+    trainer = _Trainer(config, data, ctx, run_dir, memory_budget=memory_budget, progress=progress)
     trainer.start(resume=resume)
 
-    with stop_on_signals() as stop, contextlib.closing(board):
+    with stop_on_signals() as stop, contextlib.closing(trainer.open_board(tensorboard)):
         for epoch in range(trainer.epochs_done, trainer.total_epochs):
             record, x_epoch = trainer.run_epoch(epoch, epoch_plan(config, epoch), stop)
             if is_evaluation_epoch(config, epoch):
@@ -156,8 +157,9 @@ def train(
             if stop.signal is not None and epoch + 1 < trainer.total_epochs:
                 raise TrainingInterrupted(stop.signal, run_dir and run_dir.path, epoch + 1, 0, 0)
 
-    if trainer.ema is not None:
-        trainer.ema.copy_to_live()  # what is evaluated and returned; the checkpoint keeps both
+    if trainer.ema is not None:  # what is evaluated and returned; the checkpoint keeps both
+        trainer.ema.broadcast_from_main(ctx)
+        trainer.ema.copy_to_live()
     results = trainer.final_results(final_eval_subset) if final_evaluation else None
     return TrainResult(trainer.model, trainer.guide, config, data, metrics=trainer.metrics, results=results)
 
@@ -221,11 +223,11 @@ class _Trainer:
         *,
         memory_budget: int,
         progress: bool,
-        board: TensorBoardLog,
     ) -> None:
         tc = config.train
         self.config, self.data, self.ctx, self.run_dir = config, data, ctx, run_dir
-        self.memory_budget, self.progress, self.board = memory_budget, progress, board
+        self.memory_budget, self.progress = memory_budget, progress
+        self.board = TensorBoardLog(None)
         self.device = data.train.device
         self.model = make_model(config.model).to(self.device)
         self.guide = make_guide(self.model).to(self.device)
@@ -254,6 +256,14 @@ class _Trainer:
         self.metrics: list[dict[str, Any]] = []
         self.consecutive_skips = 0
         self.partial: dict[str, Any] | None = None
+
+    def open_board(self, log_dir: str | os.PathLike | None) -> TensorBoardLog:
+        """Write TensorBoard events into ``log_dir`` from now on (the main process only).
+
+        :param log_dir: The folder of the event files, or ``None``.
+        """
+        self.board = TensorBoardLog(log_dir if self.ctx.is_main else None)
+        return self.board
 
     # -- resume and checkpoints ---------------------------------------------------------
 
@@ -437,7 +447,7 @@ class _Trainer:
             f"; the checkpoint of epoch {epoch} in {self.run_dir.path} is intact" if self.run_dir and epoch > 0 else ""
         )
         if self.step.skip_cause == "threshold":
-            raise RuntimeError(
+            raise TooManySkippedSteps(
                 f"{self.consecutive_skips} consecutive training steps were skipped because their gradient norm "
                 f"exceeded skip_threshold={self.config.train.skip_threshold} (epoch {epoch + 1}){kept}; raise the "
                 "threshold or use --skip-threshold auto, which follows the norms."
@@ -467,8 +477,11 @@ class _Trainer:
     # -- evaluation and the end of an epoch ---------------------------------------------
 
     def evaluation_weights(self) -> contextlib.AbstractContextManager:
-        """The weights every evaluation uses: the moving average when there is one."""
-        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        """The weights every evaluation uses: the moving average when there is one (rank 0's)."""
+        if self.ema is None:
+            return contextlib.nullcontext()
+        self.ema.broadcast_from_main(self.ctx)
+        return self.ema.applied()
 
     def evaluate(self, epoch: int, x_epoch: torch.Tensor) -> dict[str, Any]:
         """The periodic evaluation: the true ELBO (β = 1, batch norm in eval mode) on as many

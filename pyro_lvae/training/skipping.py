@@ -31,6 +31,11 @@ from ..config import check_skip_threshold
 SKIP_CAUSES = ("non_finite", "threshold")
 
 
+class TooManySkippedSteps(RuntimeError):
+    """Training stopped because ``max_consecutive_skips`` steps in a row were skipped for their
+    gradient norm (a non-finite loss or gradient raises :class:`FloatingPointError` instead)."""
+
+
 class SkipRule:
     """Decide, from the loss and the global gradient norm, whether an update is skipped and why.
 

@@ -68,7 +68,7 @@ from torch import nn
 from ..config import ENGINES, PRECISIONS
 from ..inference.objectives import elbo_for
 from ..models.registration import registered_once
-from .distributed import SINGLE_PROCESS, DistributedContext, all_true
+from .distributed import SINGLE_PROCESS, DistributedContext, all_true, max_over_processes
 from .skipping import SkipRule
 
 
@@ -82,6 +82,11 @@ def trainable_parameters(model: nn.Module, guide: nn.Module) -> list[nn.Paramete
     for p in list(model.parameters()) + list(guide.parameters()):
         seen.setdefault(id(p), p)
     return list(seen.values())
+
+
+#: How grave each skip decision is, for the reduction across processes.
+_CAUSE_RANK = {None: 0, "threshold": 1, "non_finite": 2}
+_CAUSE_OF_RANK = {rank: cause for cause, rank in _CAUSE_RANK.items()}
 
 
 def loss_and_grad_norm(loss: torch.Tensor, grads: list[torch.Tensor | None]) -> tuple[float, float]:
@@ -217,7 +222,12 @@ class TrainingStep:
         ``params``, with the same decision on every process."""
         value, self.grad_norm = loss_and_grad_norm(loss, [p.grad for p in params])
         finite = all_true(math.isfinite(value), self.distributed, loss.device)
-        self.skip_cause = self.skip_rule.cause(loss_finite=finite, grad_norm=self.grad_norm)
+        cause = self.skip_rule.cause(loss_finite=finite, grad_norm=self.grad_norm)
+        if self.distributed.enabled:
+            # The averaged gradients, and so the norms, agree across processes, but the
+            # decision is reduced too, so that no rounding can split it: the gravest cause wins.
+            cause = _CAUSE_OF_RANK[max_over_processes(_CAUSE_RANK[cause], self.distributed, loss.device)]
+        self.skip_cause = cause
 
     def __call__(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         """Take one step on ``x`` with warm-up weight ``beta`` (a 0-dim tensor).
@@ -237,10 +247,12 @@ class TrainingStep:
     def _save_buffers(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
         """A copy of ``buffers`` in storage kept from step to step.
 
-        torch's private multi-tensor copy writes all ~40 batch-norm buffers in one call, instead
-        of allocating a clone of each on every step (docs/performance.md has the saving).
+        torch's private multi-tensor copy writes all the batch-norm buffers (60 in the paper's
+        5-layer model) in one call, instead of allocating a clone of each on every step
+        (docs/performance.md has the saving).
         """
-        key = tuple(map(id, buffers))  # new tensors (after .to(device), say) get new storage
+        # New tensors (after .to(device) or .double(), say) get new storage.
+        key = tuple((b.data_ptr(), b.dtype, b.device) for b in buffers)
         saved = getattr(self, "_saved_buffers", None)
         if saved is None or self._saved_for != key:
             saved = self._saved_buffers = [b.detach().clone() for b in buffers]
@@ -365,17 +377,22 @@ class SVIStep(TrainingStep):
             zero_grads(set(everything))
             self.skip_cause, self.grad_norm = "non_finite", math.nan
             return torch.tensor(float("nan"), dtype=x.dtype, device=x.device)
-        params = {site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
+        store = pyro.get_param_store()
+        # In the order of their names, so that the gradient norm sums in the same order in
+        # every process (a set's order follows object ids).
+        params = sorted(
+            {site["value"].unconstrained() for site in param_capture.trace.nodes.values()}, key=store.param_name
+        )
         loss = torch.as_tensor(loss, dtype=x.dtype, device=x.device).detach()
-        self._decide(loss, list(params))
+        self._decide(loss, params)
         if not self.skipped:
-            clip_gradients(list(params), **self.clip)
+            clip_gradients(params, **self.clip)
             self._hand_over_restored_state(params)
-            self.optimizer(params)
-        zero_grads(params)
+            self.optimizer(set(params))
+        zero_grads(set(params))
         return loss
 
-    def _hand_over_restored_state(self, params: set[torch.Tensor]) -> None:
+    def _hand_over_restored_state(self, params: list[torch.Tensor]) -> None:
         """Give pyro.optim the restored states of the parameters it is about to see for the
         first time; the others stay here, where set_learning_rate and state_dict reach them."""
         if not self._restored:

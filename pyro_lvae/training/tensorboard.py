@@ -33,10 +33,9 @@ SCALARS = {
 }
 
 
-def open_summary_writer(log_dir: str | os.PathLike) -> Any:
-    """A ``torch.utils.tensorboard.SummaryWriter`` for ``log_dir``.
+def require_tensorboard() -> type:
+    """``torch.utils.tensorboard.SummaryWriter``.
 
-    :param log_dir: The folder of the event files.
     :raises ValueError: if the ``tensorboard`` package is not installed.
     """
     try:
@@ -46,7 +45,16 @@ def open_summary_writer(log_dir: str | os.PathLike) -> Any:
             "--tensorboard needs the tensorboard package, which is not installed; "
             "run pip install 'pyro-lvae[tensorboard]' or leave out --tensorboard."
         ) from None
-    return SummaryWriter(log_dir=os.fspath(log_dir))
+    return SummaryWriter
+
+
+def open_summary_writer(log_dir: str | os.PathLike) -> Any:
+    """A ``torch.utils.tensorboard.SummaryWriter`` for ``log_dir``.
+
+    :param log_dir: The folder of the event files.
+    :raises ValueError: if the ``tensorboard`` package is not installed.
+    """
+    return require_tensorboard()(log_dir=os.fspath(log_dir))
 
 
 class TensorBoardLog:

@@ -192,7 +192,8 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path, shared
     # Batches of 20 make an epoch 200 steps long, so that the signal, sent as soon as epoch 1's
     # checkpoint appears, lands inside epoch 2 even on a fast machine (with 20 steps per epoch the
     # whole run could finish before the signal arrived).
-    data = ["--data-root", str(shared_data_root), "--batch-size", "20"]
+    # The moving average rides along: rank 0's is checkpointed and given to every rank.
+    data = ["--data-root", str(shared_data_root), "--batch-size", "20", "--ema", "0.9"]
     proc = subprocess.Popen(
         TORCHRUN + TRAIN + ["--out", str(run)] + data,
         stdout=subprocess.PIPE,
