@@ -2,13 +2,16 @@
 
 * :mod:`.loop` — :func:`~pyro_lvae.training.loop.train`, the epoch loop;
 * :mod:`.steps` — one optimization step, with the ``fast`` or the ``svi`` engine;
+* :mod:`.skipping` — which updates are skipped (non-finite, or an exploding gradient norm);
+* :mod:`.ema` — the moving average of the weights that evaluations use;
 * :mod:`.schedule` — what each epoch trains (β, learning rate, objective);
 * :mod:`.batches` — the data on the device and each epoch's minibatches;
 * :mod:`.run_dir`, :mod:`.run_files`, :mod:`.checkpoint` — the run directory;
 * :mod:`.resume` — which configuration a run may be resumed with;
 * :mod:`.signals` — stopping cleanly on SIGINT/SIGTERM;
 * :mod:`.results` — the final evaluation, ``results.json``;
-* :mod:`.distributed` — data-parallel processes.
+* :mod:`.distributed` — data-parallel processes;
+* :mod:`.tensorboard` — TensorBoard event files.
 
 The names below are importable from here (``from pyro_lvae.training import train``), as
 they were from the single module this package replaced.
