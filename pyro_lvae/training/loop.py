@@ -130,7 +130,7 @@ def train(
     :param overwrite: Replace an existing run in ``out_dir``.
     :param final_evaluation: Evaluate test ELBO and L_K (K = ``num_importance_samples``) at the end.
     :param final_eval_subset: Evaluate only the first this many test examples (0 = all; L_5000 on
-        10,000 MNIST images takes about 35 minutes on two CPU cores).
+        10,000 MNIST images takes about 17–22 minutes on two CPU cores, docs/performance.md).
     :param memory_budget: Bytes per particle chunk in the L_K evaluation.
     :param progress: Show tqdm progress bars.
     :param tensorboard: Also write TensorBoard events into this folder
