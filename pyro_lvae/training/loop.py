@@ -63,7 +63,15 @@ from ..inference.objectives import ImportanceWeightedLoss
 from ..models.families import make_guide, make_model
 from ..rng import preserved_rng, rng_state, set_rng_state
 from .batches import PreparedData, epoch_batches, epoch_seed, prepare_data
-from .distributed import DistributedContext, all_reduce_sum, gather_objects, init_from_environment, local_device, shard
+from .distributed import (
+    DistributedContext,
+    all_reduce_sum,
+    broadcast_from_main,
+    gather_objects,
+    init_from_environment,
+    local_device,
+    shard,
+)
 from .ema import ExponentialMovingAverage
 from .results import discrete_offset, final_results
 from .results_file import RunResults
@@ -72,7 +80,7 @@ from .run_dir import RunDirectory
 from .schedule import EpochPlan, epoch_plan, is_evaluation_epoch, warn_about_schedule
 from .signals import StopRequest, TrainingInterrupted, agree_on_signal, stop_on_signals
 from .skipping import SKIP_CAUSES, TooManySkippedSteps
-from .steps import make_step
+from .steps import make_step, model_buffers
 from .tensorboard import TensorBoardLog, require_tensorboard
 
 logger = logging.getLogger(__name__)
@@ -157,8 +165,8 @@ def train(
             if stop.signal is not None and epoch + 1 < trainer.total_epochs:
                 raise TrainingInterrupted(stop.signal, run_dir and run_dir.path, epoch + 1, 0, 0)
 
+    trainer.share_main_weights()
     if trainer.ema is not None:  # what is evaluated and returned; the checkpoint keeps both
-        trainer.ema.broadcast_from_main(ctx)
         trainer.ema.copy_to_live()
     results = trainer.final_results(final_eval_subset) if final_evaluation else None
     return TrainResult(trainer.model, trainer.guide, config, data, metrics=trainer.metrics, results=results)
@@ -476,12 +484,19 @@ class _Trainer:
 
     # -- evaluation and the end of an epoch ---------------------------------------------
 
+    def share_main_weights(self) -> None:
+        """Give every process rank 0's batch-norm statistics and moving average (nothing to do
+        in one process). Each process updated its statistics from its own share of the last
+        batch, and DDP hands them rank 0's again only at the next forward pass."""
+        broadcast_from_main(model_buffers(self.model, self.guide), self.ctx)
+        if self.ema is not None:
+            self.ema.broadcast_from_main(self.ctx)
+
     def evaluation_weights(self) -> contextlib.AbstractContextManager:
-        """The weights every evaluation uses: the moving average when there is one (rank 0's)."""
-        if self.ema is None:
-            return contextlib.nullcontext()
-        self.ema.broadcast_from_main(self.ctx)
-        return self.ema.applied()
+        """The weights every evaluation uses, rank 0's on every process: the moving average
+        when there is one, else the live weights."""
+        self.share_main_weights()
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def evaluate(self, epoch: int, x_epoch: torch.Tensor) -> dict[str, Any]:
         """The periodic evaluation: the true ELBO (β = 1, batch norm in eval mode) on as many

@@ -89,6 +89,18 @@ _CAUSE_RANK = {None: 0, "threshold": 1, "non_finite": 2}
 _CAUSE_OF_RANK = {rank: cause for cause, rank in _CAUSE_RANK.items()}
 
 
+def model_buffers(model: nn.Module, guide: nn.Module) -> list[torch.Tensor]:
+    """Every buffer (batch-norm statistics) of ``model`` and ``guide``, each once.
+
+    :param model: The generative model.
+    :param guide: A guide for it.
+    """
+    seen: dict[int, torch.Tensor] = {}
+    for b in list(model.buffers()) + list(guide.buffers()):
+        seen.setdefault(id(b), b)
+    return list(seen.values())
+
+
 def loss_and_grad_norm(loss: torch.Tensor, grads: list[torch.Tensor | None]) -> tuple[float, float]:
     """The loss and the global 2-norm of the gradients, read together (one host synchronization).
 
@@ -263,10 +275,7 @@ class TrainingStep:
         return saved
 
     def _buffers(self) -> list[torch.Tensor]:
-        seen: dict[int, torch.Tensor] = {}
-        for b in list(self.model.buffers()) + list(self.guide.buffers()):
-            seen.setdefault(id(b), b)
-        return list(seen.values())
+        return model_buffers(self.model, self.guide)
 
     def _build_optimizer(self, learning_rate: float, adam_eps: float) -> None:
         raise NotImplementedError
