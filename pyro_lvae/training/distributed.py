@@ -136,11 +136,7 @@ def all_true(flag: bool, ctx: DistributedContext, device: torch.device) -> bool:
     :param ctx: The distributed context.
     :param device: A device the backend can reduce on.
     """
-    if not ctx.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0)
+    return bool(_reduce(1.0 if flag else 0.0, dist.ReduceOp.MIN, ctx, device) > 0) if ctx.enabled else flag
 
 
 def max_over_processes(value: int, ctx: DistributedContext, device: torch.device) -> int:
@@ -150,11 +146,14 @@ def max_over_processes(value: int, ctx: DistributedContext, device: torch.device
     :param ctx: The distributed context.
     :param device: A device the backend can reduce on.
     """
-    if not ctx.enabled:
-        return value
-    t = torch.tensor([float(value)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return int(_reduce(float(value), dist.ReduceOp.MAX, ctx, device)) if ctx.enabled else value
+
+
+def _reduce(value: float, op: Any, ctx: DistributedContext, device: torch.device) -> float:
+    """``value`` reduced with ``op`` over every process."""
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=op)
+    return t.item()
 
 
 def broadcast_from_main(tensors: list[torch.Tensor], ctx: DistributedContext) -> None:

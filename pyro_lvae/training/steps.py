@@ -78,10 +78,7 @@ def trainable_parameters(model: nn.Module, guide: nn.Module) -> list[nn.Paramete
     :param model: The generative model.
     :param guide: A guide for it.
     """
-    seen: dict[int, nn.Parameter] = {}
-    for p in list(model.parameters()) + list(guide.parameters()):
-        seen.setdefault(id(p), p)
-    return list(seen.values())
+    return _each_once(list(model.parameters()) + list(guide.parameters()))
 
 
 #: How grave each skip decision is, for the reduction across processes.
@@ -95,10 +92,12 @@ def model_buffers(model: nn.Module, guide: nn.Module) -> list[torch.Tensor]:
     :param model: The generative model.
     :param guide: A guide for it.
     """
-    seen: dict[int, torch.Tensor] = {}
-    for b in list(model.buffers()) + list(guide.buffers()):
-        seen.setdefault(id(b), b)
-    return list(seen.values())
+    return _each_once(list(model.buffers()) + list(guide.buffers()))
+
+
+def _each_once(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` without repeats, in order (the ladder guide holds the model's tensors too)."""
+    return list({id(t): t for t in tensors}.values())  # a repeat keeps its first place
 
 
 def loss_and_grad_norm(loss: torch.Tensor, grads: list[torch.Tensor | None]) -> tuple[float, float]:
