@@ -10,6 +10,7 @@ import pytest
 
 from pyro_lvae.cli import main
 from pyro_lvae.repro.presets import PRESETS
+from pyro_lvae.training.results_file import RunResults
 
 REQUIRED = {"test_elbo", "test_log_likelihood", "num_importance_samples", "epochs", "config"}
 
@@ -52,6 +53,11 @@ def test_train_then_evaluate(tmp_path, shared_data_root, capsys):
     assert results["config"]["model"]["latent_sizes"] == [16, 8]
     assert results["test_log_likelihood"] >= results["test_elbo"]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    # The per-example bounds beside results.json average to its numbers.
+    per = RunResults.load(run).per_example
+    assert per.elbo.shape == (results["num_test_examples"],)
+    assert per.elbo.mean() == pytest.approx(results["test_elbo"], abs=1e-4)
+    assert per.log_likelihood.mean() == pytest.approx(results["test_log_likelihood"], abs=1e-4)
 
     # Both evaluations are seeded: the same K reproduces the training run's numbers exactly.
     assert (

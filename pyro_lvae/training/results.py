@@ -24,7 +24,7 @@ from ..data import dequantization_offset
 from ..inference.evaluation import DEFAULT_MEMORY_BUDGET, evaluate
 from .batches import prepare_data
 from .distributed import init_from_environment, local_device
-from .results_file import RunResults
+from .results_file import PerExample, RunResults
 from .run_dir import load_run, read_metrics
 from .run_files import RESULTS_NAME
 
@@ -105,6 +105,10 @@ def final_results(
         versions={"torch": torch.__version__, "pyro": pyro.__version__},
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         weights=weights,
+        per_example=PerExample(
+            elbo=ev["elbo_per_example"].double().numpy() + offset,
+            log_likelihood=ev["log_likelihood_per_example"].double().numpy() + offset,
+        ),
         **extra,
     )
 

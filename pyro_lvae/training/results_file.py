@@ -1,19 +1,23 @@
 """``results.json`` as a typed object, :class:`RunResults`, readable without torch (the
-sweep's summary, the results page and the pretrained-model manifest read it).
+sweep's summary, the results page and the pretrained-model manifest read it), and its
+per-example companion ``per_example.npz`` (:class:`PerExample`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..config import ExperimentConfig
-from .run_files import RESULTS_NAME
+from .run_files import PER_EXAMPLE_NAME, RESULTS_NAME
 
 #: Entries written only where they apply: Gaussian latents, dequantized data, the VQ-VAE.
 _OPTIONAL = ("test_kl_per_unit", "test_active_units", "dequantized", "test_bits_per_dim", "vq")
@@ -28,6 +32,63 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+@dataclass(frozen=True, eq=False)
+class PerExample:
+    """The test bounds of each evaluated example, in the order of the test set, so that two
+    runs evaluated on the same examples can be compared *paired* (:meth:`paired_difference`).
+
+    :param elbo: ELBO of each example (nats), shape ``(N,)``.
+    :param log_likelihood: L_K of each example (nats), shape ``(N,)``.
+    """
+
+    elbo: np.ndarray
+    log_likelihood: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.elbo.ndim != 1 or self.elbo.shape != self.log_likelihood.shape:
+            raise ValueError(
+                f"PerExample needs two (N,) arrays of equal length, got {self.elbo.shape} and "
+                f"{self.log_likelihood.shape}."
+            )
+
+    def save(self, path: Path) -> None:
+        """Write atomically as the ``.npz`` file ``path`` (float32: 1e-5 nats at these magnitudes).
+
+        :param path: The file.
+        """
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez_compressed(
+                f, elbo=self.elbo.astype(np.float32), log_likelihood=self.log_likelihood.astype(np.float32)
+            )
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> PerExample:
+        """Read a file written by :meth:`save`.
+
+        :param path: The file.
+        """
+        with np.load(path) as f:
+            return cls(elbo=f["elbo"].astype(np.float64), log_likelihood=f["log_likelihood"].astype(np.float64))
+
+    def paired_difference(self, reference: PerExample, key: str) -> tuple[float, float]:
+        """Mean and standard error of ``self − reference`` in ``key``, paired by example.
+
+        :param reference: The other run's values on the same examples.
+        :param key: ``"elbo"`` or ``"log_likelihood"``.
+        :raises ValueError: if the runs were evaluated on different numbers of examples.
+        """
+        a, b = getattr(self, key), getattr(reference, key)
+        if a.shape != b.shape or len(a) < 2:
+            raise ValueError(
+                f"Paired differences need the same test examples in both runs, got {len(a)} and {len(b)}; "
+                "evaluate both on the same test subset."
+            )
+        d = a - b
+        return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
 
 
 @dataclass(frozen=True)
@@ -58,6 +119,8 @@ class RunResults(Mapping):
     :param vq: The VQ-VAE's codebook statistics (``vq_statistics``).
     :param weights: Which weights were evaluated: ``"raw"`` (the optimizer's) or ``"ema"``
         (their moving average, for a run trained with ``ema``).
+    :param per_example: The bounds of each example, stored beside ``results.json`` in
+        ``per_example.npz`` rather than in it (``None`` for runs evaluated before it existed).
     """
 
     test_elbo: float
@@ -79,10 +142,11 @@ class RunResults(Mapping):
     test_bits_per_dim: float | None = None
     vq: dict[str, Any] | None = None
     weights: str = "raw"
+    per_example: PerExample | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``results.json``; the family- and data-specific entries only when present."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "per_example"}
         d["config"] = self.config.to_dict()
         return {k: v for k, v in d.items() if k not in _OPTIONAL or v}
 
@@ -93,7 +157,7 @@ class RunResults(Mapping):
         :param d: The object.
         :raises ValueError: if it has entries this class does not know.
         """
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - {"per_example"}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(
@@ -103,20 +167,30 @@ class RunResults(Mapping):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> RunResults:
-        """Read ``results.json``, or the one in the run directory ``path``.
+        """Read ``results.json``, or the one in the run directory ``path``, with the
+        ``per_example.npz`` beside it when there is one.
 
         :param path: The file or its run directory.
         """
         path = Path(path)
-        return cls.from_dict(json.loads((path / RESULTS_NAME if path.is_dir() else path).read_text()))
+        path = path / RESULTS_NAME if path.is_dir() else path
+        results = cls.from_dict(json.loads(path.read_text()))
+        companion = path.with_name(PER_EXAMPLE_NAME)
+        if companion.exists():
+            results = dataclasses.replace(results, per_example=PerExample.load(companion))
+        return results
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically as ``path`` (a file) or ``path/results.json`` (a directory).
+        """Write atomically as ``path`` (a file) or ``path/results.json`` (a directory), and the
+        per-example values, when there are any, as ``per_example.npz`` beside it.
 
         :param path: The file or its run directory.
         """
         path = Path(path)
-        write_json_atomic(path / RESULTS_NAME if path.is_dir() else path, self.to_dict())
+        path = path / RESULTS_NAME if path.is_dir() else path
+        if self.per_example is not None:
+            self.per_example.save(path.with_name(PER_EXAMPLE_NAME))
+        write_json_atomic(path, self.to_dict())
 
     def __getitem__(self, key: str) -> Any:
         return self.to_dict()[key]

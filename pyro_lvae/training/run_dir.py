@@ -109,12 +109,12 @@ class RunDirectory:
             write_json_atomic(self.path / CONFIG_NAME, config.to_dict())
 
     def write_results(self, results: Any) -> None:
-        """Write ``results.json``.
+        """Write ``results.json`` (and ``per_example.npz``, :meth:`~pyro_lvae.training.results_file.RunResults.save`).
 
         :param results: A :class:`~pyro_lvae.training.results_file.RunResults`.
         """
         if self.writer:
-            write_json_atomic(self.path / RESULTS_NAME, results.to_dict())
+            results.save(self.path / RESULTS_NAME)
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """Write the checkpoint atomically (:func:`~pyro_lvae.training.checkpoint.save_checkpoint`).

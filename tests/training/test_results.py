@@ -6,9 +6,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from pyro_lvae.training.results_file import RunResults
+from pyro_lvae.training.results_file import PerExample, RunResults
 
 REPO = Path(__file__).resolve().parents[2]
 STORED = sorted((REPO / "experiments").rglob("results.json")) + sorted(
@@ -54,3 +55,25 @@ def test_entries_that_apply_to_every_run_are_written_even_when_empty():
     unset = dataclasses.replace(results, train_seconds=None)
     assert unset.to_dict()["train_seconds"] is None and unset["train_seconds"] is None
     assert "vq" not in unset.to_dict() and "dequantized" not in unset.to_dict()
+
+
+def test_per_example_values_are_stored_beside_results_and_read_back(tmp_path):
+    rng = np.random.default_rng(0)
+    per = PerExample(elbo=rng.normal(-90, 5, 50), log_likelihood=rng.normal(-85, 5, 50))
+    results = dataclasses.replace(RunResults.load(STORED[0]), per_example=per)
+    results.save(tmp_path)
+    assert "per_example" not in json.loads((tmp_path / "results.json").read_text())
+    back = RunResults.load(tmp_path).per_example
+    np.testing.assert_allclose(back.elbo, per.elbo, rtol=1e-6)  # float32 on disk
+    np.testing.assert_allclose(back.log_likelihood, per.log_likelihood, rtol=1e-6)
+    assert RunResults.load(STORED[0]).per_example is None  # runs evaluated before the file existed
+
+
+def test_paired_difference_is_the_mean_and_standard_error_of_the_differences():
+    reference = PerExample(elbo=np.array([-90.0, -80.0, -85.0, -95.0]), log_likelihood=np.zeros(4))
+    # A constant shift of 1.5 plus (+1, -1, +1, -1): mean 1.5, sd of d = sqrt(4/3), SE = sqrt(4/3)/2.
+    values = PerExample(elbo=reference.elbo + 1.5 + np.array([1.0, -1.0, 1.0, -1.0]), log_likelihood=np.zeros(4))
+    mean, se = values.paired_difference(reference, "elbo")
+    assert mean == pytest.approx(1.5) and se == pytest.approx(np.sqrt(4 / 3) / 2)
+    with pytest.raises(ValueError, match="same test examples"):
+        values.paired_difference(PerExample(elbo=np.zeros(3), log_likelihood=np.zeros(3)), "elbo")
