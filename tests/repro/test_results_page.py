@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pyro_lvae.cli import main
 from pyro_lvae.repro.presets import get_preset
 from pyro_lvae.repro.results_page import split_preset, write_results_page
 from pyro_lvae.repro.sweep import shorten_schedule
+from pyro_lvae.training.results_file import PerExample
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = [
@@ -31,20 +33,26 @@ def test_the_committed_results_page_regenerates_identically(tmp_path, monkeypatc
         assert (REPO / "docs" / "results_figures" / figure.name).exists()
 
 
-def _fake_run(sweep: Path, preset: str, l_k: float, *, active=None, epochs=5) -> None:
-    """A results.json as `train` writes it, with chosen numbers."""
-    config = shorten_schedule(get_preset(preset), epochs).replace(num_importance_samples=100, test_subset=500)
+def _fake_run(sweep: Path, preset: str, l_k: float, *, active=None, epochs=5) -> Path:
+    """A results.json as `train` writes it, with chosen numbers; ``epochs=None`` is the
+    preset's full protocol (2000 epochs, L_5000 on every test image)."""
+    if epochs is None:
+        config, epochs = get_preset(preset), get_preset(preset).train.epochs
+    else:
+        config = shorten_schedule(get_preset(preset), epochs).replace(num_importance_samples=100, test_subset=500)
     depth = config.model.depth
     results = {
         "test_elbo": l_k - 5.0,
         "test_log_likelihood": l_k,
-        "num_importance_samples": 100,
+        "num_importance_samples": config.train.num_importance_samples,
         "epochs": epochs,
         "config": config.to_dict(),
         "test_kl_per_layer": [1.0] * depth,
         "test_kl_per_unit": [[0.5] * n for n in config.model.latent_sizes],
         "test_active_units": active or [3] * depth,
         "num_test_examples": 500,
+        "train_seconds": 7200.0,
+        "eval_seconds": 600.0,
         "device": "cpu (test, 1 threads)",
         "versions": {"torch": "t", "pyro": "p"},
         "date": "2026-01-02T03:04:05+00:00",
@@ -52,6 +60,7 @@ def _fake_run(sweep: Path, preset: str, l_k: float, *, active=None, epochs=5) ->
     run = sweep / f"{preset}-seed0"
     run.mkdir(parents=True)
     (run / "results.json").write_text(json.dumps(results))
+    return run
 
 
 def test_page_content_claims_and_determinism(tmp_path, monkeypatch):
@@ -126,3 +135,32 @@ def test_dequantized_runs_of_a_withdrawn_setting_are_shown(tmp_path):
     path.write_text(json.dumps(json.loads(path.read_text()) | {"dequantized": True}))
     text = write_results_page([tmp_path], tmp_path / "r.md").read_text()
     assert "**Withdrawn.**" not in text and "-1234.56" in text
+
+
+def test_full_length_runs_get_their_own_section_with_paired_claims(tmp_path):
+    lvae = _fake_run(tmp_path / "full", "lvae-bn-wu-5", -82.0, epochs=None, active=[60, 40, 20, 10, 5])
+    vae = _fake_run(tmp_path / "full", "vae-bn-wu-3", -83.0, epochs=None, active=[60, 30, 2])
+    # Per-example values: the LVAE is better by 1.0 on average, with differences ±0.5 around it.
+    reference = np.linspace(-90.0, -76.0, 500)
+    wiggle = np.where(np.arange(500) % 2 == 0, 0.5, -0.5)
+    PerExample(elbo=reference + 1.0 + wiggle, log_likelihood=reference + 1.0 + wiggle).save(lvae / "per_example.npz")
+    PerExample(elbo=reference, log_likelihood=reference).save(vae / "per_example.npz")
+    _fake_run(tmp_path / "short", "lvae-bn-wu-5", -99.0)  # a shortened run goes to the MNIST section
+    text = write_results_page([tmp_path / "full", tmp_path / "short"], tmp_path / "r.md").read_text()
+    full, rest = text.split("## Full-length runs")[1].split("## MNIST")
+    assert "| LVAE+BN+WU, 5 layers (`lvae-bn-wu-5`) | 2000 | -82.12 | **-82.00** (K = 5000) | -85.23 |" in full
+    assert "| VAE+BN+WU, 3 layers (`vae-bn-wu-3`) | 2000 | -82.74 | **-83.00** (K = 5000) | -87.49 |" in full
+    assert "| 2.00 h | 10 min |" in full and "- The paper's full schedule (the presets' values)." in full
+    se = 0.5 * np.sqrt(500 / 499) / np.sqrt(500)  # the sd of ±0.5 (ddof 1) over √N
+    assert f"in L_K*: **holds** (measured +1.00 ± {se:.2f} (paired standard error over the 500 test" in full
+    assert "paper +0.62" in full and "paper +2.26" in full
+    assert "| z4 | 10 / 8 of 8; KL 1.00 | — |" in full  # Burda / KL > 0.01 counts, deeper run only
+    assert "-99.00" in rest and "-99.00" not in full
+    assert (tmp_path / "r_figures" / "full_units.png").exists()
+
+
+def test_full_length_claims_without_per_example_values_say_so(tmp_path):
+    _fake_run(tmp_path, "lvae-bn-wu-5", -82.0, epochs=None)
+    _fake_run(tmp_path, "vae-bn-wu-3", -82.3, epochs=None)
+    text = write_results_page([tmp_path], tmp_path / "r.md").read_text()
+    assert "in L_K*: **inconclusive** (measured +0.30 (no per-example values stored" in text
