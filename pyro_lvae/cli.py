@@ -30,11 +30,22 @@ import json
 import logging
 import re
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ALIASES, CHOICES, DEFAULT_MEMORY_BUDGET, ExperimentConfig, ModelConfig, TrainConfig, parse_field
+from .config import (
+    ALIASES,
+    CHOICES,
+    DEFAULT_MEMORY_BUDGET,
+    ExperimentConfig,
+    ModelConfig,
+    TrainConfig,
+    field_type,
+    parse_field,
+    type_form,
+)
 from .repro.presets import PRESETS, get_preset
 from .repro.sweep import SUMMARY_MD, load_grid, parse_override, run_sweep, shipped_grids
 from .training.signals import TrainingInterrupted
@@ -82,13 +93,24 @@ def _field_parser(name: str) -> Any:
 
 
 def _metavar(f: dataclasses.Field) -> str:
-    """How an option's value is shown in ``--help``: its choices, or its type."""
-    choices = CHOICES.get(f.name)
-    if choices:
-        return "{" + ",".join(choices + tuple(ALIASES.get(f.name, {}))) + "}"
-    if str(f.type) == "float | str":
-        return "{auto,FLOAT}"
-    return str(f.type).split("[")[0].upper()
+    """How an option's value is shown in ``--help``: its choices, or the form of its type."""
+    kind = field_type(f.name)
+    choices = CHOICES.get(f.name, ()) + tuple(ALIASES.get(f.name, {}))
+    if choices:  # the words, and the other arms of a union (FLOAT beside "auto")
+        other = [_METAVARS.get(type_form(arm), "VALUE") for arm in typing.get_args(kind) if arm is not str]
+        return "{" + ",".join(choices + tuple(other)) + "}"
+    return _METAVARS.get(type_form(kind), "VALUE")
+
+
+#: ``--help``'s short names of the forms of :func:`~pyro_lvae.config.type_form`.
+_METAVARS = {
+    "true or false": "BOOL",
+    "an integer": "INT",
+    "a number": "FLOAT",
+    "text": "TEXT",
+    "comma-separated integers": "INT,INT,...",
+    "none": "none",
+}
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +82,7 @@ CHOICES = {
     "binarization": BINARIZATIONS,
     "engine": ENGINES,
     "precision": PRECISIONS,
+    "skip_threshold": ("auto",),  # or a number (its annotation: float | str)
 }
 
 #: Latent and hidden sizes of the paper's deepest model (§3), bottom to top.
@@ -482,23 +485,75 @@ ALIASES = {"guide": {"bottom-up": "vae"}}
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
-def field_type(name: str) -> str:
-    """The annotated type of the configuration field ``name`` (``"int"``, ``"tuple[int, ...]"``, …).
+def field_type(name: str) -> Any:
+    """The annotated type of the configuration field ``name``, resolved (``int``,
+    ``tuple[int, ...]``, ``float | str``, …).
 
     :param name: A field of :class:`ModelConfig` or :class:`TrainConfig`.
     :raises ValueError: if no section has that field.
+
+    >>> field_type("latent_sizes"), field_type("skip_threshold")
+    (tuple[int, ...], float | str)
     """
     for cls in (ModelConfig, TrainConfig):
-        for f in dataclasses.fields(cls):
-            if f.name == name:
-                return str(f.type)
+        hints = typing.get_type_hints(cls)
+        if name in hints and name in {f.name for f in dataclasses.fields(cls)}:
+            return hints[name]
     raise ValueError(f"Unknown configuration key {name!r}; `pyro-lvae train --help` lists them.")
+
+
+def type_form(kind: Any) -> str:
+    """How a value of type ``kind`` is written as text, in words (for errors and ``--help``).
+
+    :param kind: A resolved annotation.
+
+    >>> type_form(tuple[int, ...]), type_form(float | str), type_form(int | None)
+    ('comma-separated integers', 'a number or text', 'an integer or none')
+    """
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_form(arm) for arm in args)
+    if origin is tuple:
+        return "comma-separated " + {int: "integers", float: "numbers", str: "words"}.get(args[0], "values")
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "text", type(None): "none"}
+    return words.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _parse_as(kind: Any, text: str) -> Any:
+    """``text`` as a value of the resolved annotation ``kind``; ``ValueError`` if it is not one.
+    A union tries its arms in order, text (``str``) last, so ``float | str`` reads ``2.5`` as a number."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        for arm in sorted(args, key=lambda a: a is str):
+            try:
+                return _parse_as(arm, text)
+            except ValueError:
+                continue
+        raise ValueError(text)
+    if origin is tuple:
+        parts = [part.strip() for part in text.split(",")]
+        arms = [args[0]] * len(parts) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(arms) != len(parts):
+            raise ValueError(text)
+        return tuple(_parse_as(arm, part) for arm, part in zip(arms, parts))
+    if kind is bool:
+        if text.lower() not in _TRUE + _FALSE:
+            raise ValueError(text)
+        return text.lower() in _TRUE
+    if kind is type(None):
+        if text.lower() != "none":
+            raise ValueError(text)
+        return None
+    if kind in (int, float, str):
+        return kind(text)
+    raise ValueError(f"no text form for {kind!r}")
 
 
 def parse_field(name: str, text: str) -> Any:
     """The value of configuration field ``name`` written as ``text``, as the CLI and the
-    sweep's ``--set`` read it: ``true``/``false`` for booleans, ``64,32`` for sizes, one of
-    the choices (or an alias) for a string field.
+    sweep's ``--set`` read it. It follows the field's annotation, whatever it is:
+    ``true``/``false`` for booleans, ``64,32`` for a tuple, ``none`` for an optional field,
+    one of the choices (or an alias) for a string field with choices.
 
     :param name: A field of :class:`ModelConfig` or :class:`TrainConfig`.
     :param text: Its value as text.
@@ -510,24 +565,17 @@ def parse_field(name: str, text: str) -> Any:
     kind = field_type(name)
     text = text.strip()
     try:
-        if kind == "bool":
-            if text.lower() not in _TRUE + _FALSE:
-                raise ValueError
-            return text.lower() in _TRUE
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
-        if kind == "float | str":  # skip_threshold: a number or "auto"
-            return text if text == "auto" else float(text)
-        if kind.startswith("tuple"):
-            return tuple(int(part) for part in text.split(","))
+        value = _parse_as(kind, text)
     except ValueError:
-        forms = {"bool": "true or false", "int": "an integer", "float": "a number", "float | str": "a number or auto"}
-        form = forms.get(kind, "comma-separated integers such as 64,32")
-        raise ValueError(f"{name} expects {form}, got {text!r}.") from None
-    value = ALIASES.get(name, {}).get(text, text)
+        raise ValueError(f"{name} expects {type_form(kind)}, got {text!r}.") from None
+    if not isinstance(value, str):
+        return value
+    value = ALIASES.get(name, {}).get(value, value)
     choices = CHOICES.get(name)
     if choices and value not in choices:
-        raise ValueError(f"{name}: choose one of {', '.join(choices + tuple(ALIASES.get(name, {})))}, got {text!r}.")
+        words = choices + tuple(ALIASES.get(name, {}))
+        other = [type_form(arm) for arm in typing.get_args(kind) if arm is not str]  # "a number" beside "auto"
+        if other:
+            raise ValueError(f"{name} expects {' or '.join(other + list(words))}, got {text!r}.")
+        raise ValueError(f"{name}: choose one of {', '.join(words)}, got {text!r}.")
     return value

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pyro
 import torch
+from torch import nn
 
 from ..inference.evaluation import DEFAULT_MEMORY_BUDGET, evaluate
 from ..training.batches import prepare_data
@@ -141,16 +142,7 @@ def analyse_run(
     units_kl = kl_per_unit(model, guide, test)
     curves = training_curves(run_dir)
 
-    figures = {
-        "kl_units": f"{name}_kl_units.png",
-        "pca": f"{name}_pca.png",
-        "samples": f"{name}_samples.png",
-        "reconstructions": f"{name}_reconstructions.png",
-    }
-    plots.kl_heatmap(curves, title=f"{name}: log KL per unit", path=out / figures["kl_units"])
-    plots.pca_scatter(codes, title=f"{name}: PCA of q(z_i|·)", path=out / figures["pca"])
-    plots.samples_grid(model, title=f"{name}: prior samples", path=out / figures["samples"])
-    plots.reconstructions(model, guide, test[:20], title=name, path=out / figures["reconstructions"])
+    figures = _write_figures(model, guide, curves, codes, test[:20], name=name, out=out)
     offset = discrete_offset(config)
     return RunAnalysis(
         name=name,
@@ -236,7 +228,13 @@ def write_report(
     plots.layer_kl_bars({r.name: np.array(r.kl_per_layer) for r in rows}, path=out / "layer_kl.png")
     plots.elbo_curves({r.name: r.curves for r in rows}, path=out / "elbo_curves.png")
 
-    k = num_samples
+    report = out / "report.md"
+    report.write_text("\n".join(_report_lines(rows, num_samples)))
+    return report
+
+
+def _report_lines(rows: list[RunAnalysis], k: int) -> list[str]:
+    """The Markdown of ``report.md``: the table of every run, then each run's figures."""
     lines = [
         "# pyro-lvae report",
         "",
@@ -265,6 +263,22 @@ def write_report(
         lines += [f"## {r.name}", "", f"Per-example log-weights, L_K, k̂ and latent codes: `{r.netcdf}`.", ""]
         lines += [f"![{key}]({file})" for key, file in r.figures.items()]
         lines.append("")
-    report = out / "report.md"
-    report.write_text("\n".join(lines))
-    return report
+    return lines
+
+
+def _write_figures(
+    model: nn.Module, guide: nn.Module, curves: Any, codes: Any, x: torch.Tensor, *, name: str, out: Path
+) -> dict[str, str]:
+    """One run's figures (KL per unit over training, PCA of the codes, samples and
+    reconstructions of ``x``), written into ``out``; returns their file names by kind."""
+    figures = {
+        "kl_units": f"{name}_kl_units.png",
+        "pca": f"{name}_pca.png",
+        "samples": f"{name}_samples.png",
+        "reconstructions": f"{name}_reconstructions.png",
+    }
+    plots.kl_heatmap(curves, title=f"{name}: log KL per unit", path=out / figures["kl_units"])
+    plots.pca_scatter(codes, title=f"{name}: PCA of q(z_i|·)", path=out / figures["pca"])
+    plots.samples_grid(model, title=f"{name}: prior samples", path=out / figures["samples"])
+    plots.reconstructions(model, guide, x, title=name, path=out / figures["reconstructions"])
+    return figures

@@ -144,10 +144,8 @@ def train(
     :param tensorboard: Also write TensorBoard events into this folder
         (:mod:`pyro_lvae.training.tensorboard`; needs the ``tensorboard`` package).
     """
-    _check_arguments(config, out_dir=out_dir, resume=resume, final_eval_subset=final_eval_subset)
+    _check_arguments(config, out_dir=out_dir, resume=resume, final_eval_subset=final_eval_subset, board=tensorboard)
     warn_about_schedule(config)
-    if tensorboard is not None:
-        require_tensorboard()  # before anything starts
     ctx, device = _start_processes(config, device)
     run_dir = _open_run_dir(out_dir, resume=resume, overwrite=overwrite, ctx=ctx)
     pyro.clear_param_store()
@@ -165,9 +163,7 @@ def train(
             if stop.signal is not None and epoch + 1 < trainer.total_epochs:
                 raise TrainingInterrupted(stop.signal, run_dir and run_dir.path, epoch + 1, 0, 0)
 
-    trainer.share_main_weights()
-    if trainer.ema is not None:  # what is evaluated and returned; the checkpoint keeps both
-        trainer.ema.copy_to_live()
+    trainer.keep_final_weights()
     results = trainer.final_results(final_eval_subset) if final_evaluation else None
     return TrainResult(trainer.model, trainer.guide, config, data, metrics=trainer.metrics, results=results)
 
@@ -184,8 +180,16 @@ def _open_run_dir(
 
 
 def _check_arguments(
-    config: ExperimentConfig, *, out_dir: str | os.PathLike | None, resume: bool, final_eval_subset: int
+    config: ExperimentConfig,
+    *,
+    out_dir: str | os.PathLike | None,
+    resume: bool,
+    final_eval_subset: int,
+    board: str | os.PathLike | None,
 ) -> None:
+    """Refuse bad arguments of :func:`train` before anything starts."""
+    if board is not None:
+        require_tensorboard()
     if not isinstance(config, ExperimentConfig):
         raise ValueError(f"config must be an ExperimentConfig, got {type(config).__name__}.")
     if isinstance(final_eval_subset, bool) or not isinstance(final_eval_subset, int) or final_eval_subset < 0:
@@ -491,6 +495,14 @@ class _Trainer:
         broadcast_from_main(model_buffers(self.model, self.guide), self.ctx)
         if self.ema is not None:
             self.ema.broadcast_from_main(self.ctx)
+
+    def keep_final_weights(self) -> None:
+        """After the last epoch: rank 0's statistics on every process, and the moving average
+        as the live weights when there is one (what is evaluated and returned; the checkpoint
+        keeps both)."""
+        self.share_main_weights()
+        if self.ema is not None:
+            self.ema.copy_to_live()
 
     def evaluation_weights(self) -> contextlib.AbstractContextManager:
         """The weights every evaluation uses, rank 0's on every process: the moving average
