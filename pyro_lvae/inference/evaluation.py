@@ -35,7 +35,7 @@ from torch import nn
 
 from ..config import DEFAULT_MEMORY_BUDGET
 from ..models.model import GenerativeModel
-from ..models.protocol import check_examples, eval_mode  # noqa: F401 - also importable from here
+from ..models.protocol import check_examples, check_input_width, eval_mode  # noqa: F401 - also importable from here
 from ..models.registration import registered_once
 from ..rng import preserved_rng, rng_state, set_rng_state
 from .closed_form import closed_form_applies, closed_form_log_weights
@@ -132,6 +132,7 @@ def log_importance_weights(model: GenerativeModel, guide: nn.Module, x: torch.Te
     if closed_form_applies(model, guide):
         # The same weights on the same draws, without traces or distribution objects
         # (docs/performance.md has the speed-up; tests/inference/test_closed_form.py the equality).
+        check_input_width(x, model.config.input_dim)  # the model's own check, which this path skips
         return LogWeights(*closed_form_log_weights(model, guide, x, num_particles))
     return particle_log_weights(model, guide, x, num_particles)
 

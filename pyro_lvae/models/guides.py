@@ -43,7 +43,7 @@ from ..inference.warmup import kl_weight
 from .merge import precision_weighted_merge
 from .model import GenerativeModel
 from .nn import bottom_encoder_for, gaussian_head_for, mlp_for
-from .protocol import HierarchicalGuide
+from .protocol import HierarchicalGuide, check_input_width
 from .registration import register_modules
 
 
@@ -97,6 +97,7 @@ class BottomUpGuide(HierarchicalGuide):
 
         :param beta: Warm-up KL weight, as for the model.
         """
+        check_input_width(x, self.config.input_dim)
         if self.register_params:
             self.register()
         with pyro.plate("data", x.shape[0], dim=-1), kl_weight(beta):
@@ -193,6 +194,7 @@ class LadderGuide(HierarchicalGuide):
             ``{layer: ((loc_hat, var_hat), (prior_loc, prior_var) or None)}``
             (:func:`~pyro_lvae.models.hierarchy.encode` reads them).
         """
+        check_input_width(x, self.config.input_dim)
         if self.register_params:
             self.register()
         depth = self.config.depth

@@ -30,7 +30,7 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from torch import nn
 
-from .protocol import HierarchicalModel, check_examples, eval_mode
+from .protocol import HierarchicalModel, check_examples, check_input_width, eval_mode
 from .registration import registered_once
 
 
@@ -101,11 +101,7 @@ class Temperature(Messenger):
 
 def _check_input(model: HierarchicalModel, x: torch.Tensor) -> None:
     check_examples(x)
-    if x.shape[-1] != model.config.input_dim:
-        raise ValueError(
-            f"x has {x.shape[-1]} features per example but the model expects input_dim={model.config.input_dim}; "
-            "flatten each image to one row of that length."
-        )
+    check_input_width(x, model.config.input_dim)
     if not model.gaussian_latents:
         raise ValueError(f"{type(model).__name__} has no Gaussian latent layers to encode.")
 

@@ -24,7 +24,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..inference.warmup import kl_weight
 from .nn import decoder_for, gaussian_head_for, mlp_for
-from .protocol import HierarchicalModel
+from .protocol import HierarchicalModel, check_input_width
 from .registration import register_modules
 
 
@@ -151,6 +151,7 @@ class GenerativeModel(HierarchicalModel):
             keyword tensor would be baked in as a constant and recompiled.
         :returns: The bottom latent sample z1.
         """
+        check_input_width(x, self.config.input_dim)
         if self.register_params:
             self.register()
         cfg = self.config

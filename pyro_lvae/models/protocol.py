@@ -41,6 +41,20 @@ def check_examples(data: torch.Tensor) -> None:
         raise ValueError(f"data must have shape (N, input_dim) with N > 0, got {tuple(data.shape)}.")
 
 
+def check_input_width(x: torch.Tensor, input_dim: int) -> None:
+    """Raise :class:`ValueError` unless the last dimension of ``x`` is the model's ``input_dim``
+    (every bottom, MLP or convolutional, reads each example as one flattened row).
+
+    :param x: The data given to a model or guide.
+    :param input_dim: The configured width.
+    """
+    if x.shape[-1] != input_dim:
+        raise ValueError(
+            f"x has shape {tuple(x.shape)}, but the model expects input_dim={input_dim} features per example "
+            "in its last dimension; flatten each image to one row of that length (x.reshape(len(x), -1))."
+        )
+
+
 @contextlib.contextmanager
 def eval_mode(*modules: object) -> Iterator[None]:
     """Put every :class:`torch.nn.Module` among ``modules`` in evaluation mode (batch norm

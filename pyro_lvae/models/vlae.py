@@ -40,7 +40,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..inference.warmup import kl_weight
 from .nn import gaussian_head_for, mlp_for
-from .protocol import HierarchicalGuide, HierarchicalModel
+from .protocol import HierarchicalGuide, HierarchicalModel, check_input_width
 from .registration import register_modules
 
 
@@ -97,6 +97,7 @@ class VLAEModel(HierarchicalModel):
 
         :param beta: Warm-up KL weight on the latent sites (see :func:`~pyro_lvae.inference.warmup.kl_weight`).
         """
+        check_input_width(x, self.config.input_dim)
         if self.register_params:
             self.register()
         batch = x.shape[0]
@@ -161,6 +162,7 @@ class VLAEGuide(HierarchicalGuide):
 
     def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> None:
         """Sample zL, …, z1 given ``x`` of shape ``(batch, input_dim)``."""
+        check_input_width(x, self.config.input_dim)
         if self.register_params:
             self.register()
         h, params = x, []

@@ -48,7 +48,7 @@ from torch.nn import functional as F
 from ..config import ModelConfig
 from ..inference.warmup import kl_weight
 from .nn import gaussian_head_for, mlp_for
-from .protocol import HierarchicalGuide, HierarchicalModel, check_examples, eval_mode
+from .protocol import HierarchicalGuide, HierarchicalModel, check_examples, check_input_width, eval_mode
 from .registration import register_modules
 
 
@@ -160,6 +160,7 @@ class VQVAEModel(HierarchicalModel):
 
     def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> None:
         """Run the model, observing ``x`` of shape ``(batch, input_dim)``."""
+        check_input_width(x, self.config.input_dim)
         if self.register_params:
             self.register()
         with pyro.plate("data", x.shape[0], dim=-1):
@@ -237,6 +238,7 @@ class VQVAEGuide(HierarchicalGuide):
 
     def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> None:
         """Quantize the encoding of ``x`` and add the VQ loss terms."""
+        check_input_width(x, self.config.input_dim)
         if self.register_params:
             self.register()
         z_e = self.encode(x)

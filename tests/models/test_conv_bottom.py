@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pyro.infer import Predictive
 from torch import nn
 
 from pyro_lvae import BottomUpGuide, ExperimentConfig, GenerativeModel, LadderGuide, ModelConfig, TrainConfig, evaluate
@@ -77,3 +78,23 @@ def test_your_own_bottom_networks_plug_in():
 def test_a_conv_bottom_that_cannot_fit_is_refused(options, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig(**{"latent_sizes": (4, 2), "hidden_sizes": (8, 4), "bottom": "conv", **options})
+
+
+@pytest.mark.parametrize("guide_cls", [LadderGuide, BottomUpGuide])
+@pytest.mark.parametrize("shape", [(3, 700), (3, 28, 28)])
+def test_x_that_does_not_fit_the_bottom_gets_one_clear_line(guide_cls, shape):
+    """An image left unflattened, or of another size, is refused by the model, the guide,
+    evaluate and Predictive with one sentence naming the fix, not a reshape error from inside."""
+    model = GenerativeModel(ModelConfig(latent_sizes=(4, 2), hidden_sizes=(16, 8), bottom="conv", conv_channels=4))
+    guide = guide_cls(model)
+    model.eval(), guide.eval()
+    x = torch.rand(shape).bernoulli()
+    match = r"expects input_dim=784 features per example in its last dimension; flatten each image"
+    for call in (
+        lambda: model(x),
+        lambda: guide(x),
+        lambda: evaluate(model, guide, x if x.dim() == 2 else x.reshape(3, -1)[:, :700], num_samples=2),
+        lambda: Predictive(model, guide=guide, num_samples=2)(x),
+    ):
+        with pytest.raises(ValueError, match=match):
+            call()

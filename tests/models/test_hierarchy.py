@@ -164,7 +164,10 @@ def test_interpolate_moves_only_the_top_layer_between_the_two_posterior_means():
         (lambda m, g, x: m.sample(2, temperature=(1.0, 1.0)), "has 2 entries but the model has 3 layers"),
         (lambda m, g, x: resample(m, g, x, keep_from=4), r"keep_from must be a layer in 1…3, got 4"),
         (lambda m, g, x: resample(m, g, x, keep_from=0), r"keep_from must be a layer in 1…3, got 0"),
-        (lambda m, g, x: encode(m, g, x[:, :5]), "x has 5 features per example but the model expects input_dim=6"),
+        (
+            lambda m, g, x: encode(m, g, x[:, :5]),
+            r"x has shape \(5, 5\), but the model expects input_dim=6 features per example",
+        ),
         (lambda m, g, x: encode(m, g, x[0]), r"shape \(N, input_dim\)"),
     ],
 )
