@@ -16,6 +16,7 @@ from pyro_lvae import evaluate, load_pretrained
 from pyro_lvae.pretrained import MANIFEST_NAME, available, check_value, config_of, export_run, read_manifest
 from pyro_lvae.training import load_run
 
+REPO = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint-13e79a1"
 
 
@@ -129,3 +130,30 @@ def test_a_model_from_a_hand_written_loop_saves_and_loads(tmp_path):
     for a, b in zip(loaded_guide.state_dict().values(), guide.state_dict().values()):
         assert torch.equal(a, b)
     assert config_of(tmp_path / "mine.pt") == config
+
+
+def test_the_paper_length_models_ship_with_the_package():
+    assert available() == ["lvae-bn-wu-5", "vae-bn-wu-3"]
+    for name in available():
+        entry = read_manifest()[name]
+        assert entry["epochs"] == 2000 and entry["num_importance_samples"] == 5000
+        assert entry["num_test_examples"] == 10_000 and entry["preset"] == name
+        results = json.loads((REPO / "experiments" / "full" / f"{name}-seed0" / "results.json").read_text())
+        assert entry["test_log_likelihood"] == results["test_log_likelihood"]  # the run's own results.json
+        assert entry["test_elbo"] == results["test_elbo"]
+
+
+@pytest.mark.parametrize("name", ["lvae-bn-wu-5", "vae-bn-wu-3"])
+def test_a_shipped_model_loads_offline_by_name_and_reproduces_its_check_value(name, shared_data_root, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("load_pretrained tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    pyro.clear_param_store()
+    model, guide = load_pretrained(name)
+    assert not model.training and not guide.training
+    assert config_of(name).name == name and config_of(name).train.epochs == 2000
+    value = check_value(model, guide, config_of(name), data_root=shared_data_root)
+    assert value == pytest.approx(read_manifest()[name]["check"]["value"], abs=1e-3)
+    # Trained 2000 epochs: far above an untrained model's -540 nats on these images.
+    assert -85 < value < -75
