@@ -119,3 +119,69 @@ def test_out_of_memory_in_l_k_retries_with_smaller_chunks(monkeypatch, caplog):
     )
     with pytest.raises(torch.OutOfMemoryError):
         evaluation.importance_sampled_bounds(model, guide, x, num_samples=4, chunk_size=4)
+
+
+def test_allocation_failures_are_recognised_in_any_case_and_other_errors_are_not():
+    from pyro_lvae.inference.evaluation import _is_out_of_memory
+
+    for text in (
+        "CUDA out of memory. Tried to allocate 2.00 GiB",
+        "DefaultCPUAllocator: can't allocate memory: you tried to allocate 80 bytes",
+        "[enforce fail at alloc_cpu.cpp:117] Failed to allocate 34359738368 bytes",
+        "OUT OF MEMORY",
+    ):
+        assert _is_out_of_memory(RuntimeError(text)), text
+    assert _is_out_of_memory(torch.OutOfMemoryError("anything"))
+    for text in ("shape '[-1, 784]' is invalid", "memory format mismatch", "allocate"):
+        assert not _is_out_of_memory(RuntimeError(text)), text
+
+
+def test_batch_seeds_are_distinct_integers_that_fit_a_generator():
+    from pyro_lvae.inference.evaluation import batch_seed
+
+    assert batch_seed(0, 0) == 0 and batch_seed(3, 5) == 3 * 1_000_033 + 5
+    big = 2**62
+    assert batch_seed(big, 1) == (big * 1_000_033 + 1) % 2**63 < 2**63
+    assert isinstance(batch_seed(7, 2), int)
+    torch.Generator().manual_seed(batch_seed(big, 1))  # accepted by torch
+    assert len({batch_seed(s, b) for s in range(3) for b in range(50)}) == 150
+
+
+def test_a_long_evaluation_logs_its_expected_duration_and_a_short_one_does_not(caplog):
+    from pyro_lvae.inference.evaluation import _log_expected_duration
+
+    with caplog.at_level("INFO", logger="pyro_lvae.inference.evaluation"):
+        _log_expected_duration(9.1, 20, 2, 5000)  # 10 batches per process, 91 s: 1.52 min
+        _log_expected_duration(6.0, 10, 1, 100)  # exactly 60 s: not logged
+        _log_expected_duration(6.05, 10, 1, 100)  # 60.5 s
+    assert [r.getMessage() for r in caplog.records] == [
+        "L_5000 on 20 batches: the first took 9.1 s, so expect about 2 min in all.",
+        "L_100 on 10 batches: the first took 6.0 s, so expect about 1 min in all.",
+    ]
+
+
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_evaluation_uses_the_running_statistics_and_registers_nothing(closed_form, monkeypatch):
+    """A model and guide left in training mode are evaluated as in evaluation mode (batch
+    norm's running statistics, not the batch's), their modes come back, and nothing enters
+    the param store."""
+    import pyro_lvae.inference.evaluation as evaluation
+
+    if not closed_form:
+        monkeypatch.setattr(evaluation, "closed_form_applies", lambda model, guide: False)
+    model = GenerativeModel(ModelConfig(input_dim=6, latent_sizes=(3, 2), hidden_sizes=(8, 4), batch_norm=True))
+    guide = LadderGuide(model)
+    model.eval(), guide.eval()
+    with torch.no_grad():  # running statistics that differ from any batch's
+        for m in list(model.modules()) + list(guide.modules()):
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.fill_(0.7)
+                m.running_var.fill_(3.0)
+    x = torch.bernoulli(torch.full((8, 6), 0.5))
+    reference = evaluate(model, guide, x, num_samples=4, seed=1)["log_likelihood"]
+    model.train(), guide.train()
+    pyro.clear_param_store()
+    again = evaluate(model, guide, x, num_samples=4, seed=1)["log_likelihood"]
+    assert again == reference
+    assert model.training and guide.training
+    assert len(pyro.get_param_store()) == 0

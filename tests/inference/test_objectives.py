@@ -173,3 +173,32 @@ def test_each_engine_minimizes_an_independent_iwae_loss(engine):
     se = math.sqrt(engine_losses.var().item() / n + independent.var().item() / n)
     assert abs(engine_losses.mean().item() - independent.mean().item()) < 4 * se
     assert elbo.mean().item() - independent.mean().item() > 8 * se  # the test can tell IWAE from ELBO
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"mc_samples": 0, "iw_samples": 2}, r"^mc_samples must be a positive integer, got 0\.$"),
+        ({"mc_samples": 2.0, "iw_samples": 2}, r"^mc_samples must be a positive integer, got 2\.0\.$"),
+        ({"mc_samples": 1, "iw_samples": True}, r"^iw_samples must be a positive integer, got True\.$"),
+        ({"mc_samples": 1, "iw_samples": -3}, r"^iw_samples must be a positive integer, got -3\.$"),
+    ],
+)
+def test_bad_sample_counts_name_the_option(options, match):
+    model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
+    with pytest.raises(ValueError, match=match):
+        importance_weighted_loss(model, LadderGuide(model), torch.ones(2, 4), **options)
+
+
+def test_the_objective_works_with_a_guide_written_as_a_plain_function():
+    """A guide that is a function, not one of the package's modules, is left to register
+    its own parameters: the objective only registers the package's modules."""
+    model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
+    ladder = LadderGuide(model)
+
+    def guide(x, beta=None):
+        ladder(x, beta)
+
+    pyro.set_rng_seed(0)
+    loss = ImportanceWeightedLoss(mc_samples=1, iw_samples=3).differentiable_loss(model, guide, torch.ones(2, 4))
+    assert torch.isfinite(loss)

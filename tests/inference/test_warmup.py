@@ -148,3 +148,8 @@ def test_jit_elbo_with_beta_as_positional_tensor(guide_cls):
     # from the one it checks, so it rebuilds and recompiles it on every call whatever
     # β is; docs/performance.md.)
     assert len(jit_mc._loss_and_surrogate_loss.compiled) == 1
+
+
+def test_a_negative_epoch_is_named_in_the_error():
+    with pytest.raises(ValueError, match=r"^epoch and warmup_epochs must be non-negative, got -1, 5\.$"):
+        warmup_beta(-1, warmup_epochs=5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pyro
 import pytest
@@ -10,7 +11,8 @@ import torch
 
 from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig
 from pyro_lvae.inference.objectives import elbo_for
-from pyro_lvae.training.steps import TrainingStep, clip_gradients, trainable_parameters
+from pyro_lvae.training.skipping import SkipRule
+from pyro_lvae.training.steps import TrainingStep, clip_gradients, loss_and_grad_norm, trainable_parameters
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -322,9 +324,109 @@ def test_bf16_runs_the_networks_in_bfloat16_and_the_densities_in_fp32(guide_cls)
 
 def test_bf16_is_refused_on_the_svi_engine():
     model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
-    with pytest.raises(ValueError, match="precision='bf16' runs on the fast engine"):
+    sentence = r"^precision='bf16' runs on the fast engine; set engine='fast' or precision='fp32'\.$"
+    with pytest.raises(ValueError, match=sentence):
         TrainingStep(model, LadderGuide(model), learning_rate=1e-3, engine="svi", precision="bf16")
     from pyro_lvae import TrainConfig
 
     with pytest.raises(ValueError, match="runs on the fast engine; set engine='fast' or precision='fp32'"):
         TrainConfig(engine="svi", precision="bf16")
+
+
+def test_the_gradient_norm_ignores_missing_gradients_and_is_zero_without_any():
+    loss = torch.tensor(2.5)
+    grads = [torch.tensor([3.0, 0.0]), None, torch.tensor([[4.0]])]
+    assert loss_and_grad_norm(loss, grads) == (2.5, 5.0)  # sqrt(9 + 16), the None skipped
+    assert loss_and_grad_norm(loss, [None, None]) == (2.5, 0.0)
+    assert loss_and_grad_norm(loss, [torch.tensor([float("nan")])])[1] != loss_and_grad_norm(loss, [])[1]
+
+
+def test_a_clip_threshold_below_one_still_clips():
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    clip_gradients([p], max_norm=0.5, max_value=0.0)
+    assert torch.linalg.vector_norm(p.grad).item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("guide_cls", [LadderGuide, BottomUpGuide])
+def test_the_svi_engine_skips_a_non_finite_batch_and_touches_nothing(guide_cls):
+    """With Pyro's validation on, a NaN in the data raises inside SVI; the engine turns
+    that into a skipped step: a NaN loss of the data's dtype, the cause recorded, and the
+    parameters, batch-norm statistics and gradients as before the step."""
+    cfg = ModelConfig(input_dim=6, latent_sizes=(3, 2), hidden_sizes=(8, 4), batch_norm=True)
+    model = GenerativeModel(cfg)
+    guide = guide_cls(model)
+    step = TrainingStep(model, guide, learning_rate=1e-2, engine="svi")
+    x = torch.bernoulli(torch.full((5, 6), 0.5))
+    step(x, torch.tensor(1.0))  # one real step, so that every parameter exists
+    params = [p.detach().clone() for p in trainable_parameters(model, guide)]
+    buffers = [b.clone() for b in list(model.buffers()) + list(guide.buffers())]
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pyro.validation_enabled(True):
+        loss = step(bad, torch.tensor(1.0))
+    assert loss.dtype == x.dtype and loss.device == x.device and torch.isnan(loss)
+    assert step.skip_cause == "non_finite" and step.skipped and math.isnan(step.grad_norm)
+    for before, p in zip(params, trainable_parameters(model, guide)):
+        assert torch.equal(before, p)
+        assert p.grad is None or not p.grad.any()
+    assert all(torch.equal(a, b) for a, b in zip(buffers, list(model.buffers()) + list(guide.buffers())))
+    # A ValueError that no NaN explains is not swallowed.
+    with pytest.raises(ValueError), pyro.validation_enabled(True):
+        step(x[:, :5], torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("engine", ["fast", "svi"])
+def test_a_skipped_step_restores_the_statistics_of_the_step_before(engine):
+    """The batch-norm statistics a skipped step restores are those after the previous
+    (taken) step, not the ones saved at the first call."""
+    cfg = ModelConfig(input_dim=6, latent_sizes=(3, 2), hidden_sizes=(8, 4), batch_norm=True)
+    model = GenerativeModel(cfg)
+    guide = LadderGuide(model)
+    step = TrainingStep(model, guide, learning_rate=1e-2, engine=engine)
+    x = torch.bernoulli(torch.full((5, 6), 0.5))
+    step(x, torch.tensor(1.0))
+    step(x, torch.tensor(1.0))
+    after_two = [b.clone() for b in model.buffers()]
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pyro.validation_enabled(engine == "svi"):
+        step(bad, torch.tensor(1.0))
+    assert step.skipped
+    assert all(torch.equal(a, b) for a, b in zip(after_two, model.buffers()))
+
+
+@pytest.mark.parametrize("engine", ["fast", "svi"])
+def test_the_skip_rule_travels_with_the_step_state_and_old_states_load(engine):
+    model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
+    guide = LadderGuide(model)
+    step = TrainingStep(model, guide, learning_rate=1e-3, engine=engine, skip_threshold="auto")
+    x = torch.bernoulli(torch.full((6, 4), 0.5))
+    for _ in range(3):
+        step(x, torch.tensor(1.0))
+    state = step.state_dict()
+    assert state["engine"] == engine and set(state) == {"engine", "optimizer", "skip_rule"}
+    again = TrainingStep(model, guide, learning_rate=1e-3, engine=engine, skip_threshold="auto")
+    again.load_state_dict(state)
+    assert again.skip_rule.state_dict() == step.skip_rule.state_dict() != SkipRule("auto").state_dict()
+    old = {k: v for k, v in state.items() if k != "skip_rule"}  # a checkpoint from before the rule
+    fresh = TrainingStep(model, guide, learning_rate=1e-3, engine=engine, skip_threshold="auto")
+    fresh.load_state_dict(old)
+    assert fresh.skip_rule.state_dict() == SkipRule("auto").state_dict()
+
+
+def test_a_foreign_engines_state_is_named_in_the_error():
+    model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
+    guide = LadderGuide(model)
+    svi_state = TrainingStep(model, guide, learning_rate=1e-3, engine="svi").state_dict()
+    with pytest.raises(ValueError, match="The checkpoint's optimizer state is for engine 'svi', not"):
+        TrainingStep(model, guide, learning_rate=1e-3, engine="fast").load_state_dict(svi_state)
+
+
+def test_the_svi_engine_refuses_data_parallel_training_in_one_sentence():
+    from pyro_lvae.training.distributed import DistributedContext
+
+    model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
+    two = DistributedContext(rank=0, world_size=2)
+    with pytest.raises(ValueError, match=r"^Distributed training runs on the fast engine; set engine='fast'\.$"):
+        TrainingStep(model, LadderGuide(model), learning_rate=1e-3, engine="svi", distributed=two)
