@@ -185,3 +185,24 @@ def test_evaluation_uses_the_running_statistics_and_registers_nothing(closed_for
     assert again == reference
     assert model.training and guide.training
     assert len(pyro.get_param_store()) == 0
+
+
+def test_the_progress_bar_shows_only_when_asked(capsys):
+    model = GenerativeModel(ModelConfig(input_dim=6, latent_sizes=(3,), hidden_sizes=(8,)))
+    guide = LadderGuide(model)
+    x = torch.bernoulli(torch.full((6, 6), 0.5))
+    evaluate(model, guide, x, num_samples=3, batch_size=2, progress=False)
+    assert capsys.readouterr().err == ""
+    evaluate(model, guide, x, num_samples=3, batch_size=2, progress=True)
+    assert "L_3" in capsys.readouterr().err
+
+
+def test_the_duration_is_estimated_once_after_the_first_batch(monkeypatch):
+    import pyro_lvae.inference.evaluation as evaluation
+
+    calls = []
+    monkeypatch.setattr(evaluation, "_log_expected_duration", lambda *args: calls.append(args))
+    model = GenerativeModel(ModelConfig(input_dim=6, latent_sizes=(3,), hidden_sizes=(8,)))
+    x = torch.bernoulli(torch.full((7, 6), 0.5))
+    evaluate(model, LadderGuide(model), x, num_samples=3, batch_size=2)  # 4 batches
+    assert len(calls) == 1 and calls[0][1:] == (4, 1, 3) and calls[0][0] >= 0

@@ -98,3 +98,13 @@ def test_x_that_does_not_fit_the_bottom_gets_one_clear_line(guide_cls, shape):
     ):
         with pytest.raises(ValueError, match=match):
             call()
+
+
+def test_your_own_encoder_plugs_into_the_bottom_up_guide():
+    config = ModelConfig(input_dim=12, latent_sizes=(3, 2), hidden_sizes=(8, 4), batch_norm=False)
+    model = GenerativeModel(config)
+    encoder = nn.Sequential(nn.Linear(12, 8), nn.Tanh())  # x -> the first hidden layer
+    guide = BottomUpGuide(model, encoder=encoder)
+    assert guide.mlps[0] is encoder
+    out = evaluate(model, guide, torch.bernoulli(torch.full((6, 12), 0.5)), num_samples=10)
+    assert out["log_likelihood"] >= out["elbo"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import pyro
+import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
@@ -163,3 +164,29 @@ def test_ladder_guide_upward_pass_reads_the_mean_below_with_only_mu_up():
     # The default reads d_{n-1} (the paper's eq. 13).
     default = LadderGuide(_small_model())
     assert default.upward_net["mlps"][1].net[0].in_features == 16
+
+
+@pytest.mark.parametrize("guide_cls", [LadderGuide, BottomUpGuide])
+def test_every_site_of_model_and_guide_is_in_the_data_plate(guide_cls):
+    """The batch is one plate, named "data", of the batch's size, at dim −1, in the model
+    and in both guides, as Pyro's estimators and Predictive expect."""
+    model = GenerativeModel(ModelConfig(input_dim=6, latent_sizes=(3, 2), hidden_sizes=(8, 4)))
+    guide = guide_cls(model)
+    x = torch.bernoulli(torch.full((5, 6), 0.5))
+    guide_trace = poutine.trace(guide).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    for trace in (guide_trace, model_trace):
+        sites = [s for s in trace.nodes.values() if s["type"] == "sample" and s["name"] != "data"]  # not the plate
+        assert sites
+        for site in sites:
+            (frame,) = site["cond_indep_stack"]
+            assert (frame.name, frame.size, frame.dim) == ("data", 5, -1), site["name"]
+
+
+def test_the_bottom_up_guide_registers_its_parameters_under_its_own_name():
+    pyro.clear_param_store()
+    model = GenerativeModel(ModelConfig(input_dim=6, latent_sizes=(3,), hidden_sizes=(8,)), name="m")
+    guide = BottomUpGuide(model)
+    guide(torch.ones(2, 6))
+    names = list(pyro.get_param_store().keys())
+    assert names and all(n.startswith("m.bottom_up$$$") for n in names), names

@@ -430,3 +430,28 @@ def test_the_svi_engine_refuses_data_parallel_training_in_one_sentence():
     two = DistributedContext(rank=0, world_size=2)
     with pytest.raises(ValueError, match=r"^Distributed training runs on the fast engine; set engine='fast'\.$"):
         TrainingStep(model, LadderGuide(model), learning_rate=1e-3, engine="svi", distributed=two)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"learning_rate": 0.0}, r"^learning_rate must be positive, got 0\.0\.$"),
+        (
+            {"learning_rate": 1e-3, "grad_clip_value": -1.0},
+            r"grad_clip, grad_clip_value non-negative, got 1e-08, 0.0, -1.0",
+        ),
+        ({"learning_rate": 1e-3, "grad_clip": -1.0}, r"grad_clip, grad_clip_value non-negative, got 1e-08, -1.0, 0.0"),
+    ],
+)
+def test_bad_step_options_are_refused_with_their_values(options, match):
+    model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
+    with pytest.raises(ValueError, match=match):
+        TrainingStep(model, LadderGuide(model), **options)
+
+
+def test_the_fast_engine_uses_fused_adam_on_cpu():
+    """One fused kernel for all parameters is the fast engine's Adam on CPU and CUDA
+    (docs/performance.md); the update itself equals Pyro's Adam (tested above)."""
+    model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
+    step = TrainingStep(model, LadderGuide(model), learning_rate=1e-3, engine="fast")
+    assert step.optimizer.defaults["fused"] is True
