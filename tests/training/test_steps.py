@@ -455,3 +455,28 @@ def test_the_fast_engine_uses_fused_adam_on_cpu():
     model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
     step = TrainingStep(model, LadderGuide(model), learning_rate=1e-3, engine="fast")
     assert step.optimizer.defaults["fused"] is True
+
+
+def test_make_step_builds_the_fast_engine_by_default_and_names_the_choices():
+    from pyro_lvae.training.steps import FastStep, make_step
+
+    model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
+    assert type(make_step(model, LadderGuide(model), learning_rate=1e-3)) is FastStep
+    with pytest.raises(ValueError, match=r"^Unknown engine 'turbo'; choose one of fast, svi\.$"):
+        make_step(model, LadderGuide(model), engine="turbo", learning_rate=1e-3)
+
+
+@pytest.mark.parametrize("engine", ["fast", "svi"])
+def test_a_step_weighs_the_kl_term_by_the_beta_it_is_given(engine):
+    """At β = 0 the step's loss is the reconstruction term alone, below the full ELBO's."""
+    cfg = ModelConfig(input_dim=6, latent_sizes=(3, 2), hidden_sizes=(8, 4))
+    x = torch.bernoulli(torch.full((16, 6), 0.5))
+    losses = []
+    for beta in (0.0, 1.0):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        model = GenerativeModel(cfg)
+        step = TrainingStep(model, LadderGuide(model), learning_rate=1e-3, engine=engine)
+        pyro.set_rng_seed(1)
+        losses.append(step(x, torch.tensor(beta)).item())
+    assert losses[0] < losses[1] - 0.1
