@@ -206,3 +206,30 @@ def test_the_duration_is_estimated_once_after_the_first_batch(monkeypatch):
     x = torch.bernoulli(torch.full((7, 6), 0.5))
     evaluate(model, LadderGuide(model), x, num_samples=3, batch_size=2)  # 4 batches
     assert len(calls) == 1 and calls[0][1:] == (4, 1, 3) and calls[0][0] >= 0
+
+
+def test_the_particle_chunk_follows_the_documented_activation_count():
+    """Per (particle, example): 3·D + 4·ΣH + 8·ΣL floats of the parameters' dtype, times a
+    safety factor of 3; the chunk is the budget over that, at least one particle."""
+    cfg = ModelConfig(input_dim=784, latent_sizes=(64, 32), hidden_sizes=(512, 256))
+    model = GenerativeModel(cfg)
+    floats = 3 * 784 + 4 * (512 + 256) + 8 * (64 + 32)
+    budget = 10 * 3 * floats * 4 * 500 + 7  # ten particles' worth, plus a little
+    assert particle_chunk_size(model, 500, memory_budget=budget) == 10
+    assert particle_chunk_size(model.double(), 500, memory_budget=budget) == 5  # 8-byte floats
+    assert particle_chunk_size(model, 500, memory_budget=1) == 1
+
+
+def test_particle_traces_broadcast_every_site_over_a_particle_plate():
+    from pyro_lvae.inference.evaluation import particle_traces
+
+    model = GenerativeModel(ModelConfig(input_dim=6, latent_sizes=(3, 2), hidden_sizes=(8, 4)))
+    guide = LadderGuide(model)
+    x = torch.bernoulli(torch.full((5, 6), 0.5))
+    guide_trace, model_trace = particle_traces(model, guide, x, 7)
+    for name in ("z1", "z2"):
+        frames = {(f.name, f.size, f.dim) for f in guide_trace.nodes[name]["cond_indep_stack"]}
+        assert frames == {("particles", 7, -2), ("data", 5, -1)}
+        assert model_trace.nodes[name]["value"].shape[:2] == (7, 5)
+    with pytest.raises(ValueError, match=r"^num_particles must be positive, got 0\.$"):
+        particle_traces(model, guide, x, 0)
