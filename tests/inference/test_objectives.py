@@ -202,3 +202,13 @@ def test_the_objective_works_with_a_guide_written_as_a_plain_function():
     pyro.set_rng_seed(0)
     loss = ImportanceWeightedLoss(mc_samples=1, iw_samples=3).differentiable_loss(model, guide, torch.ones(2, 4))
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("free_bits", [0.0, 0.5])
+@pytest.mark.parametrize("guide_cls", [LadderGuide, BottomUpGuide])
+def test_elbo_for_passes_the_estimators_options_through(guide_cls, free_bits):
+    from pyro_lvae.inference.objectives import elbo_for
+
+    model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
+    elbo = elbo_for(guide_cls(model), free_bits=free_bits, num_particles=3, vectorize_particles=True)
+    assert elbo.num_particles == 3 and elbo.vectorize_particles
