@@ -142,6 +142,7 @@ def test_batch_seeds_are_distinct_integers_that_fit_a_generator():
     assert batch_seed(0, 0) == 0 and batch_seed(3, 5) == 3 * 1_000_033 + 5
     big = 2**62
     assert batch_seed(big, 1) == (big * 1_000_033 + 1) % 2**63 < 2**63
+    assert batch_seed(3 * big, 0) == big  # reduced modulo 2**63, not 2**64 (which would leave 3 * 2**62)
     assert isinstance(batch_seed(7, 2), int)
     torch.Generator().manual_seed(batch_seed(big, 1))  # accepted by torch
     assert len({batch_seed(s, b) for s in range(3) for b in range(50)}) == 150
@@ -205,7 +206,7 @@ def test_the_duration_is_estimated_once_after_the_first_batch(monkeypatch):
     model = GenerativeModel(ModelConfig(input_dim=6, latent_sizes=(3,), hidden_sizes=(8,)))
     x = torch.bernoulli(torch.full((7, 6), 0.5))
     evaluate(model, LadderGuide(model), x, num_samples=3, batch_size=2)  # 4 batches
-    assert len(calls) == 1 and calls[0][1:] == (4, 1, 3) and calls[0][0] >= 0
+    assert len(calls) == 1 and calls[0][1:] == (4, 1, 3) and 0 <= calls[0][0] < 60  # the first batch's seconds
 
 
 def test_the_particle_chunk_follows_the_documented_activation_count():
@@ -233,3 +234,20 @@ def test_particle_traces_broadcast_every_site_over_a_particle_plate():
         assert model_trace.nodes[name]["value"].shape[:2] == (7, 5)
     with pytest.raises(ValueError, match=r"^num_particles must be positive, got 0\.$"):
         particle_traces(model, guide, x, 0)
+
+
+def test_each_batch_draws_from_its_own_seed():
+    """With a seed, batch b of the evaluation draws as importance_sampled_bounds does under
+    batch_seed(seed, b), so one batch's numbers do not depend on the batches before it."""
+    from pyro_lvae.inference.evaluation import batch_seed
+    from pyro_lvae.rng import preserved_rng
+
+    model = GenerativeModel(ModelConfig(input_dim=6, latent_sizes=(3,), hidden_sizes=(8,)))
+    guide = LadderGuide(model)
+    model.eval(), guide.eval()  # as evaluate does
+    x = torch.bernoulli(torch.full((6, 6), 0.5))
+    ev = evaluate(model, guide, x, num_samples=5, batch_size=3, seed=11)
+    for b in range(2):
+        with preserved_rng(batch_seed(11, b)):
+            alone = importance_sampled_bounds(model, guide, x[3 * b : 3 * b + 3], num_samples=5)
+        torch.testing.assert_close(ev["log_likelihood_per_example"][3 * b : 3 * b + 3], alone["log_likelihood"])

@@ -190,3 +190,6 @@ def test_the_bottom_up_guide_registers_its_parameters_under_its_own_name():
     guide(torch.ones(2, 6))
     names = list(pyro.get_param_store().keys())
     assert names and all(n.startswith("m.bottom_up$$$") for n in names), names
+    pyro.clear_param_store()
+    LadderGuide(model)(torch.ones(2, 6))
+    assert {n.split("$$$")[0] for n in pyro.get_param_store().keys()} == {"m", "m.ladder"}

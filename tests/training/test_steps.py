@@ -338,7 +338,7 @@ def test_the_gradient_norm_ignores_missing_gradients_and_is_zero_without_any():
     grads = [torch.tensor([3.0, 0.0]), None, torch.tensor([[4.0]])]
     assert loss_and_grad_norm(loss, grads) == (2.5, 5.0)  # sqrt(9 + 16), the None skipped
     assert loss_and_grad_norm(loss, [None, None]) == (2.5, 0.0)
-    assert loss_and_grad_norm(loss, [torch.tensor([float("nan")])])[1] != loss_and_grad_norm(loss, [])[1]
+    assert math.isnan(loss_and_grad_norm(loss, [torch.tensor([float("nan")])])[1])
 
 
 def test_a_clip_threshold_below_one_still_clips():
@@ -480,3 +480,31 @@ def test_a_step_weighs_the_kl_term_by_the_beta_it_is_given(engine):
         pyro.set_rng_seed(1)
         losses.append(step(x, torch.tensor(beta)).item())
     assert losses[0] < losses[1] - 0.1
+
+
+def test_a_new_step_has_skipped_nothing_and_measured_no_norm():
+    model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
+    step = TrainingStep(model, LadderGuide(model), learning_rate=1e-3, free_bits=0.5, free_bits_mode="unit")
+    assert step.skip_cause is None and not step.skipped and math.isnan(step.grad_norm)
+    assert step.elbo.mode == "unit" and step.elbo.free_bits == 0.5
+
+
+def test_engine_and_precision_mistakes_are_named():
+    from pyro_lvae.training.steps import FastStep
+
+    model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
+    with pytest.raises(ValueError, match=r"^FastStep is the 'fast' engine, not 'svi'; use make_step\.$"):
+        FastStep(model, LadderGuide(model), learning_rate=1e-3, engine="svi")
+    with pytest.raises(ValueError, match=r"^precision must be one of fp32, bf16, got 'fp16'\.$"):
+        TrainingStep(model, LadderGuide(model), learning_rate=1e-3, precision="fp16")
+
+
+def test_a_skipped_svi_step_reports_its_nan_loss_in_the_datas_dtype():
+    model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,))).double()
+    guide = LadderGuide(model).double()
+    step = TrainingStep(model, guide, learning_rate=1e-3, engine="svi")
+    x = torch.bernoulli(torch.full((3, 4), 0.5, dtype=torch.float64))
+    x[0, 0] = float("nan")
+    with pyro.validation_enabled(True):
+        loss = step(x, torch.tensor(1.0, dtype=torch.float64))
+    assert loss.dtype == torch.float64 and torch.isnan(loss) and step.skipped
