@@ -70,7 +70,8 @@ PRECISIONS = ("fp32", "bf16")
 #: (:func:`~pyro_lvae.inference.evaluation.evaluate`).
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
 
-#: The allowed values of every string field, by field name (the CLI offers them as choices).
+#: The allowed words of each field that takes words, by field name (the CLI offers them as choices;
+#: `skip_threshold` also takes a number).
 CHOICES = {
     "activation": ACTIVATIONS,
     "likelihood": LIKELIHOODS,

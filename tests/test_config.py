@@ -173,7 +173,8 @@ def test_the_parser_reads_every_fields_default_back_from_its_text_form():
     for cls in (ModelConfig, TrainConfig):
         for f in dataclasses.fields(cls):
             default = getattr(cls(), f.name)
-            assert parse_field(f.name, as_text(default)) == default, f.name
+            parsed = parse_field(f.name, as_text(default))
+            assert parsed == default and type(parsed) is type(default), f.name
             checked += 1
     assert checked > 40
 

@@ -31,6 +31,7 @@ mutation)
   OMP_NUM_THREADS=1 mutmut run --max-children "$(nproc)" > /dev/null 2>&1 || true
   mutmut results --all true > "$here/mutants.txt"
   python "$here/summarize.py" mutation "$here/mutants.txt" > "$here/mutation.md"
+  rm -rf "$(dirname "$work")"
   ;;
 *)
   echo "usage: run.sh coverage|mutation" >&2

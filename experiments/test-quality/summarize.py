@@ -12,8 +12,12 @@ import sys
 
 
 def coverage(path: str) -> str:
-    """One row per module of pytest-cov's JSON report: statements, missed, branches, partial, cover."""
-    report = json.load(open(path))
+    """One row per module of pytest-cov's JSON report: statements, missed, branches, partial, cover.
+
+    :param path: The report (``--cov-report=json:PATH``).
+    """
+    with open(path) as f:
+        report = json.load(f)
     rows = ["| module | statements | missed | branches | partial | cover |", "|---|---|---|---|---|---|"]
     for name, f in sorted(report["files"].items()):
         s = f["summary"]
@@ -30,14 +34,22 @@ def coverage(path: str) -> str:
 
 
 def mutation(path: str) -> str:
-    """Mutants by module and status, and the share killed (timeouts count as detected)."""
+    """Mutants by module and status, and the share killed (timeouts count as detected).
+
+    :param path: The output of ``mutmut results --all true``.
+    :raises ValueError: if it lists no mutants (mutmut did not run).
+    """
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for line in open(path):
+    with open(path) as f:
+        lines = f.readlines()
+    for line in lines:
         name, _, status = line.strip().rpartition(": ")
         if not name:
             continue
         module = name.split(".x")[0].split(".x_")[0]
         counts[module][status] += 1
+    if not counts:
+        raise ValueError(f"{path} lists no mutants: did mutmut run?")
     statuses = ["killed", "timeout", "survived", "no tests", "suspicious", "skipped", "not checked"]
     rows = ["| module | mutants | " + " | ".join(statuses) + " | detected |", "|---" * (len(statuses) + 3) + "|"]
     total: collections.Counter = collections.Counter()

@@ -38,7 +38,10 @@ def check_examples(data: torch.Tensor) -> None:
     :param data: The tensor to check.
     """
     if data.dim() != 2 or data.shape[0] == 0:
-        raise ValueError(f"data must have shape (N, input_dim) with N > 0, got {tuple(data.shape)}.")
+        raise ValueError(
+            f"data must have shape (N, input_dim) with N > 0, got {tuple(data.shape)}; "
+            "flatten each image to one row (x.reshape(len(x), -1))."
+        )
 
 
 def check_input_width(x: torch.Tensor, input_dim: int) -> None:

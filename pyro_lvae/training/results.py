@@ -105,11 +105,16 @@ def final_results(
         versions={"torch": torch.__version__, "pyro": pyro.__version__},
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         weights=weights,
-        per_example=PerExample(
-            elbo=ev["elbo_per_example"].double().numpy() + offset,
-            log_likelihood=ev["log_likelihood_per_example"].double().numpy() + offset,
-        ),
+        per_example=_per_example(ev, offset),
         **extra,
+    )
+
+
+def _per_example(ev: dict, offset: float) -> PerExample:
+    """The per-example bounds of an :func:`~pyro_lvae.inference.evaluation.evaluate` result, offset as the means are."""
+    return PerExample(
+        elbo=ev["elbo_per_example"].double().numpy() + offset,
+        log_likelihood=ev["log_likelihood_per_example"].double().numpy() + offset,
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -18,6 +19,8 @@ import numpy as np
 
 from ..config import ExperimentConfig
 from .run_files import PER_EXAMPLE_NAME, RESULTS_NAME
+
+logger = logging.getLogger(__name__)
 
 #: Entries written only where they apply: Gaussian latents, dequantized data, the VQ-VAE.
 _OPTIONAL = ("test_kl_per_unit", "test_active_units", "dequantized", "test_bits_per_dim", "vq")
@@ -54,7 +57,8 @@ class PerExample:
             )
 
     def save(self, path: Path) -> None:
-        """Write atomically as the ``.npz`` file ``path`` (float32: 1e-5 nats at these magnitudes).
+        """Write atomically as the ``.npz`` file ``path``, in float32 (about 1e-5 nats at MNIST's
+        magnitudes; coarser for the offset bounds of dequantized runs).
 
         :param path: The file.
         """
@@ -81,12 +85,16 @@ class PerExample:
         :param key: ``"elbo"`` or ``"log_likelihood"``.
         :raises ValueError: if the runs were evaluated on different numbers of examples.
         """
+        if key not in ("elbo", "log_likelihood"):
+            raise ValueError(f"key must be 'elbo' or 'log_likelihood', got {key!r}.")
         a, b = getattr(self, key), getattr(reference, key)
-        if a.shape != b.shape or len(a) < 2:
+        if a.shape != b.shape:
             raise ValueError(
                 f"Paired differences need the same test examples in both runs, got {len(a)} and {len(b)}; "
                 "evaluate both on the same test subset."
             )
+        if len(a) < 2:
+            raise ValueError(f"A standard error needs at least two examples, got {len(a)}.")
         d = a - b
         return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
 
@@ -176,9 +184,25 @@ class RunResults(Mapping):
         path = path / RESULTS_NAME if path.is_dir() else path
         results = cls.from_dict(json.loads(path.read_text()))
         companion = path.with_name(PER_EXAMPLE_NAME)
-        if companion.exists():
-            results = dataclasses.replace(results, per_example=PerExample.load(companion))
+        if path.name == RESULTS_NAME and companion.exists():
+            per_example = PerExample.load(companion)
+            if results.matches(per_example):
+                results = dataclasses.replace(results, per_example=per_example)
+            else:
+                logger.warning("%s does not belong to %s (other examples or numbers); it is ignored.", companion, path)
         return results
+
+    def matches(self, per_example: PerExample) -> bool:
+        """Whether ``per_example`` holds this evaluation's examples: as many, averaging to its
+        bounds (to 1e-3 nats, the float32 rounding of the file).
+
+        :param per_example: Values read from ``per_example.npz``.
+        """
+        return (
+            len(per_example.elbo) == self.num_test_examples
+            and abs(per_example.elbo.mean() - self.test_elbo) < 1e-3
+            and abs(per_example.log_likelihood.mean() - self.test_log_likelihood) < 1e-3
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically as ``path`` (a file) or ``path/results.json`` (a directory), and the
@@ -188,8 +212,11 @@ class RunResults(Mapping):
         """
         path = Path(path)
         path = path / RESULTS_NAME if path.is_dir() else path
+        companion = path.with_name(PER_EXAMPLE_NAME)
         if self.per_example is not None:
-            self.per_example.save(path.with_name(PER_EXAMPLE_NAME))
+            self.per_example.save(companion)
+        elif path.name == RESULTS_NAME:
+            companion.unlink(missing_ok=True)  # an earlier evaluation's values do not belong to this one
         write_json_atomic(path, self.to_dict())
 
     def __getitem__(self, key: str) -> Any:

@@ -212,3 +212,4 @@ def test_elbo_for_passes_the_estimators_options_through(guide_cls, free_bits):
     model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
     elbo = elbo_for(guide_cls(model), free_bits=free_bits, num_particles=3, vectorize_particles=True)
     assert elbo.num_particles == 3 and elbo.vectorize_particles
+    assert ("FreeBits" in type(elbo).__name__) == (free_bits > 0)

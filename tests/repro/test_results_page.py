@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -144,23 +145,25 @@ def test_full_length_runs_get_their_own_section_with_paired_claims(tmp_path):
     raw = json.loads((vae / "results.json").read_text())
     raw["config"]["train"]["eval_every"] = 50  # watching a run more or less often keeps it at full length
     (vae / "results.json").write_text(json.dumps(raw))
-    # Per-example values: the LVAE is better by 1.0 on average, with differences ±0.5 around it.
-    reference = np.linspace(-90.0, -76.0, 500)
+    # Per-example values that average to each run's bounds (ELBO = L_K - 5 in _fake_run): the
+    # LVAE is better by 1.0 on average, with differences ±0.5 around it.
+    spread = np.linspace(-7.0, 7.0, 500)
     wiggle = np.where(np.arange(500) % 2 == 0, 0.5, -0.5)
-    PerExample(elbo=reference + 1.0 + wiggle, log_likelihood=reference + 1.0 + wiggle).save(lvae / "per_example.npz")
-    PerExample(elbo=reference, log_likelihood=reference).save(vae / "per_example.npz")
+    PerExample(elbo=spread + wiggle - 87.0, log_likelihood=spread + wiggle - 82.0).save(lvae / "per_example.npz")
+    PerExample(elbo=spread - 88.0, log_likelihood=spread - 83.0).save(vae / "per_example.npz")
     _fake_run(tmp_path / "short", "lvae-bn-wu-5", -99.0)  # a shortened run goes to the MNIST section
     text = write_results_page([tmp_path / "full", tmp_path / "short"], tmp_path / "r.md").read_text()
     full, rest = text.split("## Full-length runs")[1].split("## MNIST")
     assert "| LVAE+BN+WU, 5 layers (`lvae-bn-wu-5`) | 2000 | -82.12 | **-82.00** (K = 5000) | -85.23 |" in full
     assert "| VAE+BN+WU, 3 layers (`vae-bn-wu-3`) | 2000 | -82.74 | **-83.00** (K = 5000) | -87.49 |" in full
-    assert "| 2.00 h | 10 min |" in full and "- In `vae-bn-wu-3`: `eval_every` = 50 (paper: 10)." in full
+    assert "| 2.00 h | 10 min |" in full and "- The paper's full schedule (the presets' values)." in full
+    assert "- Changed for watching the runs only (not part of the paper's protocol): `eval_every`." in full
     se = 0.5 * np.sqrt(500 / 499) / np.sqrt(500)  # the sd of ±0.5 (ddof 1) over √N
     assert f"in L_K*: **holds** (measured +1.00 ± {se:.2f} (paired standard error over the 500 test" in full
     assert "paper +0.62" in full and "paper +2.26" in full
     assert "| z4 | 10 / 8 of 8; KL 1.00 | — |" in full  # Burda / KL > 0.01 counts, deeper run only
     assert "pyro-lvae train --preset vae-bn-wu-3 --eval-every 50 --out runs/full/vae-bn-wu-3-seed0" in full
-    assert "*The LVAE uses more upper-layer units*: **holds by every measure**" in full and "above z1 32 vs 75" in full
+    assert "different depths, so their units are shown side by side, without a verdict" in full
     assert "-99.00" in rest and "-99.00" not in full
     assert (tmp_path / "r_figures" / "full_units.png").exists()
 
@@ -170,3 +173,16 @@ def test_full_length_claims_without_per_example_values_say_so(tmp_path):
     _fake_run(tmp_path, "vae-bn-wu-3", -82.3, epochs=None)
     text = write_results_page([tmp_path], tmp_path / "r.md").read_text()
     assert "in L_K*: **inconclusive** (measured +0.30 (no per-example values stored" in text
+
+
+def test_a_run_with_a_changed_model_or_evaluation_is_not_full_length(tmp_path):
+    from pyro_lvae.repro.results_page import RunResult, is_full_length
+    from pyro_lvae.training.results_file import RunResults
+
+    path = _fake_run(tmp_path, "lvae-bn-wu-5", -82.0, epochs=None)
+    full = RunResult(sweep="s", run="r", results=RunResults.load(path))
+    assert is_full_length(full)
+    changed_model = full.results.config.replace(variance_floor=1e-2)
+    fewer_draws = dataclasses.replace(full.results, num_importance_samples=10)
+    for results in (dataclasses.replace(full.results, config=changed_model), fewer_draws):
+        assert not is_full_length(RunResult(sweep="s", run="r", results=results))

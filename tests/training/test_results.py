@@ -57,10 +57,17 @@ def test_entries_that_apply_to_every_run_are_written_even_when_empty():
     assert "vq" not in unset.to_dict() and "dequantized" not in unset.to_dict()
 
 
-def test_per_example_values_are_stored_beside_results_and_read_back(tmp_path):
+def _with_matching_per_example(n: int = 50) -> tuple[RunResults, PerExample]:
+    """A stored RunResults with per-example values that average to its bounds."""
     rng = np.random.default_rng(0)
-    per = PerExample(elbo=rng.normal(-90, 5, 50), log_likelihood=rng.normal(-85, 5, 50))
-    results = dataclasses.replace(RunResults.load(STORED[0]), per_example=per)
+    base = RunResults.load(STORED[0])
+    elbo, ll = rng.normal(-90, 5, n), rng.normal(-85, 5, n)
+    per = PerExample(elbo=elbo - elbo.mean() + base.test_elbo, log_likelihood=ll - ll.mean() + base.test_log_likelihood)
+    return dataclasses.replace(base, num_test_examples=n, per_example=per), per
+
+
+def test_per_example_values_are_stored_beside_results_and_read_back(tmp_path):
+    results, per = _with_matching_per_example()
     results.save(tmp_path)
     assert "per_example" not in json.loads((tmp_path / "results.json").read_text())
     back = RunResults.load(tmp_path).per_example
@@ -77,3 +84,28 @@ def test_paired_difference_is_the_mean_and_standard_error_of_the_differences():
     assert mean == pytest.approx(1.5) and se == pytest.approx(np.sqrt(4 / 3) / 2)
     with pytest.raises(ValueError, match="same test examples"):
         values.paired_difference(PerExample(elbo=np.zeros(3), log_likelihood=np.zeros(3)), "elbo")
+
+
+def test_per_example_values_that_do_not_belong_to_the_results_are_ignored_or_removed(tmp_path, caplog):
+    results, per = _with_matching_per_example()
+    results.save(tmp_path)
+    # Another evaluation without per-example values removes the old file instead of leaving it beside.
+    dataclasses.replace(results, per_example=None).save(tmp_path)
+    assert not (tmp_path / "per_example.npz").exists()
+    # A file of other examples (here: shifted by one nat) is not attached to the results.
+    PerExample(elbo=per.elbo + 1.0, log_likelihood=per.log_likelihood).save(tmp_path / "per_example.npz")
+    with caplog.at_level("WARNING"):
+        assert RunResults.load(tmp_path).per_example is None
+    assert "does not belong to" in caplog.text
+    # Only results.json pairs with the folder's per_example.npz.
+    results.save(tmp_path)
+    results.save(tmp_path / "other.json")
+    assert RunResults.load(tmp_path / "other.json").per_example is None
+
+
+def test_paired_differences_refuse_unknown_keys_and_single_examples():
+    one = PerExample(elbo=np.zeros(1), log_likelihood=np.zeros(1))
+    with pytest.raises(ValueError, match="at least two examples"):
+        one.paired_difference(one, "elbo")
+    with pytest.raises(ValueError, match="key must be 'elbo' or 'log_likelihood'"):
+        one.paired_difference(one, "kl")
