@@ -508,3 +508,29 @@ def test_a_skipped_svi_step_reports_its_nan_loss_in_the_datas_dtype():
     with pyro.validation_enabled(True):
         loss = step(x, torch.tensor(1.0, dtype=torch.float64))
     assert loss.dtype == torch.float64 and torch.isnan(loss) and step.skipped
+
+
+@pytest.mark.parametrize("engine", ["fast", "svi"])
+def test_a_new_objective_is_the_steps_objective(engine):
+    from pyro_lvae.inference.objectives import ImportanceWeightedLoss
+
+    model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
+    step = TrainingStep(model, LadderGuide(model), learning_rate=1e-3, engine=engine)
+    objective = ImportanceWeightedLoss(mc_samples=1, iw_samples=2)
+    step.use_objective(objective)
+    assert step.elbo is objective
+
+
+def test_a_restored_svi_state_is_the_steps_own_copy():
+    """Changing the state dict after loading it does not reach the step (the resume path
+    reads it from a file, but a caller holding the dict must not share it)."""
+    model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
+    guide = LadderGuide(model)
+    step = TrainingStep(model, guide, learning_rate=1e-3, engine="svi")
+    step(torch.bernoulli(torch.full((6, 4), 0.5)), torch.tensor(1.0))
+    state = step.state_dict()
+    fresh = TrainingStep(model, guide, learning_rate=1e-3, engine="svi")
+    fresh.load_state_dict(state)
+    name = next(iter(state["optimizer"]))
+    state["optimizer"][name]["param_groups"][0]["lr"] = 123.0
+    assert fresh.state_dict()["optimizer"][name]["param_groups"][0]["lr"] == 1e-3
