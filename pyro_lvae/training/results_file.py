@@ -205,18 +205,20 @@ class RunResults(Mapping):
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically as ``path`` (a file) or ``path/results.json`` (a directory), and the
-        per-example values, when there are any, as ``per_example.npz`` beside it.
+        """Write atomically as ``path`` (a file) or ``path/results.json`` (a directory), and, for
+        a ``results.json``, the per-example values as ``per_example.npz`` beside it (removing an
+        older one when there are none).
 
         :param path: The file or its run directory.
         """
         path = Path(path)
         path = path / RESULTS_NAME if path.is_dir() else path
-        companion = path.with_name(PER_EXAMPLE_NAME)
-        if self.per_example is not None:
-            self.per_example.save(companion)
-        elif path.name == RESULTS_NAME:
-            companion.unlink(missing_ok=True)  # an earlier evaluation's values do not belong to this one
+        if path.name == RESULTS_NAME:  # the companion belongs to the run directory's results.json only
+            companion = path.with_name(PER_EXAMPLE_NAME)
+            if self.per_example is not None:
+                self.per_example.save(companion)
+            else:
+                companion.unlink(missing_ok=True)  # an earlier evaluation's values do not belong to this one
         write_json_atomic(path, self.to_dict())
 
     def __getitem__(self, key: str) -> Any:
