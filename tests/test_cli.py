@@ -297,3 +297,21 @@ def test_a_threshold_that_skips_every_step_stops_training_with_one_line(tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 1
     assert err[-1].startswith("pyro-lvae: error: 2 consecutive training steps were skipped") and "auto" in err[-1]
+
+
+@pytest.mark.parametrize("guide", ["ladder", "bottom-up"])
+def test_the_conv_bottom_trains_resumes_and_evaluates_from_the_cli(tmp_path, shared_data_root, guide):
+    run = tmp_path / "run"
+    common = ["--data-root", str(shared_data_root), "--no-download", "--no-progress"]
+    args = ["train", "--preset", "lvae-bn-wu-2", "--bottom", "conv", "--conv-channels", "4", "--guide", guide]
+    args += ["--epochs", "1", "--warmup-epochs", "1", "--train-subset", "512", "--test-subset", "50"]
+    args += ["--latent-sizes", "8,4", "--hidden-sizes", "32,16", "--num-importance-samples", "10", "--out", str(run)]
+    assert main(args + common) == 0
+    assert main(["train", "--resume", "--epochs", "2", "--out", str(run)] + common) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["config"]["model"]["bottom"] == "conv" and results["epochs"] == 2
+    assert results["test_log_likelihood"] >= results["test_elbo"]
+    assert (
+        main(["evaluate", str(run), "--num-samples", "10", "--data-root", str(shared_data_root), "--no-progress"]) == 0
+    )
+    assert json.loads((run / "results.json").read_text())["test_log_likelihood"] == results["test_log_likelihood"]
