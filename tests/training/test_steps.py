@@ -534,3 +534,20 @@ def test_a_restored_svi_state_is_the_steps_own_copy():
     name = next(iter(state["optimizer"]))
     state["optimizer"][name]["param_groups"][0]["lr"] = 123.0
     assert fresh.state_dict()["optimizer"][name]["param_groups"][0]["lr"] == 1e-3
+
+
+def test_the_svi_engine_keeps_restored_states_of_parameters_it_has_not_seen():
+    """A restored optimizer state whose parameter no step has used yet stays in the step
+    (and in the next checkpoint) instead of being handed to pyro.optim early and lost."""
+    model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
+    guide = LadderGuide(model)
+    x = torch.bernoulli(torch.full((6, 4), 0.5))
+    step = TrainingStep(model, guide, learning_rate=1e-3, engine="svi")
+    step(x, torch.tensor(1.0))
+    state = step.state_dict()
+    some = next(iter(state["optimizer"]))
+    state["optimizer"]["not_used_yet"] = copy.deepcopy(state["optimizer"][some])
+    resumed = TrainingStep(model, guide, learning_rate=1e-3, engine="svi")
+    resumed.load_state_dict(state)
+    resumed(x, torch.tensor(1.0))
+    assert "not_used_yet" in resumed.state_dict()["optimizer"]
