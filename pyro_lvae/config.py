@@ -12,6 +12,7 @@ and rebuild it with :meth:`ExperimentConfig.from_dict`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -486,6 +487,17 @@ ALIASES = {"guide": {"bottom-up": "vae"}}
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
+@functools.cache
+def field_types() -> types.MappingProxyType[str, Any]:
+    """Every field of :class:`ModelConfig` and :class:`TrainConfig` with its resolved annotation,
+    by name (resolved once: the CLI asks for each field's type while it builds its options)."""
+    resolved: dict[str, Any] = {}
+    for cls in (ModelConfig, TrainConfig):
+        hints = typing.get_type_hints(cls)
+        resolved |= {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return types.MappingProxyType(resolved)  # read-only: the cache is shared
+
+
 def field_type(name: str) -> Any:
     """The annotated type of the configuration field ``name``, resolved (``int``,
     ``tuple[int, ...]``, ``float | str``, …).
@@ -496,11 +508,10 @@ def field_type(name: str) -> Any:
     >>> field_type("latent_sizes"), field_type("skip_threshold")
     (tuple[int, ...], float | str)
     """
-    for cls in (ModelConfig, TrainConfig):
-        hints = typing.get_type_hints(cls)
-        if name in hints and name in {f.name for f in dataclasses.fields(cls)}:
-            return hints[name]
-    raise ValueError(f"Unknown configuration key {name!r}; `pyro-lvae train --help` lists them.")
+    try:
+        return field_types()[name]
+    except KeyError:
+        raise ValueError(f"Unknown configuration key {name!r}; `pyro-lvae train --help` lists them.") from None
 
 
 def type_form(kind: Any) -> str:

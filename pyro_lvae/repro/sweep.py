@@ -37,7 +37,6 @@ At the end the results are aggregated into ``OUT/summary.json`` and
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -53,7 +52,7 @@ from typing import Any
 
 import tomllib
 
-from ..config import ExperimentConfig, ModelConfig, TrainConfig, parse_field
+from ..config import ExperimentConfig, field_types, parse_field
 from ..training.results_file import RunResults
 from ..training.resume import can_resume_as
 from ..training.run_files import CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, PREVIOUS_NAME, RESULTS_NAME
@@ -194,10 +193,6 @@ class Run:
         return cmd
 
 
-def _config_field_types() -> dict[str, Any]:
-    return {f.name: f.type for f in dataclasses.fields(ModelConfig) + dataclasses.fields(TrainConfig)}
-
-
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``KEY=VALUE`` (``--set epochs=10``) into a configuration field and a typed value.
 
@@ -206,7 +201,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     """
     key, sep, raw = text.partition("=")
     key = key.strip().replace("-", "_")
-    if not sep or key not in _config_field_types():
+    if not sep or key not in field_types():
         raise ValueError(
             f"--set needs KEY=VALUE with a configuration field as KEY, got {text!r}; see `pyro-lvae train --help`."
         )
