@@ -263,14 +263,17 @@ def _verdict(margins: list[float]) -> str:
     return "mixed: " + ", ".join(f"{what} at {n} of {len(margins)}" for n, what in counts if n)
 
 
+def _informative_units(results: RunResults) -> list[int]:
+    """Units with a mean KL above 0.01 nats, per layer (none for runs without per-unit KL)."""
+    return [sum(k > 0.01 for k in layer) for layer in results.test_kl_per_unit or []]
+
+
 def _active_unit_claim(vae: RunResult, lvae: RunResult, *, upper: str = "z2–z5") -> str:
     """The units above z1 (``upper`` names them) of the two runs by both activity measures,
     each with its verdict."""
     counts = {}
     for name, run in (("vae", vae), ("lvae", lvae)):
-        burda = run.results.test_active_units
-        kl = [sum(k > 0.01 for k in layer) for layer in run.results.test_kl_per_unit or []]
-        counts[name] = (burda, kl)
+        counts[name] = (run.results.test_active_units, _informative_units(run.results))
     (b_vae, k_vae), (b_lvae, k_lvae) = counts["vae"], counts["lvae"]
     parts = [
         f"Cov_x E_q[u] > 0.01 (Burda et al.): VAE+BN+WU {'/'.join(map(str, b_vae))}, LVAE+BN+WU "
@@ -490,7 +493,7 @@ def _units_table(runs: list[RunResult]) -> list[str]:
             if i >= len(res.test_kl_per_layer):
                 cells.append("—")
                 continue
-            informative = sum(k > 0.01 for k in res.test_kl_per_unit[i]) if res.test_kl_per_unit else "—"
+            informative = _informative_units(res)[i] if res.test_kl_per_unit else "—"
             active = res.test_active_units[i] if res.test_active_units else "—"
             size = r.config.model.latent_sizes[i]
             cells.append(f"{active} / {informative} of {size}; KL {res.test_kl_per_layer[i]:.2f}")
@@ -632,12 +635,12 @@ def render_results_page(runs: list[RunResult], figures: Path, figures_rel: str) 
     figures.mkdir(parents=True, exist_ok=True)
     by_setting: dict[str, list[RunResult]] = {}
     other = []
-    full = [r for r in runs if is_full_length(r)]
+    full = []
     for r in runs:
         parts = split_preset(r.preset)
-        if r in full:
-            continue
-        if parts is None:
+        if is_full_length(r):
+            full.append(r)
+        elif parts is None:
             other.append(r)
         else:
             by_setting.setdefault(parts[0], []).append(r)
