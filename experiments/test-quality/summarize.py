@@ -46,7 +46,7 @@ def mutation(path: str) -> str:
         name, _, status = line.strip().rpartition(": ")
         if not name:
             continue
-        module = name.split(".x")[0].split(".x_")[0]
+        module = name.split(".x")[0]  # mutmut names a mutant module.x_function or module.xǁClassǁmethod
         counts[module][status] += 1
     if not counts:
         raise ValueError(f"{path} lists no mutants: did mutmut run?")
