@@ -160,7 +160,7 @@ def train(
             if is_evaluation_epoch(config, epoch):
                 record |= trainer.evaluate(epoch, x_epoch)
             trainer.end_epoch(record)
-            if stop.signal is not None and epoch + 1 < trainer.total_epochs:
+            if trainer.agreed_stop(stop) is not None and epoch + 1 < trainer.total_epochs:
                 raise TrainingInterrupted(stop.signal, run_dir and run_dir.path, epoch + 1, 0, 0)
 
     trainer.keep_final_weights()
@@ -346,6 +346,18 @@ class _Trainer:
 
     # -- one epoch ----------------------------------------------------------------------
 
+    def agreed_stop(self, stop: StopRequest) -> int | None:
+        """The signal every process stops on, if any process received one (a signal may reach one
+        process only). The request is only ever set here, never cleared: a signal whose handler
+        runs while the processes agree (it is deferred until the collective returns) is kept for
+        the next agreement instead of being overwritten by that agreement's "no"."""
+        if self.ctx.enabled:
+            agreed = agree_on_signal(stop.signal, self.ctx, self.device)
+            if agreed is not None:
+                stop.signal = agreed
+            return agreed
+        return stop.signal
+
     def run_epoch(self, epoch: int, plan: EpochPlan, stop: StopRequest) -> tuple[dict[str, Any], torch.Tensor]:
         """Take one step per minibatch of 0-based ``epoch``; return its metric line and data."""
         t0 = time.perf_counter()
@@ -366,9 +378,7 @@ class _Trainer:
             self._take_step(x_epoch[idx], beta, sums, epoch=epoch, step=i)
             if self.progress and i % 25 == 0 and sums.seen:
                 bar.set_postfix(loss=f"{sums.loss.item() / sums.seen:.2f}", beta=f"{plan.beta:.3f}", refresh=False)
-            if self.ctx.enabled:  # stop together: a signal may reach one process only
-                stop.signal = agree_on_signal(stop.signal, self.ctx, self.device)
-            if stop.signal is not None and i + 1 < len(batches):
+            if self.agreed_stop(stop) is not None and i + 1 < len(batches):
                 self._stop_inside_epoch(stop.signal, epoch, i + 1, len(batches), sums, time.perf_counter() - t0)
         return self._epoch_record(epoch, plan, sums, sums.seconds_before + time.perf_counter() - t0), x_epoch
 
