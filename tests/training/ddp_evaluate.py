@@ -9,6 +9,7 @@ def main(out: str) -> None:
     import pyro
     import torch
     import torch.distributed as dist
+    from ddp_step import _exit_without_teardown
 
     from pyro_lvae import GenerativeModel, LadderGuide, ModelConfig
     from pyro_lvae.inference.evaluation import evaluate
@@ -23,7 +24,8 @@ def main(out: str) -> None:
     result = evaluate(model, guide, x, num_samples=20, batch_size=7, seed=3)
     if ctx.is_main:
         torch.save({k: result[k] for k in ("elbo_per_example", "log_likelihood_per_example", "kl_per_layer")}, out)
-    dist.destroy_process_group()
+    dist.barrier()  # rank 0 has written the file before either process exits
+    _exit_without_teardown()
 
 
 if __name__ == "__main__":

@@ -38,8 +38,23 @@ def one_step(out_prefix: str, poison_rank: int | None = None) -> None:
     params = [p.detach().clone() for p in dict.fromkeys(list(model.parameters()) + list(guide.parameters()))]
     torch.save({"params": params, "skipped": step.skipped}, f"{out_prefix}{ctx.rank}.pt")
     if ctx.enabled:
-        dist.barrier()  # both processes are done with every collective before either tears down gloo
-        dist.destroy_process_group()
+        dist.barrier()  # both processes are done with every collective and have written their file
+        _exit_without_teardown()
+
+
+def _exit_without_teardown() -> None:
+    """End this process now, skipping gloo's teardown.
+
+    Once in about a hundred runs, one rank aborted in gloo's teardown ("terminate called
+    without an active exception", SIGABRT) after the other rank had already closed its
+    connections, even after a barrier and ``destroy_process_group``: the results were written,
+    but torchrun reported a failure. Nothing is left to tear down that the test checks.
+    """
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
