@@ -35,13 +35,14 @@ def test_the_committed_results_page_regenerates_identically(tmp_path, monkeypatc
         assert (REPO / "docs" / "results_figures" / figure.name).exists()
 
 
-def _fake_run(sweep: Path, preset: str, l_k: float, *, active=None, epochs=5) -> Path:
+def _fake_run(sweep: Path, preset: str, l_k: float, *, active=None, epochs=5, seed=0) -> Path:
     """A results.json as `train` writes it, with chosen numbers; ``epochs=None`` is the
     preset's full protocol (2000 epochs, L_5000 on every test image)."""
     if epochs is None:
         config, epochs = get_preset(preset), get_preset(preset).train.epochs
     else:
         config = shorten_schedule(get_preset(preset), epochs).replace(num_importance_samples=100, test_subset=500)
+    config = config.replace(seed=seed)
     depth = config.model.depth
     results = {
         "test_elbo": l_k - 5.0,
@@ -59,7 +60,7 @@ def _fake_run(sweep: Path, preset: str, l_k: float, *, active=None, epochs=5) ->
         "versions": {"torch": "t", "pyro": "p"},
         "date": "2026-01-02T03:04:05+00:00",
     }
-    run = sweep / f"{preset}-seed0"
+    run = sweep / f"{preset}-seed{seed}"
     run.mkdir(parents=True)
     (run / "results.json").write_text(json.dumps(results))
     return run
@@ -71,8 +72,10 @@ def test_page_content_claims_and_determinism(tmp_path, monkeypatch):
     values = {"vae": -100.0, "vae-bn": -98.0, "vae-bn-wu": -97.0, "lvae-bn-wu": -96.0}
     for variant, base in values.items():
         for depth in range(1, 6):
-            # The LVAE wins at depths 3 and 4 but not at 5; BN helps everywhere.
+            # The LVAE wins at depths 3 and 4 but not at 5; BN helps everywhere. At depth 1 the
+            # LVAE is the VAE+BN+WU's model, and equal to it, so the tie margin stays at 0.6.
             value = base - 0.1 * depth if not (variant == "lvae-bn-wu" and depth == 5) else -99.0
+            value = -97.1 if (variant, depth) == ("lvae-bn-wu", 1) else value
             active = [10, 8, 5, 2, 1] if variant == "lvae-bn-wu" else [10, 6, 2, 0, 0]
             _fake_run(sweep, f"{variant}-{depth}", value, active=active[:depth])
     omni = Path("table2-omniglot")
@@ -90,7 +93,8 @@ def test_page_content_claims_and_determinism(tmp_path, monkeypatch):
     assert "- In `lvae-bn-wu-1`, `lvae-bn-wu-2`, " in text and ": `warmup_epochs` = 1 (paper: 200)." in text
     assert "*The LVAE beats the VAE at depth ≥ 3*: **mixed: holds at 2 of 3, fails at 1 of 3**" in text
     assert "*Batch normalization helps* (VAE+BN vs VAE): **holds** (difference" in text
-    assert "Differences within ±0.6 nats are called inconclusive" in text and "with one seed per setting" in text
+    assert "A difference holds only beyond both the tie margin and two of its standard errors" in text
+    assert "differ by 0.00 nats here, so the margin is 0.60 nats. One seed per setting" in text
     # Burda's count favours the LVAE (8 vs 16 in z2–z5), the KL > 0.01 count does not (60 vs 60).
     assert "*The LVAE uses more upper-layer units*: **the measures disagree**" in text
     assert "z2–z5 8 vs 16" in text and "z2–z5 60 vs 60" in text
@@ -121,22 +125,79 @@ def test_a_withdrawn_setting_shows_its_reason_and_no_numbers(tmp_path):
     assert "321.77" not in text and "-95.50" in text
 
 
-def test_verdicts_use_the_tie_margin():
-    from pyro_lvae.repro.results_page import TIE_MARGIN, _verdict
+def test_verdicts_use_the_tie_margin_and_two_standard_errors():
+    from pyro_lvae.repro.results_page import TIE_MARGIN, Difference, _verdict
 
     assert TIE_MARGIN == 0.6
-    assert _verdict([0.7, 2.0]) == "holds"
-    assert _verdict([0.5, -0.3]) == "inconclusive"
-    assert _verdict([-0.7, -1.0]) == "does not hold"
-    assert _verdict([1.0, 0.1, -1.0]) == "mixed: holds at 1 of 3, inconclusive at 1 of 3, fails at 1 of 3"
+    assert _verdict([Difference(0.7), Difference(2.0)]) == "holds"
+    assert _verdict([Difference(0.5), Difference(-0.3)]) == "inconclusive"
+    assert _verdict([Difference(-0.7), Difference(-1.0)]) == "does not hold"
+    three = [Difference(1.0), Difference(0.1), Difference(-1.0)]
+    assert _verdict(three) == "mixed: holds at 1 of 3, inconclusive at 1 of 3, fails at 1 of 3"
+    # Beyond the margin but within two standard errors of zero: inconclusive.
+    assert _verdict([Difference(0.9, se=0.5)]) == "inconclusive"
+    assert _verdict([Difference(0.9, se=0.4)]) == "holds"
+    assert _verdict([Difference(-1.2, se=0.7)]) == "inconclusive"
+    assert str(Difference(0.9, se=0.456)) == "+0.90 ± 0.46" and str(Difference(-0.3)) == "-0.30"
 
 
-def test_dequantized_runs_of_a_withdrawn_setting_are_shown(tmp_path):
+def _with_per_example(run: Path, values: np.ndarray) -> None:
+    """Per-example values for a run written by :func:`_fake_run`, shifted to average to its
+    bounds (ELBO = L_K − 5)."""
+    raw = json.loads((run / "results.json").read_text())
+    lk = values - values.mean() + raw["test_log_likelihood"]
+    PerExample(elbo=lk - 5.0, log_likelihood=lk).save(run / "per_example.npz")
+
+
+def test_sweep_claims_use_the_paired_standard_error_over_test_images(tmp_path):
+    """One seed: ± is the standard error of the per-image differences. The same +1.00 nats
+    holds with a small one and is inconclusive with a large one."""
+    base = np.linspace(-7.0, 7.0, 500)
+    noise = np.where(np.arange(500) % 2 == 0, 1.0, -1.0)  # per-image differences of +1 ± 1
+    for sweep, scale in (("small", 1.0), ("large", 15.0)):
+        for variant, value in (("vae", -100.0), ("vae-bn", -99.0)):
+            run = _fake_run(tmp_path / sweep, f"{variant}-2", value)
+            _with_per_example(run, base + (scale * noise if variant == "vae-bn" else 0.0))
+        text = write_results_page([tmp_path / sweep], tmp_path / f"{sweep}.md").read_text()
+        se = scale * np.sqrt(500 / 499) / np.sqrt(500)
+        verdict = "holds" if scale == 1.0 else "inconclusive"
+        assert f"*Batch normalization helps* (VAE+BN vs VAE): **{verdict}** (difference by number of " in text
+        assert f"layers 2: +1.00 ± {se:.2f} nats)" in text
+        assert "the ± is the standard error of the difference paired by test image" in text
+
+
+def test_sweep_claims_with_several_seeds_use_the_standard_error_over_seeds(tmp_path):
+    sweep = tmp_path / "fig3"
+    for seed, (bn, plain) in enumerate(((-98.0, -100.0), (-99.5, -100.1), (-98.2, -99.0))):
+        for variant, value in (("vae-bn", bn), ("vae", plain)):
+            _fake_run(sweep, f"{variant}-2", value, seed=seed)
+    text = write_results_page([sweep], tmp_path / "r.md").read_text()
+    diffs = np.array([2.0, 0.6, 0.8])
+    se = diffs.std(ddof=1) / np.sqrt(3)
+    assert f"(VAE+BN vs VAE): **holds** (difference by number of layers 2: +1.13 ± {se:.2f} nats)" in text
+    assert "Up to 3 seeds per setting, averaged: the ± is the standard error over seeds." in text
+
+
+def test_dequantized_runs_of_a_withdrawn_setting_are_shown_with_bits_per_dimension(tmp_path):
     _fake_run(tmp_path, "fashion-gauss-vae-bn-2", -1234.56)
     path = tmp_path / "fashion-gauss-vae-bn-2-seed0" / "results.json"
-    path.write_text(json.dumps(json.loads(path.read_text()) | {"dequantized": True}))
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"dequantized": True, "test_bits_per_dim": 2.2714}))
     text = write_results_page([tmp_path], tmp_path / "r.md").read_text()
-    assert "**Withdrawn.**" not in text and "-1234.56" in text
+    assert "**Withdrawn.**" not in text
+    assert "| VAE+BN (`fashion-gauss-vae-bn-2`) | 2 | — | -1234.56 | -1239.56 | 2.271 | 5 | 0 |" in text
+    assert "measured −L_100, bits/dim |" in text and "dequantized: each level k becomes (k + u) / 256" in text
+
+
+def test_a_setting_whose_same_model_pair_differs_more_gets_that_margin(tmp_path):
+    """The depth-1 LVAE and VAE+BN+WU are one model; when they differ by 5 nats, a 3-nat
+    effect is inconclusive however small its standard error."""
+    for variant, value in (("lvae-bn-wu-1", -100.0), ("vae-bn-wu-1", -105.0), ("vae-bn-1", -108.0)):
+        _fake_run(tmp_path, variant, value)
+    text = write_results_page([tmp_path], tmp_path / "r.md").read_text()
+    assert "differ by 5.00 nats here, so the margin is 5.00 nats" in text
+    assert (
+        "*Warm-up helps* (VAE+BN+WU vs VAE+BN): **inconclusive** (difference by number of layers 1: +3.00 nats)" in text
+    )
 
 
 def test_full_length_runs_get_their_own_section_with_paired_claims(tmp_path):
