@@ -38,6 +38,7 @@ from torch.distributions import kl_divergence
 
 from ..inference.evaluation import check_examples, eval_mode, evaluate, particle_traces
 from ..models.model import GenerativeModel
+from ..models.registration import registered_once
 from ..training.run_files import METRICS_NAME
 
 if TYPE_CHECKING:  # xarray is imported where a Dataset is built, so that training and the CLI do not load it
@@ -59,7 +60,9 @@ def _posterior_passes(
 ):
     """Yield, per batch, ``{site: (q, p, value)}`` with base Normal distributions of shape (K, B, D)."""
     check_examples(data)
-    with eval_mode(model, guide):
+    # Registered once: analysing a model must not add it to Pyro's param store (where it
+    # could be renamed beside another model of the same name) or read the store's tensors.
+    with eval_mode(model, guide), registered_once(model, guide):
         for xb in data.split(batch_size):
             guide_trace, model_trace = particle_traces(model, guide, xb, num_samples)
             shape = (num_samples, xb.shape[0])

@@ -30,6 +30,7 @@ from pyro import poutine
 from torch import nn
 
 from ..config import ModelConfig
+from .registration import registered_once
 
 
 def check_examples(data: torch.Tensor) -> None:
@@ -125,7 +126,8 @@ class HierarchicalModel(nn.Module):
 
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
-        return decode_with(self, {}, num_samples, temperature, mean)[0]
+        with registered_once(self):  # sampling reads the modules' tensors, not the param store's
+            return decode_with(self, {}, num_samples, temperature, mean)[0]
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, guide: nn.Module) -> torch.Tensor:
@@ -135,8 +137,9 @@ class HierarchicalModel(nn.Module):
         :param guide: A guide for this model.
         :returns: Tensor of the same shape as ``x``.
         """
-        guide_trace = poutine.trace(guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(self, trace=guide_trace)).get_trace(x)
+        with registered_once(self, guide):  # nothing is added to the param store
+            guide_trace = poutine.trace(guide).get_trace(x)
+            model_trace = poutine.trace(poutine.replay(self, trace=guide_trace)).get_trace(x)
         return model_trace.nodes["x"]["fn"].mean
 
     def test_metrics(self, guide: nn.Module, data: torch.Tensor) -> dict[str, Any]:

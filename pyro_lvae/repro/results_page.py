@@ -249,7 +249,7 @@ def _units_figure(runs: dict[str, RunResult], title: str, path: Path) -> None:
 #: VAE+BN+WU are the same model (one Gaussian layer, q(z1|x) from one MLP) and differ only by
 #: the randomness of their runs: by 0.20 (MNIST) and 0.62 (OMNIGLOT) nats in the committed
 #: 5-epoch sweeps, 0.2–0.56 in earlier ones. Where a setting's pair differs by more, that
-#: difference is its margin (:func:`_claims`).
+#: difference is its margin (see the claims of each setting).
 TIE_MARGIN = 0.6
 
 

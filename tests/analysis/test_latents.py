@@ -136,3 +136,20 @@ def test_inference_data_round_trip(tmp_path):
     np.testing.assert_allclose(back.sample_stats["log_weight"].values[0], lw.numpy())
     np.testing.assert_allclose(back.observed_data["log_likelihood"].values, ll.numpy())
     assert back.constant_data["mean_z1"].shape == (6, 4)
+
+
+def test_the_analyses_register_nothing_in_the_param_store(recwarn):
+    """Analysing, sampling or reconstructing with one of two models of the same (default)
+    name registers neither: no renaming warning, and the param store stays empty."""
+    config = ModelConfig(input_dim=10, latent_sizes=(4, 2), hidden_sizes=(16, 8))
+    x = torch.bernoulli(torch.full((30, 10), 0.4))
+    first, second = GenerativeModel(config), GenerativeModel(config)
+    for model in (first, second):
+        guide = LadderGuide(model)
+        active_units(model, guide, x, num_samples=2)
+        kl_per_unit(model, guide, x)
+        latent_codes(model, guide, x)
+        model.eval().sample(3)
+        model.reconstruct(x, guide.eval())
+    assert not list(pyro.get_param_store().keys())
+    assert not [w for w in recwarn if "param store" in str(w.message)]
