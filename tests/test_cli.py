@@ -176,14 +176,14 @@ def _tiny_train_args(run, root) -> list[str]:
 def test_no_final_eval_runs_no_evaluation_and_resume_keeps_the_stored_overrides(
     tmp_path, shared_data_root, capsys, monkeypatch
 ):
-    import pyro_lvae.training as training
+    import pyro_lvae.training.loop as loop
 
     def no_lk(*args, **kwargs):
         raise AssertionError("final_results ran although --no-final-eval was given")
 
     run = tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr(training, "final_results", no_lk)
+        m.setattr(loop, "final_results", no_lk)  # the name the training loop calls
         assert main(_tiny_train_args(run, shared_data_root) + ["--no-final-eval", "--guide", "bottom-up"]) == 0
     assert "pyro-lvae evaluate" in capsys.readouterr().out and not (run / "results.json").exists()
     # Resume naming only what changes: the latent sizes, subsets and guide stay the run's own.

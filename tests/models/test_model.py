@@ -140,3 +140,37 @@ def test_ladder_guide_site_is_the_merge_of_the_upward_estimate_and_the_models_pr
         site = trace.nodes[f"z{i}"]["fn"].base_dist
         torch.testing.assert_close(site.loc, loc)
         torch.testing.assert_close(site.scale, var.sqrt())
+
+
+def test_a_second_model_with_the_default_name_trains_in_the_same_session():
+    """The notebook trap: two models built with the default name, one after the other, in
+    one Python session. Pyro's param store kept the first model's tensors, and SVI left the
+    second model's weights unchanged without a word. Now the second registers as its own
+    name, with a warning, and trains."""
+    cfg = ModelConfig(input_dim=10, latent_sizes=(4, 3), hidden_sizes=(16, 8), batch_norm=False)
+    x = torch.bernoulli(torch.full((8, 10), 0.5))
+    names, moved = [], []
+    for i in range(2):
+        model = GenerativeModel(cfg)
+        guide = LadderGuide(model)
+        before = [p.detach().clone() for p in model.parameters()]
+        svi = SVI(model, guide, Adam({"lr": 1e-2}), loss=elbo_for(guide))
+        if i == 0:
+            svi.step(x)
+        else:
+            with pytest.warns(UserWarning, match="registered as 'lvae_2'"):
+                svi.step(x)
+        svi.step(x)
+        moved.append(all(not torch.equal(b, p) for b, p in zip(before, model.parameters())))
+        names.append((model.name, guide.name))
+    assert moved == [True, True]
+    assert names == [("lvae", "lvae.ladder"), ("lvae_2", "lvae.ladder_2")]
+
+
+def test_models_with_their_own_names_do_not_warn(recwarn):
+    cfg = ModelConfig(input_dim=6, latent_sizes=(3,), hidden_sizes=(8,), batch_norm=False)
+    first, second = GenerativeModel(cfg, name="a"), GenerativeModel(cfg, name="b")
+    x = torch.ones(2, 6)
+    first(x), second(x), first(x)
+    assert (first.name, second.name) == ("a", "b")
+    assert not [w for w in recwarn if "param store" in str(w.message)]
