@@ -26,13 +26,13 @@ import pyro
 import torch
 from torch import nn
 
+from ..inference.comparison import khat_threshold
 from ..inference.evaluation import DEFAULT_MEMORY_BUDGET, evaluate
 from ..training.batches import prepare_data
 from ..training.results import discrete_offset
 from ..training.run_dir import load_run
 from . import plots
 from .latents import (
-    KHAT_THRESHOLD,
     active_units,
     importance_inference_data,
     kl_per_unit,
@@ -60,8 +60,10 @@ class RunAnalysis:
     :param test_log_likelihood: Test L_K.
     :param num_samples: K.
     :param num_test_examples: Test examples analysed.
-    :param khat_share_above: Share of examples with PSIS k̂ above ``KHAT_THRESHOLD``.
+    :param khat_share_above: Share of examples with PSIS k̂ above the sample-size threshold
+        min(1 − 1/log10 K, 0.7) (:func:`~pyro_lvae.inference.comparison.khat_threshold`).
     :param khat_median: Median k̂.
+    :param khat_share_above_one: Share of examples with k̂ > 1, where the mean of the weights is infinite.
     :param active_units: Active units per layer (Burda et al.).
     :param informative_units: Units with mean KL above ``KL_UNIT_THRESHOLD``, per layer.
     :param latent_sizes: Units per layer.
@@ -82,6 +84,7 @@ class RunAnalysis:
     num_test_examples: int
     khat_share_above: float
     khat_median: float
+    khat_share_above_one: float
     active_units: list[int]
     informative_units: list[int]
     latent_sizes: list[int]
@@ -153,8 +156,9 @@ def analyse_run(
         test_log_likelihood=ev["log_likelihood"] + offset,
         num_samples=num_samples,
         num_test_examples=ev["num_examples"],
-        khat_share_above=float((khat > KHAT_THRESHOLD).mean()),
+        khat_share_above=float((khat > khat_threshold(num_samples)).mean()),
         khat_median=float(np.median(khat)),
+        khat_share_above_one=float((khat > 1).mean()),
         active_units=active["counts"].tolist(),
         informative_units=[int((u > KL_UNIT_THRESHOLD).sum()) for u in units_kl],
         latent_sizes=list(config.model.latent_sizes),
@@ -235,19 +239,22 @@ def write_report(
 
 def _report_lines(rows: list[RunAnalysis], k: int) -> list[str]:
     """The Markdown of ``report.md``: the table of every run, then each run's figures."""
+    threshold = khat_threshold(k)
     lines = [
         "# pyro-lvae report",
         "",
         f"Test-set diagnostics, in nats per example. L_{k} uses K = {k} importance samples per example; "
-        f"k̂ is the Pareto-smoothed importance-sampling shape of each example's {k} log-weights (arviz): "
-        f"where k̂ > {KHAT_THRESHOLD} the estimate of log p(x) is unreliable. Active units: "
+        f"k̂ is the Pareto-smoothed importance-sampling shape of each example's {k} log-weights (arviz). "
+        f"Following Vehtari et al. (2024), the weights have infinite variance where k̂ > 0.5, the estimate "
+        f"of log p(x) is unreliable where k̂ exceeds min(1 − 1/log10 K, 0.7) = {threshold:.2f}, and the "
+        'mean of the weights is infinite where k̂ > 1 (docs/analysis.md, "What k̂ says"). Active units: '
         "Cov_x(E_q[u]) > 0.01 (Burda et al.); below the top layer a unit can pass it through the top-down "
         f"prior alone, so units with mean KL > {KL_UNIT_THRESHOLD} nats are counted too. "
         "KL per layer: E_q[log q(z_i|·) − log p(z_i|·)], z1 first.",
         "",
-        f"| run | guide | epochs | test ELBO | test L_{k} | share k̂ > {KHAT_THRESHOLD} | median k̂ "
+        f"| run | guide | epochs | test ELBO | test L_{k} | share k̂ > {threshold:.2f} | share k̂ > 1 | median k̂ "
         f"| active units per layer | units with KL > {KL_UNIT_THRESHOLD} | KL per layer |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         active = " / ".join(f"{a}/{s}" for a, s in zip(r.active_units, r.latent_sizes))
@@ -256,7 +263,8 @@ def _report_lines(rows: list[RunAnalysis], k: int) -> list[str]:
         label = f"{r.name} (EMA weights)" if r.weights == "ema" else r.name
         lines.append(
             f"| {label} | {r.guide} | {r.epochs} | {r.test_elbo:.2f} | {r.test_log_likelihood:.2f} "
-            f"| {r.khat_share_above:.3f} | {r.khat_median:.2f} | {active} | {informative} | {kl} |"
+            f"| {r.khat_share_above:.3f} | {r.khat_share_above_one:.3f} | {r.khat_median:.2f} | {active} "
+            f"| {informative} | {kl} |"
         )
     lines += ["", "## Comparisons", "", "![layer-wise KL](layer_kl.png)", "", "![ELBO curves](elbo_curves.png)", ""]
     for r in rows:
