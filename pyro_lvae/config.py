@@ -125,7 +125,8 @@ class ModelConfig:
     :param likelihood: ``"bernoulli"`` (sigmoid mean) or ``"gaussian"`` (linear mean,
         softplus variance).
     :param guide: ``"ladder"`` (:class:`~pyro_lvae.models.guides.LadderGuide`) or ``"vae"``
-        (:class:`~pyro_lvae.models.guides.BottomUpGuide`). The VLAE and the VQ-VAE have one
+        (:class:`~pyro_lvae.models.guides.BottomUpGuide`; ``"bottom-up"`` is accepted and
+        stored as ``"vae"``). The VLAE and the VQ-VAE have one
         (bottom-up) inference network each and need ``"vae"``.
     :param family: The model family: ``"lvae"`` (the hierarchical model of the LVAE
         paper, with either guide), ``"vlae"`` (the Variational Ladder Autoencoder,
@@ -180,6 +181,8 @@ class ModelConfig:
     conv_channels: int = 32
 
     def __post_init__(self) -> None:
+        if self.guide == "bottom-up":  # the docs' name for the VAE guide, stored as "vae"
+            object.__setattr__(self, "guide", "vae")
         if isinstance(self.input_dim, bool) or not isinstance(self.input_dim, int) or self.input_dim <= 0:
             raise ValueError(f"input_dim must be a positive integer, got {self.input_dim!r}.")
         _check_sizes("latent_sizes", self.latent_sizes)

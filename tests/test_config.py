@@ -191,3 +191,10 @@ def test_the_parser_handles_annotations_no_field_has_yet():
     with pytest.raises(ValueError):
         _parse_as(bool, "maybe")
     assert type_form(tuple[float, ...]) == "comma-separated numbers"
+
+
+def test_the_guide_can_be_named_bottom_up_in_python_too():
+    config = ModelConfig(guide="bottom-up")
+    assert config.guide == "vae" and config == ModelConfig(guide="vae")
+    with pytest.raises(ValueError, match="choose one of ladder, vae"):
+        ModelConfig(guide="bottomup")

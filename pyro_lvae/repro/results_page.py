@@ -726,7 +726,9 @@ def render_results_page(runs: list[RunResult], figures: Path, figures_rel: str) 
         "```",
         "",
         "L_K is the importance-weighted bound of eq. 6 and L1 the ELBO, both averaged over the "
-        "test examples, in nats per example. The paper trains for 1500–2000 epochs and evaluates "
+        "test examples, in nats per example. BN is batch normalization and WU the KL warm-up (β raised "
+        "from 0 to 1 over the first epochs), as in the paper's names VAE+BN+WU and LVAE+BN+WU. "
+        "The paper trains for 1500–2000 epochs and evaluates "
         "L_5000 on the full test set. Where a run is shorter, the schedule lines under its table "
         "say so, and its numbers are those of the shortened run, not estimates of the paper's.",
         "",
