@@ -607,7 +607,7 @@ def _depth_table(setting: str, table: dict[tuple[str, int], list[RunResult]], k:
     """Fig. 3 / Table 2 as a table: one row per variant and depth, paper beside measured
     (and −L_K in bits per dimension for dequantized runs)."""
     density = setting in ("norb-gauss", "fashion-gauss")
-    bits = all(r.results.test_bits_per_dim is not None for rs in table.values() for r in rs)
+    bits = bool(table) and all(r.results.test_bits_per_dim is not None for rs in table.values() for r in rs)
     unit = "nats per example (a density: higher is better)" if density else "nats per example"
     if bits:
         unit = (

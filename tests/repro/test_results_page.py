@@ -247,3 +247,9 @@ def test_a_run_with_a_changed_model_or_evaluation_is_not_full_length(tmp_path):
     fewer_draws = dataclasses.replace(full.results, num_importance_samples=10)
     for results in (dataclasses.replace(full.results, config=changed_model), fewer_draws):
         assert not is_full_length(RunResult(sweep="s", run="r", results=results))
+
+
+def test_a_setting_with_only_fine_tuned_runs_gets_no_bits_column(tmp_path):
+    _fake_run(tmp_path, "lvae-bn-wu-5-ft", -90.0)
+    text = write_results_page([tmp_path], tmp_path / "r.md").read_text()
+    assert "bits/dim" not in text and "Units: nats per example." in text

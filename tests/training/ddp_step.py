@@ -45,10 +45,10 @@ def one_step(out_prefix: str, poison_rank: int | None = None) -> None:
 def _exit_without_teardown() -> None:
     """End this process now, skipping gloo's teardown.
 
-    Once in about a hundred runs, one rank aborted in gloo's teardown ("terminate called
-    without an active exception", SIGABRT) after the other rank had already closed its
-    connections, even after a barrier and ``destroy_process_group``: the results were written,
-    but torchrun reported a failure. Nothing is left to tear down that the test checks.
+    In one fresh-clone CI run, one rank aborted in gloo's teardown ("terminate called without
+    an active exception", SIGABRT) after a barrier and ``destroy_process_group``, once both ranks
+    had written their results, and torchrun reported a failure (70 runs here did not repeat it).
+    Nothing is left to tear down that the test checks.
     """
     import os
 
