@@ -181,8 +181,8 @@ class ModelConfig:
     conv_channels: int = 32
 
     def __post_init__(self) -> None:
-        if self.guide == "bottom-up":  # the docs' name for the VAE guide, stored as "vae"
-            object.__setattr__(self, "guide", "vae")
+        if isinstance(self.guide, str):  # accepted aliases (ALIASES: "bottom-up") are stored by their own name
+            object.__setattr__(self, "guide", ALIASES["guide"].get(self.guide, self.guide))
         if isinstance(self.input_dim, bool) or not isinstance(self.input_dim, int) or self.input_dim <= 0:
             raise ValueError(f"input_dim must be a positive integer, got {self.input_dim!r}.")
         _check_sizes("latent_sizes", self.latent_sizes)

@@ -156,7 +156,8 @@ def decode_with(
     param = next(model.parameters())
     dummy = torch.zeros(n, model.config.input_dim, device=param.device, dtype=param.dtype)
     fn = poutine.condition(Temperature(temps)(poutine.uncondition(model)), data=fixed)
-    trace = poutine.trace(fn).get_trace(dummy)
+    with registered_once(model):  # decoding reads the module's tensors and adds nothing to the param store
+        trace = poutine.trace(fn).get_trace(dummy)
     x = trace.nodes["x"]["fn"].mean if mean else trace.nodes["x"]["value"]
     return x, [trace.nodes[f"z{i}"]["value"] for i in range(1, model.config.depth + 1)]
 
@@ -200,7 +201,7 @@ def resample(
     layers = encode(model, guide, x)
     copies = num_samples or 1
     kept = {f"z{e.layer}": e.sample.repeat(copies, 1) for e in layers if e.layer >= keep_from}
-    with eval_mode(model), registered_once(model):
+    with eval_mode(model):
         images, zs = decode_with(model, kept, copies * x.shape[0], temperature, mean)
     if num_samples is not None:
         images, zs = images.reshape(copies, x.shape[0], -1), [z.reshape(copies, x.shape[0], -1) for z in zs]
@@ -243,5 +244,5 @@ def interpolate(
     top = trace.nodes[f"z{depth}"]["value"]
     t = torch.linspace(0, 1, steps, device=top.device, dtype=top.dtype)[:, None]
     line = (1 - t) * top[0] + t * top[1]
-    with eval_mode(model), registered_once(model):
+    with eval_mode(model):
         return decode_with(model, {f"z{depth}": line}, steps, temperature, mean=True)[0]

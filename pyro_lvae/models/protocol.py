@@ -126,8 +126,7 @@ class HierarchicalModel(nn.Module):
 
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
-        with registered_once(self):  # sampling reads the modules' tensors, not the param store's
-            return decode_with(self, {}, num_samples, temperature, mean)[0]
+        return decode_with(self, {}, num_samples, temperature, mean)[0]
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, guide: nn.Module) -> torch.Tensor:
