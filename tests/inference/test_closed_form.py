@@ -8,7 +8,7 @@ import torch
 from pyro import poutine
 
 from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig
-from pyro_lvae.inference import evaluation
+from pyro_lvae.inference import closed_form, evaluation
 from pyro_lvae.inference.closed_form import closed_form_applies, closed_form_log_weights
 from pyro_lvae.inference.evaluation import evaluate, particle_log_weights
 
@@ -35,8 +35,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("pairs_per_slice", [closed_form.CPU_PAIRS_PER_SLICE, 20], ids=["one-slice", "slices-of-2"])
 @pytest.mark.parametrize("guide_cls, model_kw", CASES, ids=lambda c: getattr(c, "__name__", str(c)))
-def test_the_closed_form_gives_the_traced_weights_on_the_same_draws(guide_cls, model_kw):
+def test_the_closed_form_gives_the_traced_weights_on_the_same_draws(guide_cls, model_kw, pairs_per_slice, monkeypatch):
+    """Also when the 13 particles are weighed in slices of 2 (7 slices, the last of 1)."""
+    monkeypatch.setattr(closed_form, "CPU_PAIRS_PER_SLICE", pairs_per_slice)
     model, guide = _pair(guide_cls, **model_kw)
     gaussian = model_kw.get("likelihood") == "gaussian"
     x = torch.rand(7, 10, dtype=torch.float64) if gaussian else torch.bernoulli(torch.full((7, 10), 0.4)).double()
@@ -84,3 +87,15 @@ def test_evaluate_gives_the_numbers_of_the_traced_path(monkeypatch):
     torch.testing.assert_close(fast["log_weights"], traced["log_weights"], rtol=1e-5, atol=1e-4)
     assert fast["log_likelihood"] == pytest.approx(traced["log_likelihood"], abs=1e-4)
     assert fast["elbo"] == pytest.approx(traced["elbo"], abs=1e-4)
+
+
+def test_the_bernoulli_term_keeps_float32_accuracy_at_extreme_logits():
+    """log(1 + e^{-|l|}) in place of softplus's log1p: finite and within float32 rounding of
+    the float64 value, for logits from -200 to 200 (where e^{-|l|} underflows)."""
+    logits = torch.linspace(-200, 200, 784).repeat(3, 1)
+    logits[1] = torch.randn(784) * 3
+    x = torch.bernoulli(torch.full((3, 784), 0.5))
+    exact = (x.double() * logits.double() - torch.nn.functional.softplus(logits.double())).sum(-1)
+    fast = closed_form._bernoulli_log_likelihood(logits.clone(), x)
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast.double(), exact, rtol=1e-6, atol=1e-3)
