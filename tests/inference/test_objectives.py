@@ -213,3 +213,49 @@ def test_elbo_for_passes_the_estimators_options_through(guide_cls, free_bits):
     elbo = elbo_for(guide_cls(model), free_bits=free_bits, num_particles=3, vectorize_particles=True)
     assert elbo.num_particles == 3 and elbo.vectorize_particles
     assert ("FreeBits" in type(elbo).__name__) == (free_bits > 0)
+
+
+def test_the_lean_mean_field_elbo_skips_the_latent_densities_and_keeps_the_loss():
+    """Validation off: only x's log-density is computed, and loss and gradients are
+    ``TraceMeanField_ELBO``'s on the same draws, in float64."""
+    from pyro.infer import TraceMeanField_ELBO
+
+    from pyro_lvae.inference.objectives import MeanFieldELBO
+
+    model = GenerativeModel(ModelConfig(input_dim=10, latent_sizes=(4, 3), hidden_sizes=(16, 8)), name="lean").double()
+    guide = LadderGuide(model).double()
+    x = _data().double()
+    grads = []
+    for elbo in (MeanFieldELBO(), TraceMeanField_ELBO()):
+        pyro.set_rng_seed(5)
+        with pyro.validation_enabled(False):
+            loss = elbo.differentiable_loss(model, guide, x)
+        grads.append(torch.autograd.grad(loss, list(guide.parameters())))
+        grads[-1] = (loss.detach(), grads[-1])
+    (lean, lean_g), (ref, ref_g) = grads
+    assert lean.item() == pytest.approx(ref.item(), rel=1e-12)
+    for a, b in zip(lean_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    with pyro.validation_enabled(False):
+        model_trace, guide_trace = MeanFieldELBO()._get_trace(model, guide, (x,), {})
+    computed = {n for n, s in model_trace.nodes.items() if "log_prob" in s}
+    assert computed == {"x"}
+    assert not any("score_parts" in s for s in guide_trace.nodes.values())
+
+
+def test_the_lean_mean_field_elbo_computes_every_density_when_a_latent_is_not_normal():
+    """A Gamma latent: the loss may fall back on log-densities, so all are computed."""
+    import pyro.distributions as dist
+
+    from pyro_lvae.inference.objectives import MeanFieldELBO
+
+    def model(x):
+        z = pyro.sample("z", dist.Gamma(2.0, 2.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("z", dist.Gamma(torch.tensor(3.0), torch.tensor(2.0)))
+
+    with pyro.validation_enabled(False):
+        model_trace, guide_trace = MeanFieldELBO()._get_trace(model, guide, (torch.tensor(0.5),), {})
+    assert "log_prob" in model_trace.nodes["z"] and "score_parts" in guide_trace.nodes["z"]

@@ -551,3 +551,33 @@ def test_the_svi_engine_keeps_restored_states_of_parameters_it_has_not_seen():
     resumed.load_state_dict(state)
     resumed(x, torch.tensor(1.0))
     assert "not_used_yet" in resumed.state_dict()["optimizer"]
+
+
+def test_a_step_reads_the_buffers_the_modules_hold_also_after_they_are_replaced():
+    """The buffers are read through slots listed once; ``.double()`` replaces every tensor,
+    and the step must save and restore the new ones."""
+    from pyro_lvae.training.steps import model_buffers
+
+    model = GenerativeModel(ModelConfig(input_dim=6, latent_sizes=(3, 2), hidden_sizes=(8, 4), batch_norm=True))
+    guide = LadderGuide(model)
+    step = TrainingStep(model, guide, learning_rate=1e-2)
+    assert [id(b) for b in step._buffers()] == [id(b) for b in model_buffers(model, guide)]
+    assert len(step._buffers()) == 3 * 8  # 8 batch-norm layers, 3 buffers each, the model's counted once
+    model.double()
+    guide.double()
+    assert [id(b) for b in step._buffers()] == [id(b) for b in model_buffers(model, guide)]
+    assert all(b.dtype == torch.float64 for b in step._buffers() if b.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    "engine, guide_cls, expected",
+    [
+        ("fast", LadderGuide, "MeanFieldELBO"),
+        ("svi", LadderGuide, "TraceMeanField_ELBO"),
+        ("fast", BottomUpGuide, "Trace_ELBO"),
+    ],
+)
+def test_the_fast_engine_takes_the_lean_mean_field_elbo_and_svi_pyros_own(engine, guide_cls, expected):
+    model = GenerativeModel(ModelConfig(input_dim=6, latent_sizes=(3, 2), hidden_sizes=(8, 4)))
+    step = TrainingStep(model, guide_cls(model), learning_rate=1e-2, engine=engine)
+    assert type(step.elbo).__name__ == expected
