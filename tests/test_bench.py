@@ -66,6 +66,7 @@ def test_bench_quick_runs_and_writes_every_measurement(shared_data_root, tmp_pat
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| ladder | fast engine |" in proc.stdout and "| vae | baseline |" in proc.stdout
+    assert "| vae | fast engine, timed alone with the baseline (" in proc.stdout
     results = json.loads(out.read_text())
     assert results["quick"] is True and results["matmul_roofline_flops"] > 0
     for guide in ("ladder", "vae"):
@@ -81,6 +82,8 @@ def test_bench_quick_runs_and_writes_every_measurement(shared_data_root, tmp_pat
         }
         assert all(v > 0 for v in r["step_ms"].values())
         assert r["ratio_to_baseline"]["baseline"] == 1.0
+        assert set(r["head_to_head_ms"]) == {"fast engine", "baseline"}
+        assert all(v > 0 for v in r["head_to_head_ms"].values())
         assert r["baseline_loss_rel_diff"] < 1e-4  # the baseline computes the library's loss
         assert (
             r["step_flops"] > 0
@@ -90,3 +93,28 @@ def test_bench_quick_runs_and_writes_every_measurement(shared_data_root, tmp_pat
             and r["lk_seconds_traced"] > 0
         )
         assert r["peak_memory_bytes"] > 0
+
+
+def test_the_lk_probes_run_and_every_slice_size_gives_the_same_bound(shared_data_root):
+    """A smoke test of bench/lk_probes.py at tiny sizes: the slice size changes the speed only,
+    so each model prints one L_K for every size."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    script = str(REPO / "bench" / "lk_probes.py")
+    tiny = ["--examples", "7", "--num-samples", "5", "--sizes", "10,1000000", "--rounds", "1"]
+    proc = subprocess.run(
+        [sys.executable, script, "slices", "--data-root", str(shared_data_root), *tiny],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("lvae-bn-wu-5", "vae-bn-wu-3"):
+        rows = [line for line in proc.stdout.splitlines() if line.startswith(f"{name}:")]
+        assert len(rows) == 2
+        assert len({row.rsplit("(L_K ", 1)[1] for row in rows}) == 1
+    proc = subprocess.run(
+        [sys.executable, script, "elementwise", "--rounds", "1"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the closed form's term" in proc.stdout and "log1p" in proc.stdout

@@ -1,0 +1,93 @@
+"""Probes of the L_K evaluation's speed on the shipped models (docs/performance.md reports them).
+
+    python bench/lk_probes.py slices --data-root /path/to/data       # pairs/s against the slice size
+    python bench/lk_probes.py elementwise                            # the Bernoulli term's operations
+
+``slices`` evaluates L_K (K = ``--num-samples``) on the first ``--examples`` MNIST test
+images with the shipped ``lvae-bn-wu-5`` and ``vae-bn-wu-3``, once per value of
+:data:`~pyro_lvae.inference.closed_form.CPU_PAIRS_PER_SLICE`, in interleaved rounds. The
+draws do not depend on the slice size, so every row prints the same L_K.
+
+``elementwise`` times, on a 10,000 × 784 float32 tensor of logits, torch's ``log1p``,
+``exp``, ``log`` and ``F.softplus``, and the Bernoulli term x·ℓ − softplus(ℓ) summed over
+the pixels, written with ``F.softplus`` and as the closed form writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional as F
+
+from pyro_lvae.data import binarize, load_dataset
+from pyro_lvae.inference import closed_form
+from pyro_lvae.inference.evaluation import importance_sampled_bounds
+from pyro_lvae.pretrained import load_pretrained
+
+
+def slices(args: argparse.Namespace) -> None:
+    """Pairs per second of L_K against the number of (particle, example) pairs per slice."""
+    images = load_dataset("mnist", root=args.data_root, download=False).test_x[: args.examples]
+    x = binarize(images.reshape(len(images), -1).float(), generator=torch.Generator().manual_seed(0))
+    sizes = [int(s) for s in args.sizes.split(",")]
+    for name in ("lvae-bn-wu-5", "vae-bn-wu-3"):
+        model, guide = load_pretrained(name)
+        rates: dict[int, list[float]] = {size: [] for size in sizes}
+        for _ in range(args.rounds):
+            for size in sizes:
+                closed_form.CPU_PAIRS_PER_SLICE = size
+                torch.manual_seed(1)
+                t0 = time.perf_counter()
+                out = importance_sampled_bounds(model, guide, x, num_samples=args.num_samples)
+                rates[size].append(len(x) * args.num_samples / (time.perf_counter() - t0))
+        for size, values in rates.items():
+            runs = ", ".join(f"{v:,.0f}" for v in values)
+            print(f"{name}: {size:>7,} pairs per slice: {runs} pairs/s (L_K {out['log_likelihood'].mean():.4f})")
+
+
+def elementwise(args: argparse.Namespace) -> None:
+    """Milliseconds of the Bernoulli term's operations, median of ``--rounds`` rounds of 10 calls."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(10_000, 784, generator=generator) * 4
+    x = torch.bernoulli(torch.full((10_000, 784), 0.2), generator=generator)
+    out = torch.empty_like(logits)
+    ops: dict[str, Callable[[], object]] = {
+        "log1p": lambda: torch.log1p(logits.abs(), out=out),
+        "exp": lambda: torch.exp(logits, out=out),
+        "log": lambda: torch.log(logits.abs(), out=out),
+        "F.softplus": lambda: F.softplus(logits),
+        "x·ℓ − F.softplus(ℓ), summed": lambda: (x * logits - F.softplus(logits)).sum(-1),
+        "the closed form's term": lambda: closed_form._bernoulli_log_likelihood(logits, x),
+    }
+    times: dict[str, list[float]] = {name: [] for name in ops}
+    for _ in range(args.rounds):
+        for name, op in ops.items():
+            t0 = time.perf_counter()
+            for _ in range(10):
+                op()
+            times[name].append((time.perf_counter() - t0) / 10 * 1e3)
+    for name, values in times.items():
+        print(f"{name:30s} {statistics.median(values):7.2f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("probe", choices=("slices", "elementwise"))
+    parser.add_argument("--data-root", default=None, help="data root (default $PYRO_LVAE_DATA)")
+    parser.add_argument("--examples", type=int, default=500)
+    parser.add_argument("--num-samples", type=int, default=300)
+    parser.add_argument("--sizes", default="1000,2500,5000,10000,20000,1000000", help="pairs per slice")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if args.probe == "slices":
+        slices(args)
+    else:
+        elementwise(args)
+
+
+if __name__ == "__main__":
+    main()
