@@ -2,11 +2,15 @@
 
     python bench/lk_probes.py slices --data-root /path/to/data       # pairs/s against the slice size
     python bench/lk_probes.py elementwise                            # the Bernoulli term's operations
+    python bench/lk_probes.py inference-mode --data-root /path/to/data  # torch.inference_mode against no_grad
 
 ``slices`` evaluates L_K (K = ``--num-samples``) on the first ``--examples`` MNIST test
 images with the shipped ``lvae-bn-wu-5`` and ``vae-bn-wu-3``, once per value of
 :data:`~pyro_lvae.inference.closed_form.CPU_PAIRS_PER_SLICE`, in interleaved rounds. The
 draws do not depend on the slice size, so every row prints the same L_K.
+
+``inference-mode`` times the closed-form weights of the shipped ``lvae-bn-wu-5`` (3 chunks of
+``--num-samples`` particles per round) under ``torch.inference_mode`` and under ``torch.no_grad``.
 
 ``elementwise`` times, on a 10,000 × 784 float32 tensor of logits, torch's ``log1p``,
 ``exp``, ``log`` and ``F.softplus``, and the Bernoulli term x·ℓ − softplus(ℓ) summed over
@@ -31,12 +35,12 @@ from pyro_lvae.pretrained import load_pretrained
 
 def slices(args: argparse.Namespace) -> None:
     """Pairs per second of L_K against the number of (particle, example) pairs per slice."""
-    images = load_dataset("mnist", root=args.data_root, download=False).test_x[: args.examples]
-    x = binarize(images.reshape(len(images), -1).float(), generator=torch.Generator().manual_seed(0))
+    x = _test_images(args)
     sizes = [int(s) for s in args.sizes.split(",")]
     for name in ("lvae-bn-wu-5", "vae-bn-wu-3"):
         model, guide = load_pretrained(name)
         rates: dict[int, list[float]] = {size: [] for size in sizes}
+        bound: dict[int, float] = {}
         for _ in range(args.rounds):
             for size in sizes:
                 closed_form.CPU_PAIRS_PER_SLICE = size
@@ -44,9 +48,32 @@ def slices(args: argparse.Namespace) -> None:
                 t0 = time.perf_counter()
                 out = importance_sampled_bounds(model, guide, x, num_samples=args.num_samples)
                 rates[size].append(len(x) * args.num_samples / (time.perf_counter() - t0))
+                bound[size] = out["log_likelihood"].mean().item()
         for size, values in rates.items():
             runs = ", ".join(f"{v:,.0f}" for v in values)
-            print(f"{name}: {size:>7,} pairs per slice: {runs} pairs/s (L_K {out['log_likelihood'].mean():.4f})")
+            print(f"{name}: {size:>7,} pairs per slice: {runs} pairs/s (L_K {bound[size]:.4f})")
+
+
+def _test_images(args: argparse.Namespace) -> torch.Tensor:
+    images = load_dataset("mnist", root=args.data_root, download=False).test_x[: args.examples]
+    return binarize(images.reshape(len(images), -1).float(), generator=torch.Generator().manual_seed(0))
+
+
+def inference_mode(args: argparse.Namespace) -> None:
+    """Pairs per second of the closed-form weights under ``inference_mode`` and ``no_grad``."""
+    x = _test_images(args)
+    model, guide = load_pretrained("lvae-bn-wu-5")
+    rates: dict[str, list[float]] = {"no_grad": [], "inference_mode": []}
+    for _ in range(args.rounds):
+        for name, context in (("no_grad", torch.no_grad), ("inference_mode", torch.inference_mode)):
+            torch.manual_seed(1)
+            t0 = time.perf_counter()
+            with context():
+                for _ in range(3):
+                    closed_form.closed_form_log_weights(model, guide, x, args.num_samples)
+            rates[name].append(3 * len(x) * args.num_samples / (time.perf_counter() - t0))
+    for name, values in rates.items():
+        print(f"{name:15s} median {statistics.median(values):,.0f} pairs/s over {len(values)} rounds")
 
 
 def elementwise(args: argparse.Namespace) -> None:
@@ -54,11 +81,11 @@ def elementwise(args: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(10_000, 784, generator=generator) * 4
     x = torch.bernoulli(torch.full((10_000, 784), 0.2), generator=generator)
-    out = torch.empty_like(logits)
+    positive, out = logits.abs(), torch.empty_like(logits)
     ops: dict[str, Callable[[], object]] = {
-        "log1p": lambda: torch.log1p(logits.abs(), out=out),
+        "log1p": lambda: torch.log1p(positive, out=out),
         "exp": lambda: torch.exp(logits, out=out),
-        "log": lambda: torch.log(logits.abs(), out=out),
+        "log": lambda: torch.log(positive, out=out),
         "F.softplus": lambda: F.softplus(logits),
         "x·ℓ − F.softplus(ℓ), summed": lambda: (x * logits - F.softplus(logits)).sum(-1),
         "the closed form's term": lambda: closed_form._bernoulli_log_likelihood(logits, x),
@@ -76,17 +103,14 @@ def elementwise(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=("slices", "elementwise"))
+    parser.add_argument("probe", choices=("slices", "elementwise", "inference-mode"))
     parser.add_argument("--data-root", default=None, help="data root (default $PYRO_LVAE_DATA)")
     parser.add_argument("--examples", type=int, default=500)
     parser.add_argument("--num-samples", type=int, default=300)
     parser.add_argument("--sizes", default="1000,2500,5000,10000,20000,1000000", help="pairs per slice")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    if args.probe == "slices":
-        slices(args)
-    else:
-        elementwise(args)
+    {"slices": slices, "elementwise": elementwise, "inference-mode": inference_mode}[args.probe](args)
 
 
 if __name__ == "__main__":

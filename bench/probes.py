@@ -4,10 +4,15 @@
     python bench/probes.py jit-fixed # the same, with JitTraceMeanField_ELBO's cache bug worked around
     python bench/probes.py compile   # torch.compile of the fast engine's loss
     python bench/probes.py compile-networks  # torch.compile of each deterministic network only
+    python bench/probes.py trace-mean-field  # the fast engine with Pyro's TraceMeanField_ELBO (ladder)
+    python bench/probes.py stacked-heads     # each Gaussian head as one matrix product (mean and variance)
+    python bench/probes.py lean-mc --guide vae  # a Monte Carlo ELBO without Trace_ELBO's per-site .item()
 
 Each probe builds the paper's 5-layer model for one guide (``--guide``), times
 the fast engine's step and the probed variant in interleaved rounds, and prints
-both (or the error that stopped the variant). docs/performance.md reports them.
+both (or the error that stopped the variant). The last three are whole engine steps
+with one thing changed; the others time loss, backward and update without the engine's
+finiteness check. docs/performance.md reports them.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from pathlib import Path
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO, TraceMeanField_ELBO
+from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import _build, _median_ms  # noqa: E402
@@ -29,10 +36,54 @@ from pyro_lvae import get_preset  # noqa: E402
 from pyro_lvae.models.nn import MLP, GaussianHead  # noqa: E402
 from pyro_lvae.training.steps import TrainingStep  # noqa: E402
 
+ENGINE_VARIANTS = ("trace-mean-field", "stacked-heads", "lean-mc")
+
+
+class LeanMonteCarloELBO(Trace_ELBO):
+    """The single-sample ELBO of reparameterized guides, summed from the traces' log-densities
+    without ``Trace_ELBO``'s ``.item()`` per site and score parts (a probe, not a library class)."""
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        model_trace.compute_log_prob()
+        guide_trace.compute_log_prob()
+        elbo = sum(s["log_prob_sum"] for s in model_trace.nodes.values() if s["type"] == "sample")
+        return -(elbo - sum(s["log_prob_sum"] for s in guide_trace.nodes.values() if s["type"] == "sample"))
+
+
+def _stacked_forward(head: GaussianHead, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = torch.cat([head.loc.weight, head.var.weight])
+    loc, pre_var = F.linear(d, weight, torch.cat([head.loc.bias, head.var.bias])).chunk(2, dim=-1)
+    return loc, F.softplus(pre_var).clamp_min(head.variance_floor)
+
+
+def engine_variant(probe: str, step: TrainingStep, x: torch.Tensor, beta: torch.Tensor):
+    """A whole fast-engine step with the one change ``probe`` names."""
+    if probe == "trace-mean-field":
+        step.elbo = TraceMeanField_ELBO()
+    elif probe == "lean-mc":
+        step.elbo = LeanMonteCarloELBO()
+    if probe != "stacked-heads":
+        return lambda: step(x, beta)
+    # Each head once: the ladder guide holds the model's heads too.
+    heads = {id(m): m for m in [*step.model.modules(), *step.guide.modules()] if isinstance(m, GaussianHead)}.values()
+
+    def stacked() -> None:
+        for head in heads:  # an instance attribute shadows the class's forward for this step only
+            head.forward = _stacked_forward.__get__(head)
+        try:
+            step(x, beta)
+        finally:
+            for head in heads:
+                del head.forward
+
+    return stacked
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=("jit", "jit-fixed", "compile", "compile-networks"))
+    parser.add_argument("probe", choices=("jit", "jit-fixed", "compile", "compile-networks", *ENGINE_VARIANTS))
     parser.add_argument("--guide", choices=("ladder", "vae"), default="ladder")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
@@ -47,6 +98,10 @@ def main() -> None:
     model2, guide2 = _build(config, x.device, "probe")
     probe_step = TrainingStep(model2, guide2, learning_rate=1e-3)
     opt = probe_step.optimizer
+    if args.probe in ENGINE_VARIANTS:
+        fns[args.probe] = engine_variant(args.probe, probe_step, x, beta)
+        _report(fns, args.rounds, x)
+        return
     if args.probe == "jit":
         elbo = (JitTraceMeanField_ELBO if guide2.mean_field_compatible else JitTrace_ELBO)(ignore_jit_warnings=True)
         loss_fn = lambda: elbo.differentiable_loss(model2, guide2, x, beta)  # noqa: E731
@@ -87,7 +142,11 @@ def main() -> None:
         return
     print(f"{args.probe} ({args.guide}): first step (compilation included) {time.perf_counter() - t0:.1f} s")
     fns[args.probe] = probe
-    ms = _median_ms(fns, device=x.device, rounds=args.rounds, per_round=10, warmup=3)
+    _report(fns, args.rounds, x)
+
+
+def _report(fns: dict, rounds: int, x: torch.Tensor) -> None:
+    ms = _median_ms(fns, device=x.device, rounds=rounds, per_round=10, warmup=3)
     for name, value in ms.items():
         print(f"{name:12s} {value:7.2f} ms/step")
     pyro.clear_param_store()

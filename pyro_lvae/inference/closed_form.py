@@ -19,7 +19,8 @@ order and shapes of the traced path (one ``(particles, batch, units)`` block per
 the guide's sampling order), so on the same seed it gives the same weights, up to
 floating-point rounding (``tests/inference/test_closed_form.py``). All the noise is drawn
 first; on the CPU the particles are then weighed in slices small enough for the cache
-(:data:`CPU_PAIRS_PER_SLICE`), which changes the speed and not the draws.
+(:data:`CPU_PAIRS_PER_SLICE`), which changes the speed and not the draws (in evaluation
+mode, where batch norm uses its running statistics).
 """
 
 from __future__ import annotations
@@ -129,10 +130,15 @@ def _bottom_up(
     return zs[0], [q - p for q, p in zip(log_qs, log_ps)]
 
 
-def _slice_size(x: torch.Tensor, num_particles: int) -> int:
+def _slice_size(model: GenerativeModel, guide: torch.nn.Module, x: torch.Tensor, num_particles: int) -> int:
     """Particles weighed at once: all of them, except on the CPU, where a slice of about
-    :data:`CPU_PAIRS_PER_SLICE` (particle, example) pairs keeps the activations in cache."""
-    if x.device.type != "cpu":
+    :data:`CPU_PAIRS_PER_SLICE` (particle, example) pairs keeps the activations in cache.
+
+    Also all of them when a module is in training mode: batch norm then normalizes over
+    every (particle, example) pair it is given, as on the traced path, so a slice would
+    change the weights.
+    """
+    if x.device.type != "cpu" or any(m.training for m in (*model.modules(), *guide.modules())):
         return num_particles
     return max(1, CPU_PAIRS_PER_SLICE // x.shape[0])
 
@@ -162,7 +168,7 @@ def closed_form_log_weights(
     # What depends on x alone, once for every slice.
     given_x = guide.upward(x) if ladder else guide.heads[0](guide.mlps[0](x))
     draw = _ladder if ladder else _bottom_up
-    step = _slice_size(x, num_particles)
+    step = _slice_size(model, guide, x, num_particles)
     totals, reconstructions, layer_kls = [], [], []
     for start in range(0, num_particles, step):
         with model.shared_priors():

@@ -98,7 +98,8 @@ def elbo_for(
         (:mod:`pyro_lvae.inference.free_bits`); 0 is the plain ELBO.
     :param free_bits_mode: ``"layer"`` or ``"unit"``: where the floor applies.
     :param lean: Give :class:`MeanFieldELBO` instead of ``TraceMeanField_ELBO``: the same
-        loss, without the log-densities it does not read (the fast engine's choice).
+        loss, without the log-densities it does not read (the fast engine's choice). The
+        free-bits estimators are built on Pyro's classes either way.
     :param kwargs: Passed to the ELBO (e.g. ``num_particles``, ``vectorize_particles``).
 
     >>> from pyro_lvae import GenerativeModel, LadderGuide, BottomUpGuide, ModelConfig

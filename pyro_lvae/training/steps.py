@@ -40,10 +40,9 @@ with these changes, each measured in ``docs/performance.md``:
   optimizes the modules' parameters directly);
 * the model's top-down priors are shared with the ladder guide
   (:meth:`~pyro_lvae.models.model.GenerativeModel.shared_priors`);
-* the mean-field objective is :class:`~pyro_lvae.inference.objectives.MeanFieldELBO`,
-  ``TraceMeanField_ELBO`` without the latent log-densities its loss never reads;
-* the batch-norm buffers that a skipped step restores are listed once, not found by
-  walking the modules on every step;
+* without free bits, the mean-field objective is
+  :class:`~pyro_lvae.inference.objectives.MeanFieldELBO`, ``TraceMeanField_ELBO`` without
+  the latent log-densities its loss never reads;
 * the loss stays a tensor; the caller sums it on the device.
 
 Both engines skip an update whose loss or gradients are not finite (a NaN in a
@@ -97,21 +96,6 @@ def model_buffers(model: nn.Module, guide: nn.Module) -> list[torch.Tensor]:
     :param guide: A guide for it.
     """
     return _each_once(list(model.buffers()) + list(guide.buffers()))
-
-
-def _buffer_slots(model: nn.Module, guide: nn.Module) -> list[tuple[nn.Module, str]]:
-    """Where each buffer of :func:`model_buffers` lives: ``(module, attribute name)``, each once.
-
-    Reading the buffers through these slots on every step is cheaper than walking the
-    modules again (about 170 of them in the paper's ladder model; docs/performance.md), and
-    still finds the current tensors after ``.to(device)`` or ``.double()`` replace them.
-    """
-    slots: dict[int, tuple[nn.Module, str]] = {}
-    for root in (model, guide):
-        for module in root.modules():
-            for name, buf in module.named_buffers(recurse=False):
-                slots.setdefault(id(buf), (module, name))
-    return list(slots.values())
 
 
 def _each_once(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -199,7 +183,8 @@ class TrainingStep:
     #: The engine name this class implements.
     engine: ClassVar[str]
     #: Whether the objective is :class:`~pyro_lvae.inference.objectives.MeanFieldELBO` rather
-    #: than ``TraceMeanField_ELBO`` where the guide takes the mean-field ELBO (same loss).
+    #: than ``TraceMeanField_ELBO`` where the guide takes the mean-field ELBO without free
+    #: bits (same loss).
     lean_objective: ClassVar[bool] = False
 
     def __new__(cls, *args: Any, engine: str = "fast", **options: Any) -> TrainingStep:
@@ -239,7 +224,6 @@ class TrainingStep:
         self.elbo = elbo_for(guide, free_bits=free_bits, free_bits_mode=free_bits_mode, lean=self.lean_objective)
         #: Decides which updates are skipped, and why.
         self.skip_rule = SkipRule(skip_threshold)
-        self._buffer_slots = _buffer_slots(model, guide)
         #: Why the last call skipped its update (``"non_finite"`` or ``"threshold"``), or ``None``.
         self.skip_cause: str | None = None
         #: The global gradient norm of the last call, before clipping (``nan`` if not computed).
@@ -297,8 +281,7 @@ class TrainingStep:
         return saved
 
     def _buffers(self) -> list[torch.Tensor]:
-        """The batch-norm statistics, read through the slots listed when the step was built."""
-        return [getattr(module, name) for module, name in self._buffer_slots]
+        return model_buffers(self.model, self.guide)
 
     def _build_optimizer(self, learning_rate: float, adam_eps: float) -> None:
         raise NotImplementedError

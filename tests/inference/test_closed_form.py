@@ -96,6 +96,24 @@ def test_the_bernoulli_term_keeps_float32_accuracy_at_extreme_logits():
     logits[1] = torch.randn(784) * 3
     x = torch.bernoulli(torch.full((3, 784), 0.5))
     exact = (x.double() * logits.double() - torch.nn.functional.softplus(logits.double())).sum(-1)
-    fast = closed_form._bernoulli_log_likelihood(logits.clone(), x)
+    given = logits.clone()
+    fast = closed_form._bernoulli_log_likelihood(logits, x)
+    assert torch.equal(logits, given)  # the decoder's output is left as it was
     assert torch.isfinite(fast).all()
     torch.testing.assert_close(fast.double(), exact, rtol=1e-6, atol=1e-3)
+
+
+def test_in_training_mode_the_particles_are_weighed_together_as_on_the_traced_path(monkeypatch):
+    """Batch norm in training mode normalizes over all the pairs it is given: slices would
+    change the weights, so a model in training mode is weighed in one piece."""
+    monkeypatch.setattr(closed_form, "CPU_PAIRS_PER_SLICE", 20)
+    model, guide = _pair(LadderGuide)
+    model.train()
+    guide.train()
+    x = torch.bernoulli(torch.full((7, 10), 0.4)).double()
+    pyro.set_rng_seed(11)
+    with torch.no_grad():
+        traced = particle_log_weights(model, guide, x, 13)
+    pyro.set_rng_seed(11)
+    total, _, _ = closed_form_log_weights(model, guide, x, 13)
+    torch.testing.assert_close(total, traced.total, rtol=1e-10, atol=1e-10)

@@ -553,22 +553,6 @@ def test_the_svi_engine_keeps_restored_states_of_parameters_it_has_not_seen():
     assert "not_used_yet" in resumed.state_dict()["optimizer"]
 
 
-def test_a_step_reads_the_buffers_the_modules_hold_also_after_they_are_replaced():
-    """The buffers are read through slots listed once; ``.double()`` replaces every tensor,
-    and the step must save and restore the new ones."""
-    from pyro_lvae.training.steps import model_buffers
-
-    model = GenerativeModel(ModelConfig(input_dim=6, latent_sizes=(3, 2), hidden_sizes=(8, 4), batch_norm=True))
-    guide = LadderGuide(model)
-    step = TrainingStep(model, guide, learning_rate=1e-2)
-    assert [id(b) for b in step._buffers()] == [id(b) for b in model_buffers(model, guide)]
-    assert len(step._buffers()) == 3 * 8  # 8 batch-norm layers, 3 buffers each, the model's counted once
-    model.double()
-    guide.double()
-    assert [id(b) for b in step._buffers()] == [id(b) for b in model_buffers(model, guide)]
-    assert all(b.dtype == torch.float64 for b in step._buffers() if b.is_floating_point())
-
-
 @pytest.mark.parametrize(
     "engine, guide_cls, expected",
     [
