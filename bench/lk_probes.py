@@ -7,7 +7,8 @@
 ``slices`` evaluates L_K (K = ``--num-samples``) on the first ``--examples`` MNIST test
 images with the shipped ``lvae-bn-wu-5`` and ``vae-bn-wu-3``, once per value of
 :data:`~pyro_lvae.inference.closed_form.CPU_PAIRS_PER_SLICE`, in interleaved rounds. The
-draws do not depend on the slice size, so every row prints the same L_K.
+draws do not depend on the slice size, so every row prints the same L_K, up to the float32
+rounding of matrix products of other sizes.
 
 ``inference-mode`` times the closed-form weights of the shipped ``lvae-bn-wu-5`` (3 chunks of
 ``--num-samples`` particles per round) under ``torch.inference_mode`` and under ``torch.no_grad``.

@@ -37,8 +37,8 @@ def _normal_event_dims(fn: Any) -> int | None:
 
 
 def _every_kl_is_normal(model_trace: poutine.Trace, guide_trace: poutine.Trace) -> bool:
-    """Whether each latent site is a Normal in both traces with the same event shape, so
-    that the mean-field loss reads its analytic KL and never its log-densities."""
+    """Whether each latent site is a Normal in both traces with the same number of event
+    dimensions, so that the mean-field loss reads its analytic KL and never its log-densities."""
     model_latents = {n for n, s in model_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]}
     guide_latents = {n for n, s in guide_trace.nodes.items() if s["type"] == "sample"}
     if model_latents != guide_latents:
@@ -111,6 +111,8 @@ def elbo_for(
     from .free_bits import FreeBitsMeanFieldELBO, FreeBitsTraceELBO
 
     check_free_bits(free_bits, free_bits_mode)
+    if not isinstance(lean, bool):
+        raise ValueError(f"lean must be True or False, got {lean!r}.")
     mean_field = isinstance(guide, HierarchicalGuide) and guide.mean_field_compatible
     if free_bits > 0:
         estimator = FreeBitsMeanFieldELBO if mean_field else FreeBitsTraceELBO

@@ -259,3 +259,10 @@ def test_the_lean_mean_field_elbo_computes_every_density_when_a_latent_is_not_no
     with pyro.validation_enabled(False):
         model_trace, guide_trace = MeanFieldELBO()._get_trace(model, guide, (torch.tensor(0.5),), {})
     assert "log_prob" in model_trace.nodes["z"] and "score_parts" in guide_trace.nodes["z"]
+
+
+def test_elbo_for_refuses_a_lean_flag_that_is_not_a_bool():
+    from pyro_lvae.inference.objectives import elbo_for
+
+    with pytest.raises(ValueError, match="lean must be True or False"):
+        elbo_for(LadderGuide(_model()), lean="yes")
