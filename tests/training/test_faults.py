@@ -114,15 +114,20 @@ def _wait_for_epochs(proc, run_dir, at_least: int, timeout: float = 120) -> None
 
 
 def _wait_for_checkpoint_of_epoch(run_dir, epoch: int, timeout: float = 120) -> None:
-    """Poll until checkpoint.pt holds ``epoch`` (it is replaced atomically, so a read sees a whole file)."""
+    """Poll until checkpoint.pt holds ``epoch``. It is replaced by a rename, so a read sees a
+    whole file; but between moving the old one to checkpoint.prev.pt and renaming the new one
+    into place there is no checkpoint.pt for an instant, and a poll may fall in that gap."""
     deadline, seen = time.time() + timeout, None
     while time.time() < deadline:
         path = run_dir / "checkpoint.pt"
-        stamp = path.stat().st_mtime_ns if path.exists() else None
-        if stamp is not None and stamp != seen:
-            seen = stamp
-            if torch.load(path, weights_only=False)["epoch"] >= epoch:
-                return
+        try:
+            stamp = path.stat().st_mtime_ns
+            if stamp != seen:
+                seen = stamp
+                if torch.load(path, weights_only=False)["epoch"] >= epoch:
+                    return
+        except FileNotFoundError:
+            pass  # the gap between the two renames: poll again
         time.sleep(0.005)
     raise AssertionError(f"no checkpoint of epoch {epoch} in {run_dir} within {timeout} s")
 
