@@ -95,36 +95,29 @@ def test_bench_quick_runs_and_writes_every_measurement(shared_data_root, tmp_pat
         assert r["peak_memory_bytes"] > 0
 
 
+def _run_lk_probe(*args: str) -> str:
+    """The standard output of ``bench/lk_probes.py args``, which must exit cleanly."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "lk_probes.py"), *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 def test_the_lk_probes_run_and_every_slice_size_gives_the_same_bound(shared_data_root):
     """A smoke test of bench/lk_probes.py at tiny sizes: the slice size changes the speed only,
     so each model prints the same L_K for every size, up to float32 rounding."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    script = str(REPO / "bench" / "lk_probes.py")
-    tiny = ["--examples", "7", "--num-samples", "5", "--sizes", "10,1000000", "--rounds", "1"]
-    proc = subprocess.run(
-        [sys.executable, script, "slices", "--data-root", str(shared_data_root), *tiny],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    tiny = ["--data-root", str(shared_data_root), "--examples", "7", "--num-samples", "5", "--rounds", "1"]
+    out = _run_lk_probe("slices", *tiny, "--sizes", "10,1000000")
     for name in ("lvae-bn-wu-5", "vae-bn-wu-3"):
-        rows = [line for line in proc.stdout.splitlines() if line.startswith(f"{name}:")]
+        rows = [line for line in out.splitlines() if line.startswith(f"{name}:")]
         assert len(rows) == 2
         bounds = [float(row.rsplit("(L_K ", 1)[1].rstrip(")")) for row in rows]
         assert abs(bounds[0] - bounds[1]) < 1e-3  # float32 rounding of matrix products of other sizes
-    proc = subprocess.run(
-        [sys.executable, script, "elementwise", "--rounds", "1"], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "the closed form's term" in proc.stdout and "log1p" in proc.stdout
-    proc = subprocess.run(
-        [sys.executable, script, "inference-mode", "--data-root", str(shared_data_root), *tiny],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "inference_mode  median" in proc.stdout
+    out = _run_lk_probe("elementwise", "--rounds", "1")
+    assert "the closed form's term" in out and "log1p" in out
+    assert "inference_mode  median" in _run_lk_probe("inference-mode", *tiny)
