@@ -107,9 +107,9 @@ def prepare_data(
         )
     device = torch.device(device)
     train_x = train_x.to(device)
-    test_x = _fixed_draw(test_x.to(device), config, seed=tc.seed)
+    test_x = _fixed_draw(test_x, config, seed=tc.seed).to(device)
     if valid_x is not None:
-        valid_x = _fixed_draw(valid_x.to(device), config, seed=tc.seed + VALID_SPLIT_SEED)
+        valid_x = _fixed_draw(valid_x, config, seed=tc.seed + VALID_SPLIT_SEED).to(device)
     return PreparedData(
         train=train_x,
         test=test_x,
@@ -123,11 +123,17 @@ def prepare_data(
 
 def _fixed_draw(x: torch.Tensor, config: ExperimentConfig, *, seed: int) -> torch.Tensor:
     """An evaluation set as evaluated: binarized (dynamic binarization) or dequantized once,
-    with a generator seeded by ``seed``; otherwise ``x`` itself."""
+    with a CPU generator seeded by ``seed``; otherwise ``x`` itself.
+
+    The draw is made on the CPU whatever the training device, so that a GPU run is scored
+    on the same test images as a CPU run and as the shipped models' manifest (a CUDA
+    generator with the same seed draws other images).
+    """
+    x = x.cpu()
     if config.train.binarization == "dynamic":
-        return binarize(x, generator=torch.Generator(device=x.device).manual_seed(seed))
+        return binarize(x, generator=torch.Generator().manual_seed(seed))
     if config.train.dequantize:
-        return dequantize(x, generator=torch.Generator(device=x.device).manual_seed(seed))
+        return dequantize(x, generator=torch.Generator().manual_seed(seed))
     return x
 
 

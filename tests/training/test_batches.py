@@ -76,3 +76,16 @@ def test_periodic_numbers_come_from_the_validation_set_and_the_test_set_is_used_
     pyro.clear_param_store()
     plain = train(_config(), dataset=data, progress=False)
     assert "test_elbo" in plain.metrics[-1] and "valid_elbo" not in plain.metrics[-1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_gpu_run_is_scored_on_the_cpu_runs_test_images(make_synthetic):
+    config = ExperimentConfig(
+        model=ModelConfig(input_dim=12, latent_sizes=(2,), hidden_sizes=(8,)),
+        train=TrainConfig(epochs=1, batch_size=16, valid_size=8),
+    )
+    data = make_synthetic()
+    on_cpu = prepare_data(config, dataset=data, device="cpu")
+    on_gpu = prepare_data(config, dataset=data, device="cuda")
+    assert on_gpu.test.is_cuda
+    assert torch.equal(on_gpu.test.cpu(), on_cpu.test) and torch.equal(on_gpu.valid.cpu(), on_cpu.valid)
