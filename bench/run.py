@@ -156,6 +156,42 @@ def step_functions(config, x: torch.Tensor, beta: torch.Tensor) -> dict[str, Cal
     return fns
 
 
+def graph_step_functions(config, x: torch.Tensor, beta: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """On a GPU, both steps recorded as CUDA graphs: the library's engine and the baseline."""
+    model, guide = _build(config, x.device, "graph")
+    graphed = TrainingStep(model, guide, learning_rate=config.train.learning_rate, engine="cuda-graph")
+    baseline = _graphed_baseline(CompactLVAE(*_build(config, x.device, "gbase")), x, beta, config.train.learning_rate)
+    return {"cuda-graph engine": lambda: graphed(x, beta), "baseline, CUDA graph": baseline}
+
+
+def _graphed_baseline(compact, x: torch.Tensor, beta: torch.Tensor, lr: float) -> Callable[[], Any]:
+    """The compact baseline's step recorded as a CUDA graph (PyTorch's whole-network recipe)."""
+    opt = torch.optim.Adam(
+        list(compact.parameters()), lr=torch.tensor(lr, device=x.device), fused=True, capturable=True
+    )
+
+    def step():
+        loss = compact_loss(compact, x, beta)
+        loss.backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+            opt.zero_grad(set_to_none=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    def replay(graph=graph, keep=(compact, opt)):  # the graph reads and writes their tensors: keep them alive
+        graph.replay()
+
+    return replay
+
+
 def head_to_head(config, x: torch.Tensor, beta: torch.Tensor, *, rounds: int, per_round: int) -> dict[str, float]:
     """The fast engine and the baseline alone, interleaved: the ratio of the goal, without the
     other five variants' networks and optimizer states competing for the cache between rounds."""
@@ -290,6 +326,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "achieved_flops": {k: flops / (v / 1e3) for k, v in ms.items() if k in ("fast engine", "baseline")},
             "head_to_head_ms": head_to_head(config, x, beta, rounds=2 * rounds, per_round=per_round),
         }
+        if device.type == "cuda":
+            graphs = graph_step_functions(config, x, beta)
+            gms = _median_ms(graphs, device=device, rounds=rounds, per_round=per_round, warmup=5)
+            results["guides"][guide_name]["graph_step_ms"] = gms
         if args.steps_only:
             continue
 
@@ -299,6 +339,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         svi_epoch = train(
             epoch_cfg.replace(engine="svi"), dataset=mnist, device=device, progress=False, final_evaluation=False
         )
+        if device.type == "cuda":
+            # Two epochs: the first records the graphs after its warm-up steps.
+            graph_epochs = train(
+                epoch_cfg.replace(engine="cuda-graph", epochs=2),
+                dataset=mnist,
+                device=device,
+                progress=False,
+                final_evaluation=False,
+            )
+            results["guides"][guide_name]["epoch_seconds_cuda_graph"] = [m["seconds"] for m in graph_epochs.metrics]
         steps_per_epoch = -(-len(epoch.data.train) // batch)
 
         test = epoch.data.test[:lk_examples]
@@ -343,6 +393,12 @@ def format_table(results: dict[str, Any]) -> str:
         for variant, ms in r["step_ms"].items():
             lines.append(f"| {guide} | {variant} | {ms:.2f} | {r['ratio_to_baseline'][variant]:.2f} |")
     for guide, r in results["guides"].items():
+        for variant, ms in r.get("graph_step_ms", {}).items():
+            lines.append(
+                f"| {guide} | {variant} | {ms:.2f} | {ms / r['graph_step_ms']['baseline, CUDA graph']:.2f} "
+                "× the graphed baseline |"
+            )
+    for guide, r in results["guides"].items():
         pair = r["head_to_head_ms"]
         lines.append(
             f"| {guide} | fast engine, timed alone with the baseline ({pair['baseline']:.2f} ms) "
@@ -366,6 +422,10 @@ def format_table(results: dict[str, Any]) -> str:
             f"{r['step_flops'] / 1e9:.3f} | {fast / 1e9:.1f} ({base / 1e9:.1f}) "
             f"| {fast / results['matmul_roofline_flops']:.0%} |"
         )
+    for guide, r in results["guides"].items():
+        if "epoch_seconds_cuda_graph" in r:
+            epochs = ", ".join(f"{s:.2f}" for s in r["epoch_seconds_cuda_graph"])
+            lines.append(f"\n{guide}: s/epoch, cuda-graph engine (first epoch records the graphs): {epochs}")
     return "\n".join(lines)
 
 

@@ -64,7 +64,7 @@ def check_ema_decay(decay: float) -> None:
 
 DATASETS = ("mnist", "binarized_mnist", "fashion_mnist", "omniglot28", "omniglot", "norb")
 BINARIZATIONS = ("dynamic", "static", "none")
-ENGINES = ("fast", "svi")
+ENGINES = ("fast", "svi", "cuda-graph")
 PRECISIONS = ("fp32", "bf16")
 
 #: Default memory budget for one particle chunk of the L_K evaluation, in bytes
@@ -277,7 +277,9 @@ class TrainConfig:
     :param engine: How a training step is taken: ``"fast"`` (one fused
         ``torch.optim.Adam``, no per-step host sync; the default) or ``"svi"``
         (``pyro.infer.SVI`` with ``pyro.optim.Adam``, the textbook loop). Both give
-        the same updates; see :mod:`pyro_lvae.training.steps`.
+        the same updates; see :mod:`pyro_lvae.training.steps`. ``"cuda-graph"`` is the
+        fast step recorded as a CUDA graph and replayed (GPU only, one process, no free
+        bits; :mod:`pyro_lvae.training.cuda_graph`).
     :param finetune_epochs: Fine-tuning epochs after the ``epochs`` of ordinary
         training (paper §3: 2000; 0 = none). Fine-tuning trains with β = 1 on the
         importance-weighted bound (:func:`~pyro_lvae.inference.objectives.importance_weighted_loss`)
@@ -396,6 +398,10 @@ class TrainConfig:
                 "or dequantize=False for binary data."
             )
         check_free_bits(self.free_bits, self.free_bits_mode)
+        if self.engine == "cuda-graph" and self.free_bits > 0:
+            raise ValueError("engine 'cuda-graph' does not support free bits; set engine='fast' or free_bits=0.")
+        if self.engine == "cuda-graph" and self.finetune_epochs > 0:
+            raise ValueError("engine 'cuda-graph' does not record fine-tuning; set engine='fast' or finetune_epochs=0.")
         check_skip_threshold(self.skip_threshold)
         check_ema_decay(self.ema)
         if self.valid_size and self.train_subset and self.valid_size >= self.train_subset:

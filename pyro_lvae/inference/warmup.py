@@ -55,7 +55,8 @@ def kl_weight(beta: float | torch.Tensor | None) -> Iterator[None]:
 
     :param beta: β in [0, 1], a float or a 0-dim tensor; ``None`` means no
         weighting (β = 1, the plain ELBO), which adds no handler at all.
-    :raises ValueError: if β is negative, NaN or not a scalar.
+    :raises ValueError: if β is negative, NaN or not a scalar (a CUDA tensor's
+        sign is not read while a CUDA graph is being recorded).
     """
     if beta is None:
         yield
@@ -65,7 +66,10 @@ def kl_weight(beta: float | torch.Tensor | None) -> Iterator[None]:
         raise ValueError(f"beta must be a scalar, got shape {tuple(beta.shape)}.")
     if not beta.is_floating_point():
         beta = beta.to(torch.get_default_dtype())
-    if not torch.jit.is_tracing() and not bool(beta >= 0):
+    # A CUDA graph capture cannot read a device tensor on the host: there β is not checked
+    # (the CUDA-graph engine's replays take it as given; training's schedule keeps it in [0, 1]).
+    capturing = beta.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and not torch.jit.is_tracing() and not bool(beta >= 0):
         raise ValueError(f"beta must be a non-negative number, got {beta.item()!r}.")
     with poutine.mask(mask=beta > 0), poutine.scale(scale=beta.clamp(min=torch.finfo(beta.dtype).tiny)):
         yield

@@ -203,7 +203,11 @@ def _start_processes(config: ExperimentConfig, device: str | torch.device) -> tu
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but CUDA is not available; use --device cpu.")
+    if config.train.engine == "cuda-graph" and device.type != "cuda":
+        raise ValueError(f"engine 'cuda-graph' needs a CUDA device, not {device}; use --engine fast on the CPU.")
     ctx = init_from_environment(device)
+    if config.train.engine == "cuda-graph" and ctx.enabled:
+        raise ValueError("engine 'cuda-graph' runs in one process; use --engine fast for data-parallel training.")
     if ctx.enabled and config.train.batch_size < ctx.world_size:
         raise ValueError(
             f"batch_size {config.train.batch_size} is the global minibatch and cannot be split over "

@@ -4,7 +4,9 @@ Two small classes, :class:`SVIStep` and :class:`FastStep`, implement one contrac
 class :class:`TrainingStep`: ``step(x, beta)`` takes one update and returns the loss,
 :attr:`~TrainingStep.skipped` says whether the update was skipped, and the learning rate,
 the objective and the optimizer state can be changed or saved. :func:`make_step` builds
-the one an engine name asks for (``TrainingStep(..., engine=...)`` does the same).
+the one an engine name asks for (``TrainingStep(..., engine=...)`` does the same). A third
+engine, ``"cuda-graph"``, is the fast step recorded as a CUDA graph
+(:class:`~pyro_lvae.training.cuda_graph.GraphStep`, in its own module).
 
 Both engines minimize the same Pyro ELBO (:func:`~pyro_lvae.inference.objectives.elbo_for`)
 of the same model and guide with Adam, and take the same update on the same
@@ -148,7 +150,7 @@ class TrainingStep:
     :param model: The generative model.
     :param guide: A guide for it.
     :param learning_rate: Adam's learning rate.
-    :param engine: ``"fast"`` or ``"svi"``; only read when the base class itself is
+    :param engine: ``"fast"``, ``"svi"`` or ``"cuda-graph"``; only read when the base class itself is
         called, which builds that engine's class (see :func:`make_step`).
     :param distributed: The data-parallel context (:mod:`pyro_lvae.training.distributed`);
         only the fast engine runs distributed.
@@ -189,9 +191,9 @@ class TrainingStep:
 
     def __new__(cls, *args: Any, engine: str = "fast", **options: Any) -> TrainingStep:
         if cls is TrainingStep:
-            if engine not in _ENGINES:
+            if engine not in ENGINES:
                 raise ValueError(f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
-            cls = _ENGINES[engine]
+            cls = _engine_classes()[engine]
         return super().__new__(cls)
 
     def __init__(
@@ -519,7 +521,11 @@ class FastStep(TrainingStep):
         self.optimizer.load_state_dict(state)
 
 
-_ENGINES: dict[str, type[TrainingStep]] = {cls.engine: cls for cls in (FastStep, SVIStep)}
+def _engine_classes() -> dict[str, type[TrainingStep]]:
+    """The step class of each engine name (the CUDA-graph step builds on :class:`FastStep`)."""
+    from .cuda_graph import GraphStep
+
+    return {cls.engine: cls for cls in (FastStep, SVIStep, GraphStep)}
 
 
 def make_step(model: nn.Module, guide: nn.Module, *, engine: str = "fast", **options: Any) -> TrainingStep:
@@ -527,10 +533,11 @@ def make_step(model: nn.Module, guide: nn.Module, *, engine: str = "fast", **opt
 
     :param model: The generative model.
     :param guide: A guide for it.
-    :param engine: ``"fast"`` (:class:`FastStep`) or ``"svi"`` (:class:`SVIStep`).
+    :param engine: ``"fast"`` (:class:`FastStep`), ``"svi"`` (:class:`SVIStep`) or
+        ``"cuda-graph"`` (:class:`~pyro_lvae.training.cuda_graph.GraphStep`).
     :param options: The keyword options of :class:`TrainingStep`.
     :raises ValueError: for an unknown engine.
     """
-    if engine not in _ENGINES:
+    if engine not in ENGINES:
         raise ValueError(f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
-    return _ENGINES[engine](model, guide, **options)
+    return _engine_classes()[engine](model, guide, **options)

@@ -462,7 +462,7 @@ def test_make_step_builds_the_fast_engine_by_default_and_names_the_choices():
 
     model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
     assert type(make_step(model, LadderGuide(model), learning_rate=1e-3)) is FastStep
-    with pytest.raises(ValueError, match=r"^Unknown engine 'turbo'; choose one of fast, svi\.$"):
+    with pytest.raises(ValueError, match=r"^Unknown engine 'turbo'; choose one of fast, svi, cuda-graph\.$"):
         make_step(model, LadderGuide(model), engine="turbo", learning_rate=1e-3)
 
 
