@@ -7,6 +7,7 @@
     python bench/probes.py trace-mean-field  # the fast engine with Pyro's TraceMeanField_ELBO (ladder)
     python bench/probes.py stacked-heads     # each Gaussian head as one matrix product (mean and variance)
     python bench/probes.py lean-mc --guide vae  # a Monte Carlo ELBO without Trace_ELBO's per-site .item()
+    python bench/probes.py op-count --guide vae # ATen operations dispatched by one fast-engine step
 
 Each probe builds the paper's 5-layer model for one guide (``--guide``), times
 the fast engine's step and the probed variant in interleaved rounds, and prints
@@ -81,9 +82,27 @@ def engine_variant(probe: str, step: TrainingStep, x: torch.Tensor, beta: torch.
     return stacked
 
 
+def count_operations(fn) -> int:
+    """How many ATen operations ``fn()`` dispatches, backward and optimizer included."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.calls
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=("jit", "jit-fixed", "compile", "compile-networks", *ENGINE_VARIANTS))
+    parser.add_argument(
+        "probe", choices=("jit", "jit-fixed", "compile", "compile-networks", "op-count", *ENGINE_VARIANTS)
+    )
     parser.add_argument("--guide", choices=("ladder", "vae"), default="ladder")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
@@ -94,6 +113,10 @@ def main() -> None:
     model, guide = _build(config, x.device, "fast")
     fast = TrainingStep(model, guide, learning_rate=1e-3)
     fns = {"fast engine": lambda: fast(x, beta)}
+    if args.probe == "op-count":
+        fast(x, beta)  # registration and optimizer state first
+        print(f"op-count ({args.guide}): {count_operations(lambda: fast(x, beta))} ATen operations in one step")
+        return
 
     model2, guide2 = _build(config, x.device, "probe")
     probe_step = TrainingStep(model2, guide2, learning_rate=1e-3)

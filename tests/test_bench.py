@@ -121,3 +121,20 @@ def test_the_lk_probes_run_and_every_slice_size_gives_the_same_bound(shared_data
     out = _run_lk_probe("elementwise", "--rounds", "1")
     assert "the closed form's term" in out and "log1p" in out
     assert "inference_mode  median" in _run_lk_probe("inference-mode", *tiny)
+
+
+def test_count_operations_counts_what_a_step_dispatches():
+    from probes import count_operations
+
+    x = torch.ones(3)
+    assert count_operations(lambda: (x + 1) * 2) == 2
+    counts = []
+    batch, beta = torch.ones(5, 4), torch.tensor(0.5)
+    for depth, sizes in enumerate(((3,), (3, 2))):
+        model = GenerativeModel(
+            ModelConfig(input_dim=4, latent_sizes=sizes, hidden_sizes=(8,) * len(sizes)), name=f"c{depth}"
+        )
+        step = TrainingStep(model, LadderGuide(model), learning_rate=1e-3)
+        step(batch, beta)
+        counts.append(count_operations(lambda step=step: step(batch, beta)))
+    assert 0 < counts[0] < counts[1]  # a second layer dispatches more
