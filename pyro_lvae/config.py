@@ -275,11 +275,11 @@ class TrainConfig:
     :param test_subset: Use only the first this many test examples (0 = all).
     :param seed: Seed of every random number generator.
     :param engine: How a training step is taken: ``"fast"`` (one fused
-        ``torch.optim.Adam``, no per-step host sync; the default) or ``"svi"``
+        ``torch.optim.Adam``; the default) or ``"svi"``
         (``pyro.infer.SVI`` with ``pyro.optim.Adam``, the textbook loop). Both give
         the same updates; see :mod:`pyro_lvae.training.steps`. ``"cuda-graph"`` is the
-        fast step recorded as a CUDA graph and replayed (GPU only, one process, no free
-        bits; :mod:`pyro_lvae.training.cuda_graph`).
+        fast step recorded as a CUDA graph and replayed (GPU only, one process, fp32,
+        no free bits, no fine-tuning; :mod:`pyro_lvae.training.cuda_graph`).
     :param finetune_epochs: Fine-tuning epochs after the ``epochs`` of ordinary
         training (paper §3: 2000; 0 = none). Fine-tuning trains with β = 1 on the
         importance-weighted bound (:func:`~pyro_lvae.inference.objectives.importance_weighted_loss`)

@@ -26,6 +26,14 @@ def _pyro_state():
     pyro.clear_param_store()
 
 
+@pytest.fixture(
+    params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+)
+def device(request) -> torch.device:
+    """Each device a test should hold on: the CPU, and the GPU where there is one."""
+    return torch.device(request.param)
+
+
 @pytest.fixture(scope="session")
 def shared_data_root() -> Path:
     """The verified datasets: $PYRO_LVAE_DATA, else ../shared/data beside the repository."""

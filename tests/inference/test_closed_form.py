@@ -13,10 +13,10 @@ from pyro_lvae.inference.closed_form import closed_form_applies, closed_form_log
 from pyro_lvae.inference.evaluation import evaluate, particle_log_weights
 
 
-def _pair(guide_cls, **model_kw):
+def _pair(guide_cls, device="cpu", **model_kw):
     cfg = ModelConfig(input_dim=10, latent_sizes=(5, 4, 3), hidden_sizes=(16, 12, 8), **model_kw)
-    model = GenerativeModel(cfg, name="closed").double()
-    guide = guide_cls(model).double()
+    model = GenerativeModel(cfg, name="closed").double().to(device)
+    guide = guide_cls(model).double().to(device)
     with torch.no_grad():  # statistics away from the initial ones, so that eval mode matters
         for m in list(model.modules()) + list(guide.modules()):
             if isinstance(m, torch.nn.BatchNorm1d):
@@ -37,19 +37,23 @@ CASES = [
 
 @pytest.mark.parametrize("pairs_per_slice", [closed_form.CPU_PAIRS_PER_SLICE, 20], ids=["one-slice", "slices-of-2"])
 @pytest.mark.parametrize("guide_cls, model_kw", CASES, ids=lambda c: getattr(c, "__name__", str(c)))
-def test_the_closed_form_gives_the_traced_weights_on_the_same_draws(guide_cls, model_kw, pairs_per_slice, monkeypatch):
-    """Also when the 13 particles are weighed in slices of 2 (7 slices, the last of 1)."""
+def test_the_closed_form_gives_the_traced_weights_on_the_same_draws(
+    guide_cls, model_kw, pairs_per_slice, device, monkeypatch
+):
+    """Also when the 13 particles are weighed in slices of 2 (7 slices, the last of 1; on
+    the CPU only: elsewhere a chunk is weighed in one piece)."""
     monkeypatch.setattr(closed_form, "CPU_PAIRS_PER_SLICE", pairs_per_slice)
-    model, guide = _pair(guide_cls, **model_kw)
+    model, guide = _pair(guide_cls, device, **model_kw)
     gaussian = model_kw.get("likelihood") == "gaussian"
     x = torch.rand(7, 10, dtype=torch.float64) if gaussian else torch.bernoulli(torch.full((7, 10), 0.4)).double()
+    x = x.to(device)
     assert closed_form_applies(model, guide)
     pyro.set_rng_seed(11)
     with torch.no_grad():
         traced = particle_log_weights(model, guide, x, 13)
     pyro.set_rng_seed(11)
     total, reconstruction, layer_kl = closed_form_log_weights(model, guide, x, 13)
-    after = torch.rand(()).item()
+    after = torch.rand((), device=device).item()
     assert total.shape == (13, 7) and layer_kl.shape == (3, 13, 7)
     torch.testing.assert_close(total, traced.total, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(reconstruction, traced.reconstruction, rtol=1e-10, atol=1e-10)
@@ -62,7 +66,7 @@ def _next_draw_after(model, guide, x, k) -> float:
     pyro.set_rng_seed(11)
     with torch.no_grad():
         particle_log_weights(model, guide, x, k)
-    return torch.rand(()).item()
+    return torch.rand((), device=x.device).item()
 
 
 def test_other_families_and_wrapped_guides_keep_the_traced_path():
@@ -75,12 +79,12 @@ def test_other_families_and_wrapped_guides_keep_the_traced_path():
     assert not closed_form_applies(vlae, make_guide(vlae))
 
 
-def test_evaluate_gives_the_numbers_of_the_traced_path(monkeypatch):
+def test_evaluate_gives_the_numbers_of_the_traced_path(device, monkeypatch):
     """float32, as evaluated in practice: per-example L_K and ELBO agree to rounding."""
     cfg = ModelConfig(input_dim=10, latent_sizes=(5, 3), hidden_sizes=(16, 8))
-    model = GenerativeModel(cfg, name="eval").eval()
-    guide = LadderGuide(model).eval()
-    x = torch.bernoulli(torch.full((20, 10), 0.4))
+    model = GenerativeModel(cfg, name="eval").to(device).eval()
+    guide = LadderGuide(model).to(device).eval()
+    x = torch.bernoulli(torch.full((20, 10), 0.4)).to(device)
     fast = evaluate(model, guide, x, num_samples=300, seed=3, return_log_weights=True)
     monkeypatch.setattr(evaluation, "closed_form_applies", lambda *a: False)
     traced = evaluate(model, guide, x, num_samples=300, seed=3, return_log_weights=True)
