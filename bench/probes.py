@@ -7,18 +7,21 @@
     python bench/probes.py trace-mean-field  # the fast engine with Pyro's TraceMeanField_ELBO (ladder)
     python bench/probes.py stacked-heads     # each Gaussian head as one matrix product (mean and variance)
     python bench/probes.py lean-mc --guide vae  # a Monte Carlo ELBO without Trace_ELBO's per-site .item()
+    python bench/probes.py float-beta --guide vae  # β as a Python float in the handlers (0 < β ≤ 1 only)
     python bench/probes.py op-count --guide vae # ATen operations dispatched by one fast-engine step
 
 Each probe builds the paper's 5-layer model for one guide (``--guide``), times
 the fast engine's step and the probed variant in interleaved rounds, and prints
-both (or the error that stopped the variant). The last three are whole engine steps
-with one thing changed; the others time loss, backward and update without the engine's
-finiteness check. docs/performance.md reports them.
+both (or the error that stopped the variant). ``trace-mean-field``, ``stacked-heads``,
+``lean-mc`` and ``float-beta`` are whole engine steps with one thing changed; ``op-count``
+counts operations and times nothing; the others time loss, backward and update without the
+engine's finiteness check. docs/performance.md reports them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import warnings
@@ -37,7 +40,7 @@ from pyro_lvae import get_preset  # noqa: E402
 from pyro_lvae.models.nn import MLP, GaussianHead  # noqa: E402
 from pyro_lvae.training.steps import TrainingStep  # noqa: E402
 
-ENGINE_VARIANTS = ("trace-mean-field", "stacked-heads", "lean-mc")
+ENGINE_VARIANTS = ("trace-mean-field", "stacked-heads", "lean-mc", "float-beta")
 
 
 class LeanMonteCarloELBO(Trace_ELBO):
@@ -65,6 +68,8 @@ def engine_variant(probe: str, step: TrainingStep, x: torch.Tensor, beta: torch.
         step.elbo = TraceMeanField_ELBO()
     elif probe == "lean-mc":
         step.elbo = LeanMonteCarloELBO()
+    if probe == "float-beta":
+        return _with_float_beta(step, x, beta)
     if probe != "stacked-heads":
         return lambda: step(x, beta)
     # Each head once: the ladder guide holds the model's heads too.
@@ -80,6 +85,29 @@ def engine_variant(probe: str, step: TrainingStep, x: torch.Tensor, beta: torch.
                 del head.forward
 
     return stacked
+
+
+def _with_float_beta(step: TrainingStep, x: torch.Tensor, beta: torch.Tensor):
+    """The step with the model's and the guide's KL weight as a Python float: Pyro's scale
+    handlers then multiply numbers instead of tensors (valid for 0 < β ≤ 1, no mask needed)."""
+    import pyro_lvae.models.guides as guides_module
+    import pyro_lvae.models.model as model_module
+
+    original = model_module.kl_weight
+
+    @contextlib.contextmanager
+    def float_kl_weight(b):
+        with poutine.scale(scale=float(b)) if b is not None else contextlib.nullcontext():
+            yield
+
+    def step_with_float_beta() -> None:
+        model_module.kl_weight = guides_module.kl_weight = float_kl_weight
+        try:
+            step(x, beta)
+        finally:
+            model_module.kl_weight = guides_module.kl_weight = original
+
+    return step_with_float_beta
 
 
 def count_operations(fn) -> int:

@@ -138,3 +138,20 @@ def test_count_operations_counts_what_a_step_dispatches():
         step(batch, beta)
         counts.append(count_operations(lambda step=step: step(batch, beta)))
     assert 0 < counts[0] < counts[1]  # a second layer dispatches more
+
+
+def test_the_float_beta_probe_takes_the_same_step_as_the_engine():
+    from probes import engine_variant
+
+    x, beta = torch.bernoulli(torch.full((6, 4), 0.5)), torch.tensor(0.3)
+    after = []
+    for probe in ("engine", "float-beta"):
+        torch.manual_seed(0)  # the same initial parameters for both
+        model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(3, 2), hidden_sizes=(8, 8)), name=probe)
+        step = TrainingStep(model, BottomUpGuide(model), learning_rate=1e-2)
+        run = engine_variant(probe, step, x, beta) if probe == "float-beta" else (lambda step=step: step(x, beta))
+        pyro.set_rng_seed(5)
+        run()
+        after.append([p.detach().clone() for p in [*step.model.parameters(), *step.guide.parameters()]])
+    for a, b in zip(*after):
+        torch.testing.assert_close(a, b)
