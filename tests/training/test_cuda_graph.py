@@ -179,12 +179,14 @@ def test_each_shape_and_mode_has_its_own_graph_and_new_storage_drops_them():
     assert {key[0] for key in graphed._graphs} == {torch.Size([9, 12]), torch.Size([5, 12])}
     for a, b in zip(_state(graphed), _state(eager)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    model.eval()
-    graphed(_batch(50), beta)
-    assert (torch.Size([9, 12]), False, False) not in graphed._graphs  # an eager call in the new mode
+    model.eval()  # the model's batch norm now uses its running statistics: another graph
+    graphed(_batch(50), beta), graphed(_batch(51), beta)  # one eager call, then the capture
+    assert (torch.Size([9, 12]), False, True) in graphed._graphs and len(graphed._graphs) == 3
     model.train()
-    model.to(torch.float32).to(torch.float64)  # new storage for every parameter
-    graphed(_batch(51), beta)
+    graphed(_batch(52), beta)
+    assert len(graphed._graphs) == 3  # back to the training-mode graph
+    model.to(torch.float32).to(torch.float64)  # new storage for every parameter of the model
+    graphed(_batch(53), beta)
     assert not graphed._graphs
 
 
