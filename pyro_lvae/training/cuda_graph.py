@@ -51,7 +51,7 @@ import pyro.infer.trace_mean_field_elbo
 import torch
 from torch import nn
 
-from .steps import FastStep, _check_options, clip_gradients, model_buffers, trainable_parameters
+from .steps import FastStep, _check_options, clip_gradients, model_buffers
 
 #: Eager calls of each minibatch shape before its graph is captured.
 WARMUP_STEPS = 3
@@ -140,15 +140,10 @@ class GraphStep(FastStep):
         self._threshold = torch.full((), math.inf, device=device, dtype=torch.float64)
         self._pool = torch.cuda.graph_pool_handle()
 
-    def _build_optimizer(self, learning_rate: float, adam_eps: float) -> None:
-        self.model.register()
-        self.guide.register()
-        params = trainable_parameters(self.model, self.guide)
-        device = params[0].device
+    def _adam(self, params: list[nn.Parameter], learning_rate: float, adam_eps: float) -> torch.optim.Adam:
         # A tensor learning rate is read by the recorded kernels, so that it can still be changed.
-        lr = torch.tensor(float(learning_rate), device=device)
-        self.optimizer = torch.optim.Adam(params, lr=lr, eps=adam_eps, fused=True, capturable=True)
-        self._ddp = None
+        lr = torch.tensor(float(learning_rate), device=params[0].device)
+        return torch.optim.Adam(params, lr=lr, eps=adam_eps, fused=True, capturable=True)
 
     def __call__(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         """Take one step on ``x`` with warm-up weight ``beta``: eagerly for the first

@@ -477,9 +477,7 @@ class FastStep(TrainingStep):
         self.model.register()
         self.guide.register()
         params = trainable_parameters(self.model, self.guide)
-        self.optimizer = torch.optim.Adam(
-            params, lr=learning_rate, eps=adam_eps, fused=_fused_available(params) or None
-        )
+        self.optimizer = self._adam(params, learning_rate, adam_eps)
         self._ddp: nn.Module | None = None
         if self.distributed.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -487,6 +485,10 @@ class FastStep(TrainingStep):
             # DDP broadcasts rank 0's parameters and buffers now and its buffers
             # before every forward pass; the backward pass all-reduces the gradients.
             self._ddp = DistributedDataParallel(_ScaledLoss(self))
+
+    def _adam(self, params: list[nn.Parameter], learning_rate: float, adam_eps: float) -> torch.optim.Adam:
+        """One Adam over ``params``, with the fused kernel where PyTorch has one."""
+        return torch.optim.Adam(params, lr=learning_rate, eps=adam_eps, fused=_fused_available(params) or None)
 
     def _update(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         # Forward and backward: through DDP, each process's loss is world_size × its part,

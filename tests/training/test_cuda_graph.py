@@ -35,6 +35,18 @@ def _pair(guide_cls, dtype=torch.float64):
     return (model, guide), (model_b, guide_b)
 
 
+def _graphed_and_eager(guide_cls=LadderGuide, *, learning_rate: float, warmup_steps: int = 1):
+    """A recording step and one that never records, on identical copies of one model."""
+    (model, guide), (model_e, guide_e) = _pair(guide_cls)
+    graphed = GraphStep(model, guide, learning_rate=learning_rate, warmup_steps=warmup_steps)
+    return graphed, GraphStep(model_e, guide_e, learning_rate=learning_rate, warmup_steps=10**9)
+
+
+def _assert_same_state(a: GraphStep, b: GraphStep) -> None:
+    for x, y in zip(_state(a), _state(b)):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+
+
 def _batch(seed: int, dtype=torch.float64) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.bernoulli(torch.full((9, 12), 0.4, dtype=dtype), generator=g).cuda()
@@ -58,14 +70,11 @@ def _run(step, seeds, beta=0.5):
 @cuda
 @pytest.mark.parametrize("guide_cls", GUIDES)
 def test_replayed_steps_equal_eager_steps_on_the_same_draws(guide_cls):
-    (model, guide), (model_e, guide_e) = _pair(guide_cls)
-    graphed = GraphStep(model, guide, learning_rate=1e-2, warmup_steps=2)
-    eager = GraphStep(model_e, guide_e, learning_rate=1e-2, warmup_steps=10**9)
+    graphed, eager = _graphed_and_eager(guide_cls, learning_rate=1e-2, warmup_steps=2)
     seeds = range(20, 26)
     assert _run(graphed, seeds) == pytest.approx(_run(eager, seeds), rel=1e-12)
     assert len(graphed._graphs) == 1 and not eager._graphs  # four of the six steps were replays
-    for a, b in zip(_state(graphed), _state(eager)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    _assert_same_state(graphed, eager)
 
 
 @cuda
@@ -119,39 +128,31 @@ def test_a_replayed_step_skips_above_a_threshold_set_after_the_capture():
 
 @cuda
 def test_a_learning_rate_set_after_the_capture_reaches_the_graph():
-    (model, guide), (model_e, guide_e) = _pair(LadderGuide)
-    graphed = GraphStep(model, guide, learning_rate=1e-3, warmup_steps=1)
-    eager = GraphStep(model_e, guide_e, learning_rate=1e-3, warmup_steps=10**9)
+    graphed, eager = _graphed_and_eager(learning_rate=1e-3)
     _run(graphed, range(3)), _run(eager, range(3))
     for step in (graphed, eager):
         step.set_learning_rate(0.05)
     _run(graphed, range(3, 6)), _run(eager, range(3, 6))
     assert graphed._graphs
-    for a, b in zip(_state(graphed), _state(eager)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    _assert_same_state(graphed, eager)
 
 
 @cuda
 def test_a_restored_optimizer_state_is_recaptured_and_continues_the_same():
-    (model, guide), (model_e, guide_e) = _pair(LadderGuide)
-    graphed = GraphStep(model, guide, learning_rate=1e-2, warmup_steps=1)
-    eager = GraphStep(model_e, guide_e, learning_rate=1e-2, warmup_steps=10**9)
+    graphed, eager = _graphed_and_eager(learning_rate=1e-2)
     _run(graphed, range(3)), _run(eager, range(3))
     graphed.load_state_dict(copy.deepcopy(graphed.state_dict()))
     assert not graphed._graphs  # the old graph held the replaced state tensors
     gc.collect()  # the old graph and its memory pool are gone before the recapture
     _run(graphed, range(3, 7)), _run(eager, range(3, 7))
     assert graphed._graphs
-    for a, b in zip(_state(graphed), _state(eager)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    _assert_same_state(graphed, eager)
 
 
 @cuda
 def test_a_learning_rate_set_after_restoring_a_saved_state_reaches_the_graph(tmp_path):
     # Not yet run on a GPU (written after the lease): a checkpoint is loaded to the CPU.
-    (model, guide), (model_e, guide_e) = _pair(LadderGuide)
-    graphed = GraphStep(model, guide, learning_rate=1e-3, warmup_steps=1)
-    eager = GraphStep(model_e, guide_e, learning_rate=1e-3, warmup_steps=10**9)
+    graphed, eager = _graphed_and_eager(learning_rate=1e-3)
     _run(graphed, range(3)), _run(eager, range(3))
     torch.save(graphed.state_dict(), tmp_path / "state.pt")
     graphed.load_state_dict(torch.load(tmp_path / "state.pt", map_location="cpu", weights_only=False))
@@ -161,24 +162,21 @@ def test_a_learning_rate_set_after_restoring_a_saved_state_reaches_the_graph(tmp
         step.set_learning_rate(0.05)
     _run(graphed, range(5, 8)), _run(eager, range(5, 8))
     assert graphed._graphs
-    for a, b in zip(_state(graphed), _state(eager)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    _assert_same_state(graphed, eager)
 
 
 @cuda
 def test_each_shape_and_mode_has_its_own_graph_and_new_storage_drops_them():
     # Not yet run on a GPU (written after the lease).
-    (model, guide), (model_e, guide_e) = _pair(LadderGuide)
-    graphed = GraphStep(model, guide, learning_rate=1e-2, warmup_steps=1)
-    eager = GraphStep(model_e, guide_e, learning_rate=1e-2, warmup_steps=10**9)
+    graphed, eager = _graphed_and_eager(learning_rate=1e-2)
     beta = torch.tensor(0.5, dtype=torch.float64, device="cuda")
     for i in range(8):  # minibatches of 9 and 5 in turn, as at the end of each epoch
         for step in (graphed, eager):
             pyro.set_rng_seed(40 + i)
             step(_batch(40 + i)[: 9 if i % 2 else 5], beta)
     assert {key[0] for key in graphed._graphs} == {torch.Size([9, 12]), torch.Size([5, 12])}
-    for a, b in zip(_state(graphed), _state(eager)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    _assert_same_state(graphed, eager)
+    model = graphed.model
     model.eval()  # the model's batch norm now uses its running statistics: another graph
     graphed(_batch(50), beta), graphed(_batch(51), beta)  # one eager call, then the capture
     assert (torch.Size([9, 12]), False, True) in graphed._graphs and len(graphed._graphs) == 3
