@@ -9,11 +9,15 @@
     python bench/probes.py lean-mc --guide vae  # a Monte Carlo ELBO without Trace_ELBO's per-site .item()
     python bench/probes.py float-beta --guide vae  # β as a Python float in the handlers (0 < β ≤ 1 only)
     python bench/probes.py op-count --guide vae # ATen operations dispatched by one fast-engine step
+    python bench/probes.py combined --guide vae  # every small change at once, beside the baseline
 
 Each probe builds the paper's 5-layer model for one guide (``--guide``), times
 the fast engine's step and the probed variant in interleaved rounds, and prints
 both (or the error that stopped the variant). ``trace-mean-field``, ``stacked-heads``,
-``lean-mc`` and ``float-beta`` are whole engine steps with one thing changed; ``op-count``
+``lean-mc`` and ``float-beta`` are whole engine steps with one thing changed; ``combined`` is the
+engine step with all the small changes together (heads built stacked, β as a float, a merge in
+fewer operations, the lean Monte Carlo ELBO for the bottom-up guide), timed beside the fast
+engine and ``bench/baseline.py``'s step; ``op-count``
 counts operations and times nothing; the others time loss, backward and update without the
 engine's finiteness check. docs/performance.md reports them.
 """
@@ -40,7 +44,7 @@ from pyro_lvae import get_preset  # noqa: E402
 from pyro_lvae.models.nn import MLP, GaussianHead  # noqa: E402
 from pyro_lvae.training.steps import TrainingStep  # noqa: E402
 
-ENGINE_VARIANTS = ("trace-mean-field", "stacked-heads", "lean-mc", "float-beta")
+ENGINE_VARIANTS = ("trace-mean-field", "stacked-heads", "lean-mc", "float-beta", "combined")
 
 
 class LeanMonteCarloELBO(Trace_ELBO):
@@ -62,8 +66,41 @@ def _stacked_forward(head: GaussianHead, d: torch.Tensor) -> tuple[torch.Tensor,
     return loc, F.softplus(pre_var).clamp_min(head.variance_floor)
 
 
+class _StackedHead(GaussianHead):
+    """A Gaussian head built as one ``Linear`` of twice the width (a probe, not a library class)."""
+
+    def forward(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, pre_var = self.stacked(d).chunk(2, dim=-1)
+        return loc, F.softplus(pre_var).clamp_min(self.variance_floor)
+
+
+def stack_heads(*modules: torch.nn.Module) -> None:
+    """Rebuild every Gaussian head of ``modules`` as :class:`_StackedHead`, with the same values;
+    call it before the step is built, so that the optimizer sees the new parameters."""
+    heads = {id(m): m for root in modules for m in root.modules() if type(m) is GaussianHead}.values()
+    for head in heads:
+        stacked = torch.nn.Linear(head.loc.in_features, 2 * head.loc.out_features).to(head.loc.weight)
+        with torch.no_grad():
+            stacked.weight.copy_(torch.cat([head.loc.weight, head.var.weight]))
+            stacked.bias.copy_(torch.cat([head.loc.bias, head.var.bias]))
+        del head.loc, head.var
+        head.stacked = stacked
+        head.__class__ = _StackedHead
+
+
+def _merge_in_fewer_operations(loc_hat, var_hat, loc_prior, var_prior):
+    """Eqs. 17–18 as a weight w = σ²_p / (σ̂²_q + σ²_p): μ_q = μ_p + w (μ̂_q − μ_p), σ²_q = w σ̂²_q."""
+    w = var_prior / (var_hat + var_prior)
+    return loc_prior + w * (loc_hat - loc_prior), var_hat * w
+
+
 def engine_variant(probe: str, step: TrainingStep, x: torch.Tensor, beta: torch.Tensor):
-    """A whole fast-engine step with the one change ``probe`` names."""
+    """A whole fast-engine step with the one change ``probe`` names (``combined``: all of them;
+    its heads must have been stacked with :func:`stack_heads` before the step was built)."""
+    if probe == "combined":
+        if not step.guide.mean_field_compatible:
+            step.elbo = LeanMonteCarloELBO()
+        return _with_float_beta(step, x, beta, merge=_merge_in_fewer_operations)
     if probe == "trace-mean-field":
         step.elbo = TraceMeanField_ELBO()
     elif probe == "lean-mc":
@@ -87,27 +124,49 @@ def engine_variant(probe: str, step: TrainingStep, x: torch.Tensor, beta: torch.
     return stacked
 
 
-def _with_float_beta(step: TrainingStep, x: torch.Tensor, beta: torch.Tensor):
-    """The step with the model's and the guide's KL weight as a Python float: Pyro's scale
-    handlers then multiply numbers instead of tensors (valid for 0 < β ≤ 1, no mask needed)."""
+@contextlib.contextmanager
+def float_beta(*, merge=None):
+    """Inside, the model's and the guide's KL weight is a Python float: Pyro's scale handlers
+    then multiply numbers instead of tensors (valid for 0 < β ≤ 1, no mask needed); with
+    ``merge``, the ladder guide's merge is that function."""
     import pyro_lvae.models.guides as guides_module
     import pyro_lvae.models.model as model_module
 
-    original = model_module.kl_weight
+    original, original_merge = model_module.kl_weight, guides_module.precision_weighted_merge
 
     @contextlib.contextmanager
     def float_kl_weight(b):
         with poutine.scale(scale=float(b)) if b is not None else contextlib.nullcontext():
             yield
 
+    model_module.kl_weight = guides_module.kl_weight = float_kl_weight
+    guides_module.precision_weighted_merge = merge or original_merge
+    try:
+        yield
+    finally:
+        model_module.kl_weight = guides_module.kl_weight = original
+        guides_module.precision_weighted_merge = original_merge
+
+
+def _with_float_beta(step: TrainingStep, x: torch.Tensor, beta: torch.Tensor, *, merge=None):
+    """The step under :func:`float_beta`."""
+
     def step_with_float_beta() -> None:
-        model_module.kl_weight = guides_module.kl_weight = float_kl_weight
-        try:
+        with float_beta(merge=merge):
             step(x, beta)
-        finally:
-            model_module.kl_weight = guides_module.kl_weight = original
 
     return step_with_float_beta
+
+
+def check_combined_loss(fast: TrainingStep, combined: TrainingStep, x: torch.Tensor, beta: torch.Tensor) -> float:
+    """The relative difference between the losses of the fast engine and of ``combined`` (built
+    on a copy of the same parameters) on the same random draws."""
+    pyro.set_rng_seed(1)
+    expected = fast.loss(x, beta).item()
+    pyro.set_rng_seed(1)
+    with float_beta(merge=_merge_in_fewer_operations):
+        got = combined.loss(x, beta).item()
+    return abs(got - expected) / abs(expected)
 
 
 def count_operations(fn) -> int:
@@ -147,10 +206,20 @@ def main() -> None:
         return
 
     model2, guide2 = _build(config, x.device, "probe")
+    if args.probe == "combined":  # the same parameter values, heads stacked
+        model2.load_state_dict(model.state_dict())
+        guide2.load_state_dict(guide.state_dict())
+        stack_heads(model2, guide2)
     probe_step = TrainingStep(model2, guide2, learning_rate=1e-3)
     opt = probe_step.optimizer
     if args.probe in ENGINE_VARIANTS:
         fns[args.probe] = engine_variant(args.probe, probe_step, x, beta)
+        if args.probe == "combined":
+            print(
+                f"combined ({args.guide}): loss relative to the fast engine's on the same draws "
+                f"{check_combined_loss(fast, probe_step, x, beta):.1e}"
+            )
+            fns["baseline"] = _baseline_step(config, x, beta)
         _report(fns, args.rounds, x)
         return
     if args.probe == "jit":
@@ -196,10 +265,26 @@ def main() -> None:
     _report(fns, args.rounds, x)
 
 
+def _baseline_step(config, x: torch.Tensor, beta: torch.Tensor):
+    """``bench/baseline.py``'s compact plain-PyTorch step, as ``bench/run.py`` times it."""
+    from run import CompactLVAE, _fused_adam, compact_loss
+
+    compact = CompactLVAE(*_build(config, x.device, "baseline"))
+    opt = _fused_adam(list(compact.parameters()), 1e-3)
+
+    def baseline() -> None:
+        compact_loss(compact, x, beta).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return baseline
+
+
 def _report(fns: dict, rounds: int, x: torch.Tensor) -> None:
     ms = _median_ms(fns, device=x.device, rounds=rounds, per_round=10, warmup=3)
     for name, value in ms.items():
-        print(f"{name:12s} {value:7.2f} ms/step")
+        ratio = f"  {value / ms['baseline']:.3f}× the baseline" if "baseline" in ms else ""
+        print(f"{name:12s} {value:7.2f} ms/step{ratio}")
     pyro.clear_param_store()
 
 

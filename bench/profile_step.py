@@ -8,7 +8,10 @@ Two views of the same steps (``lvae-bn-wu-5`` by default, batch 256):
    calls, of this library, and the rest. cProfile slows Python code more than C++ calls,
    so the Python shares are upper bounds; the times of the step without the profiler are
    printed beside them.
-2. **Direct timings** of the pieces the engine adds around the loss: saving (and, on a
+2. **torch.profiler**, self CPU time per ATen operator, engine against baseline: the
+   operators whose time differs most, with their calls per step. It says which extra
+   kernels (and their autograd records) the engine's Python asks for.
+3. **Direct timings** of the pieces the engine adds around the loss: saving (and, on a
    skipped step, restoring) the batch-norm statistics, and the finiteness check (the
    gradient norm read back to the host).
 
@@ -81,6 +84,46 @@ def profile_shares(fn: Callable[[], object], steps: int) -> dict[str, float]:
     return totals
 
 
+#: The key of :func:`operator_times`'s wall-clock row.
+WALL = "the whole step, wall clock"
+
+
+def operator_times(fn: Callable[[], object], steps: int) -> dict[str, tuple[float, float]]:
+    """Self CPU milliseconds and calls per step of each operator over ``steps`` calls of ``fn``,
+    from ``torch.profiler`` (autograd's backward nodes are operators of their own there).
+
+    :param fn: One training step.
+    :param steps: How many to profile.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        wall = (time.perf_counter() - t0) * 1e3 / steps
+    times = {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()}
+    return {WALL: (wall, 1.0), **times}
+
+
+def _print_operator_table(ops: dict[str, dict[str, tuple[float, float]]], rows: int) -> None:
+    """The ``rows`` operators whose self time differs most between engine and baseline."""
+    fast, base = ({k: v for k, v in ops[name].items() if k != WALL} for name in ("fast engine", "baseline"))
+    names = sorted(fast.keys() | base.keys(), key=lambda k: -abs(fast.get(k, (0, 0))[0] - base.get(k, (0, 0))[0]))
+    total = [sum(t for t, _ in v.values()) for v in (fast, base)]
+    calls = [sum(c for _, c in v.values()) for v in (fast, base)]
+    wall = [ops[name][WALL][0] for name in ("fast engine", "baseline")]
+    print()
+    print("| under torch.profiler (self CPU time) | engine ms/step | calls | baseline ms/step | calls |")
+    print("|---|---|---|---|---|")
+    print(f"| {WALL} | {wall[0]:.2f} | | {wall[1]:.2f} | |")
+    print(f"| all operators | {total[0]:.2f} | {calls[0]:.0f} | {total[1]:.2f} | {calls[1]:.0f} |")
+    print(f"| the rest: Python, and the calls' way in | {wall[0] - total[0]:.2f} | | {wall[1] - total[1]:.2f} | |")
+    for name in names[:rows]:
+        (tf, cf), (tb, cb) = fast.get(name, (0.0, 0.0)), base.get(name, (0.0, 0.0))
+        print(f"| `{name}` | {tf:.3f} | {cf:.0f} | {tb:.3f} | {cb:.0f} |")
+
+
 def median_ms(fn: Callable[[], object], *, steps: int, rounds: int = 5) -> float:
     """Median milliseconds per call over ``rounds`` rounds of ``steps // rounds`` calls.
 
@@ -104,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guide", default="ladder", choices=("ladder", "vae"))
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--data-root", default=None)
+    parser.add_argument("--operators", type=int, default=20, help="rows of the torch.profiler table")
     args = parser.parse_args(argv)
 
     config = get_preset(args.preset).replace(guide=args.guide)
@@ -137,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         cells = [f"{shares[v].get(name, 0.0) / args.steps * 1e3:.2f}" for v in ("fast engine", "baseline")]
         print(f"| {name}, ms/step under cProfile | {cells[0]} | {cells[1]} |")
+    ops = {"fast engine": operator_times(fast, args.steps), "baseline": operator_times(baseline, args.steps)}
+    _print_operator_table(ops, args.operators)
     _engine_pieces(step, model, guide, x, beta, args.steps)
 
 

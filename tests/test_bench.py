@@ -46,6 +46,27 @@ def test_the_compact_baseline_has_the_librarys_loss_and_gradients(guide_cls):
     torch.testing.assert_close(compact.down[0][0].weight.grad, model.top_down_mlps[0].net[0].weight.grad)
 
 
+@pytest.mark.parametrize("guide_cls", [LadderGuide, BottomUpGuide])
+def test_the_combined_probe_keeps_the_fast_engines_loss(guide_cls):
+    """``bench/probes.py combined`` (stacked heads, β as a float, the rewritten merge, the lean
+    Monte Carlo ELBO) computes the fast engine's loss on the same parameters and draws, in float64."""
+    from probes import check_combined_loss, stack_heads
+
+    cfg = ModelConfig(input_dim=12, latent_sizes=(5, 4, 3), hidden_sizes=(16, 12, 8))
+    model = GenerativeModel(cfg, name="fast").double()
+    guide = guide_cls(model).double()
+    copy_model = GenerativeModel(cfg, name="combined").double()
+    copy_guide = guide_cls(copy_model).double()
+    copy_model.load_state_dict(model.state_dict())
+    copy_guide.load_state_dict(guide.state_dict())
+    stack_heads(copy_model, copy_guide)
+    assert not any(isinstance(m, torch.nn.Linear) and m.out_features == 5 for m in copy_guide.modules())
+    fast = TrainingStep(model, guide, learning_rate=1e-3)
+    combined = TrainingStep(copy_model, copy_guide, learning_rate=1e-3)
+    x = torch.bernoulli(torch.full((9, 12), 0.4, dtype=torch.float64))
+    assert check_combined_loss(fast, combined, x, torch.tensor(0.7, dtype=torch.float64)) < 1e-12
+
+
 def test_bench_quick_runs_and_writes_every_measurement(shared_data_root, tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -155,3 +176,17 @@ def test_the_float_beta_probe_takes_the_same_step_as_the_engine():
         after.append([p.detach().clone() for p in [*step.model.parameters(), *step.guide.parameters()]])
     for a, b in zip(*after):
         torch.testing.assert_close(a, b)
+
+
+def test_the_operator_view_of_profile_step_counts_calls_per_step(capsys):
+    """``bench/profile_step.py``'s torch.profiler view: calls and self time per step of each
+    operator, the wall clock apart, and a table of the operators that differ most."""
+    from profile_step import WALL, _print_operator_table, operator_times
+
+    a, b = torch.ones(8, 8), torch.ones(8, 8)
+    ops = {"fast engine": operator_times(lambda: (a @ b).sum(), steps=4), "baseline": operator_times(lambda: a @ b, 4)}
+    assert ops["fast engine"]["aten::mm"][1] == 1.0 and ops["fast engine"]["aten::sum"][1] == 1.0
+    assert "aten::sum" not in ops["baseline"] and ops["baseline"][WALL][0] > 0
+    _print_operator_table(ops, rows=3)
+    table = capsys.readouterr().out
+    assert "| `aten::sum` |" in table and "| all operators |" in table
