@@ -436,6 +436,11 @@ class ExperimentConfig:
             )
         if self.model.likelihood == "gaussian" and self.train.binarization != "none":
             raise ValueError("A Gaussian likelihood models grey levels; set binarization='none' for it.")
+        if self.train.engine == "cuda-graph" and (self.model.family != "lvae" or self.model.bottom != "mlp"):
+            raise ValueError(
+                "engine 'cuda-graph' has run recorded for the LVAE family with MLP networks only; "
+                "set engine='fast' for this model."
+            )
         if self.train.finetune_epochs and self.model.family == "vqvae":
             raise ValueError(
                 "Fine-tuning with the importance-weighted bound needs a stochastic guide; the "

@@ -30,8 +30,9 @@ parameters), with these differences in how, not what:
   in [0, 1]).
 
 Not supported (a ``ValueError`` says so when the step is built): a model not on a CUDA
-device, data-parallel runs, free bits (their floor reads a mask on the host) and bf16
-(not yet run recorded).
+device, data-parallel runs, free bits (their floor reads a mask on the host), bf16, the
+VLAE and VQ-VAE families and the convolutional networks (not yet run recorded; the VQ-VAE's
+codebook update reads the host).
 A restored optimizer state discards the recorded graphs, which are recaptured after new
 warm-up calls; a new objective (:meth:`~GraphStep.use_objective`, fine-tuning's) makes every
 later step eager.
@@ -51,6 +52,7 @@ import pyro.infer.trace_mean_field_elbo
 import torch
 from torch import nn
 
+from ..models.model import GenerativeModel
 from .steps import FastStep, _check_options, clip_gradients, model_buffers
 
 #: Eager calls of each minibatch shape before its graph is captured.
@@ -86,8 +88,8 @@ def _garbage_collection_paused() -> Iterator[None]:
     """Python's cycle collector off: a collection during the capture can free an old graph,
     whose teardown is not permitted while a stream is capturing and invalidates the capture
     (seen on an H100: ``cudaErrorStreamCaptureInvalidated``, then every random draw failing).
-    ``torch.cuda.graph`` collects just before the capture starts; this context is entered
-    before it and left after it, so that the whole capture is covered."""
+    The context is entered before ``torch.cuda.graph`` and left after it, so that the whole
+    capture is covered."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -110,7 +112,7 @@ class _Graph:
     """One recorded update and its static input and output buffers."""
 
     graph: torch.cuda.CUDAGraph
-    x: torch.Tensor
+    x: torch.Tensor  # the batch, copied in before every replay
     readout: torch.Tensor  # (loss, gradient norm), written by every replay
 
 
@@ -130,19 +132,22 @@ class GraphStep(FastStep):
         _check_graph_options(model, options, warmup_steps)
         self.warmup_steps = warmup_steps
         self._recording = True
-        self._graphs: dict[tuple[torch.Size, bool, bool], _Graph] = {}
-        self._eager_calls: dict[tuple[torch.Size, bool, bool], int] = {}
+        self._graphs: dict[tuple[Any, ...], _Graph] = {}
+        self._eager_calls: dict[tuple[Any, ...], int] = {}
         self._fingerprint: tuple[int, ...] = ()
         self._buffer_slots: list[tuple[nn.Module, str]] | None = None
         super().__init__(model, guide, **options)
-        device = next(model.parameters()).device
-        self._beta = torch.zeros((), device=device)
-        self._threshold = torch.full((), math.inf, device=device, dtype=torch.float64)
+        parameter = next(model.parameters())
+        self._beta = torch.zeros((), device=parameter.device, dtype=parameter.dtype)
+        self._threshold = torch.full((), math.inf, device=parameter.device, dtype=torch.float64)
+        # A capture stream of the model's device (torch.cuda.graph's default is one stream for
+        # the whole process, made on whichever device was current first).
+        self._capture_stream = torch.cuda.Stream(device=parameter.device)
         self._pool = torch.cuda.graph_pool_handle()
 
     def _adam(self, params: list[nn.Parameter], learning_rate: float, adam_eps: float) -> torch.optim.Adam:
         # A tensor learning rate is read by the recorded kernels, so that it can still be changed.
-        lr = torch.tensor(float(learning_rate), device=params[0].device)
+        lr = _device_learning_rate(learning_rate, params[0].device)
         return torch.optim.Adam(params, lr=lr, eps=adam_eps, fused=True, capturable=True)
 
     def __call__(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -152,19 +157,21 @@ class GraphStep(FastStep):
         :param x: A minibatch, shape ``(batch, input_dim)``, on the step's device.
         :param beta: The warm-up weight, a 0-dim tensor.
         """
-        # A graph holds the addresses of the parameters and buffers, and their training mode.
+        # A graph holds the addresses of the parameters, buffers and Adam's state, and the
+        # training mode.
         fingerprint = self._storage_fingerprint()
         if fingerprint != self._fingerprint:
             self._discard_graphs()
             self._fingerprint = fingerprint
-        key = (x.shape, self.model.training, self.guide.training)
-        if key not in self._graphs:
-            calls = self._eager_calls.get(key, 0)
-            if not self._recording or calls < self.warmup_steps or not self.optimizer.state:
-                self._eager_calls[key] = calls + 1
-                return self._eager(x, beta)
-            self._graphs[key] = self._capture(x)
-        return self._replay(self._graphs[key], x, beta)
+        key = (x.shape, x.dtype, x.device, self.model.training, self.guide.training)
+        with torch.cuda.device(x.device):
+            if key not in self._graphs:
+                calls = self._eager_calls.get(key, 0)
+                if not self._recording or calls < self.warmup_steps or not self.optimizer.state:
+                    self._eager_calls[key] = calls + 1
+                    return self._eager(x, beta)
+                self._graphs[key] = self._capture(x)
+            return self._replay(self._graphs[key], x, beta)
 
     def _eager(self, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         # A replay leaves its gradients in place (the graph writes them anew); an eager
@@ -181,7 +188,7 @@ class GraphStep(FastStep):
     def _replay(self, recorded: _Graph, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         # Inputs into the static buffers: the batch, β and this step's skip threshold.
         recorded.x.copy_(x)
-        self._beta.copy_(beta)
+        self._beta.copy_(torch.as_tensor(beta))
         self._threshold.fill_(self.skip_rule.current_threshold())
         recorded.graph.replay()
         # One host read: the rule names the cause the graph acted on (same threshold, same norm).
@@ -196,7 +203,8 @@ class GraphStep(FastStep):
         groups = _state_groups(params, self.optimizer, model_buffers(self.model, self.guide))
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with _garbage_collection_paused(), torch.cuda.graph(graph, pool=self._pool), host_reads_deferred():
+        capture = torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream)
+        with _garbage_collection_paused(), capture, host_reads_deferred():
             # Snapshot the state a skipped update must leave as it was.
             with torch.no_grad():
                 saved = [torch.cat([t.reshape(-1) for t in group]) for group in groups]
@@ -220,13 +228,15 @@ class GraphStep(FastStep):
 
     def _storage_fingerprint(self) -> tuple[int, ...]:
         """The addresses of every parameter and buffer (``.to()`` gives parameters new storage
-        and replaces buffers). The modules holding buffers are listed once: walking the
+        and replaces buffers), of the learning rates, and the identity of Adam's state (which
+        ``load_state_dict`` replaces). The modules holding buffers are listed once: walking the
         modules on every step would take about 0.1 ms of the host's time."""
         if self._buffer_slots is None:
             modules = {id(m): m for m in [*self.model.modules(), *self.guide.modules()]}.values()
             self._buffer_slots = [(m, name) for m in modules for name, _ in m.named_buffers(recurse=False)]
         buffers = [getattr(m, name) for m, name in self._buffer_slots]
-        return tuple(t.data_ptr() for t in self._params() + buffers)
+        rates = [g["lr"] for g in self.optimizer.param_groups if torch.is_tensor(g["lr"])]
+        return (id(self.optimizer.state), *(t.data_ptr() for t in self._params() + buffers + rates))
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -246,14 +256,20 @@ class GraphStep(FastStep):
         for group in self.optimizer.param_groups:
             group["lr"].fill_(float(learning_rate))
 
+    def _optimizer_state(self) -> Any:
+        # The learning rate as a number: the device tensor is changed in place later on.
+        state = self.optimizer.state_dict()
+        state["param_groups"] = [{**group, "lr": float(group["lr"])} for group in state["param_groups"]]
+        return state
+
     def _load_optimizer_state(self, state: Any) -> None:
         super()._load_optimizer_state(state)
         # Loading replaces Adam's state tensors, whose addresses the graphs hold, and its
-        # learning rate by the stored one, a CPU tensor after a checkpoint loaded to the CPU:
-        # the kernels would take that as a constant, so it goes back to the device.
+        # learning rate by the stored one, a number or a CPU tensor after a checkpoint loaded to
+        # the CPU: the kernels would take that as a constant, so it goes back to the device.
         device = self._params()[0].device
         for group in self.optimizer.param_groups:
-            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+            group["lr"] = _device_learning_rate(group["lr"], device)
         self._discard_graphs()
 
     def _discard_graphs(self) -> None:
@@ -262,6 +278,12 @@ class GraphStep(FastStep):
         # A memory pool whose graphs are all gone may be released; the next capture takes a
         # new one (reusing the old handle trips an internal assert of PyTorch's allocator).
         self._pool = torch.cuda.graph_pool_handle()
+
+
+def _device_learning_rate(learning_rate: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The learning rate as a float32 tensor on ``device``: CUDA's fused Adam reads a tensor
+    rate as float32, whatever the parameters' dtype."""
+    return torch.tensor(float(learning_rate), device=device, dtype=torch.float32)
 
 
 def _state_groups(
@@ -287,6 +309,11 @@ def _check_graph_options(model: nn.Module, options: dict[str, Any], warmup_steps
     if options.get("free_bits", 0.0) > 0:
         raise ValueError(
             "engine 'cuda-graph' does not support free bits (their floor reads the host); use engine 'fast'."
+        )
+    if not isinstance(model, GenerativeModel) or model.config.bottom != "mlp":
+        raise ValueError(
+            "engine 'cuda-graph' has run recorded for the LVAE family with MLP networks only, not this "
+            f"{type(model).__name__}; use engine 'fast'."
         )
     device = next(model.parameters()).device
     if device.type != "cuda":

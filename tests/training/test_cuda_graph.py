@@ -14,8 +14,10 @@ from pyro.infer import Trace_ELBO
 
 from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig
 from pyro_lvae.config import ExperimentConfig, TrainConfig
+from pyro_lvae.models.families import make_guide, make_model
 from pyro_lvae.training import train
 from pyro_lvae.training.cuda_graph import GraphStep, host_reads_deferred
+from pyro_lvae.training.distributed import DistributedContext
 from pyro_lvae.training.skipping import SkipRule
 from pyro_lvae.training.steps import TrainingStep, model_buffers, trainable_parameters
 
@@ -43,7 +45,7 @@ def _graphed_and_eager(guide_cls=LadderGuide, *, learning_rate: float, warmup_st
 
 
 def _assert_same_state(a: GraphStep, b: GraphStep) -> None:
-    for x, y in zip(_state(a), _state(b)):
+    for x, y in zip(_state(a), _state(b), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
 
 
@@ -179,10 +181,12 @@ def test_each_shape_and_mode_has_its_own_graph_and_new_storage_drops_them():
     model = graphed.model
     model.eval()  # the model's batch norm now uses its running statistics: another graph
     graphed(_batch(50), beta), graphed(_batch(51), beta)  # one eager call, then the capture
-    assert (torch.Size([9, 12]), False, True) in graphed._graphs and len(graphed._graphs) == 3
+    eval_key = (torch.Size([9, 12]), torch.float64, _batch(0).device, False, True)
+    assert eval_key in graphed._graphs and len(graphed._graphs) == 3
     model.train()
+    eager_calls = dict(graphed._eager_calls)
     graphed(_batch(52), beta)
-    assert len(graphed._graphs) == 3  # back to the training-mode graph
+    assert len(graphed._graphs) == 3 and graphed._eager_calls == eager_calls  # a replay of the training graph
     model.to(torch.float32).to(torch.float64)  # new storage for every parameter of the model
     graphed(_batch(53), beta)
     assert not graphed._graphs
@@ -263,20 +267,53 @@ def test_what_the_graph_engine_cannot_do_is_refused_before_any_work():
         TrainConfig(engine="cuda-graph", free_bits=0.5)
     with pytest.raises(ValueError, match=r"^engine 'cuda-graph' does not record fine-tuning; set engine='fast'"):
         TrainConfig(engine="cuda-graph", finetune_epochs=2)
+    with pytest.raises(ValueError, match=r"^engine 'cuda-graph' runs in one process; use engine 'fast'"):
+        GraphStep(model, guide, learning_rate=1e-3, distributed=DistributedContext(rank=0, world_size=2))
     config = ExperimentConfig(model=CFG, train=TrainConfig(engine="cuda-graph", epochs=1))
     with pytest.raises(ValueError, match=r"^engine 'cuda-graph' needs a CUDA device, not cpu; use --engine fast"):
         train(config, device="cpu", progress=False)
 
 
+@pytest.mark.parametrize("family, bottom", [("vlae", "mlp"), ("vqvae", "mlp"), ("lvae", "conv")])
+def test_the_graph_engine_refuses_the_models_that_have_not_run_recorded(family, bottom):
+    guide = "vae" if family != "lvae" else "ladder"
+    model_config = ModelConfig(
+        input_dim=16, latent_sizes=(2,), hidden_sizes=(8,), family=family, guide=guide, bottom=bottom
+    )
+    model = make_model(model_config, name=family)
+    with pytest.raises(ValueError, match=r"^engine 'cuda-graph' has run recorded for the LVAE family with MLP"):
+        GraphStep(model, make_guide(model), learning_rate=1e-3)
+    with pytest.raises(ValueError, match=r"^engine 'cuda-graph' has run recorded for the LVAE family with MLP"):
+        ExperimentConfig(model=model_config, train=TrainConfig(engine="cuda-graph"))
+
+
+def _bare_step(model, guide, optimizer) -> GraphStep:
+    """A GraphStep without its constructor, which refuses a model on the CPU: enough for the
+    pieces that do not touch the GPU."""
+    step = GraphStep.__new__(GraphStep)
+    step.model, step.guide, step._buffer_slots, step.optimizer = model, guide, None, optimizer
+    return step
+
+
+def test_a_saved_state_holds_the_learning_rate_as_a_number_not_the_live_tensor():
+    model = GenerativeModel(CFG, name="sd")
+    guide = LadderGuide(model)
+    step = _bare_step(model, guide, torch.optim.Adam(trainable_parameters(model, guide), lr=torch.tensor(0.01)))
+    saved = step._optimizer_state()
+    step.optimizer.param_groups[0]["lr"].fill_(0.5)  # set_learning_rate writes the tensor in place
+    assert saved["param_groups"][0]["lr"] == pytest.approx(0.01) and isinstance(saved["param_groups"][0]["lr"], float)
+
+
 def test_the_storage_fingerprint_changes_with_new_storage_only():
-    # GraphStep refuses a model on the CPU, so the fingerprint is read off a bare instance.
     model = GenerativeModel(CFG, name="fp")
     guide = LadderGuide(model)
-    step = GraphStep.__new__(GraphStep)
-    step.model, step.guide, step._buffer_slots = model, guide, None
-    step.optimizer = torch.optim.Adam(trainable_parameters(model, guide))
+    step = _bare_step(model, guide, torch.optim.Adam(trainable_parameters(model, guide), lr=torch.tensor(0.01)))
     before = step._storage_fingerprint()
-    assert len(before) == len(trainable_parameters(model, guide)) + len(model_buffers(model, guide))
+    # Adam's state, every parameter and buffer, and the learning rate.
+    assert len(before) == 1 + len(trainable_parameters(model, guide)) + len(model_buffers(model, guide)) + 1
+    step.optimizer.load_state_dict(step.optimizer.state_dict())  # new state and rate objects
+    assert step._storage_fingerprint() != before
+    before = step._storage_fingerprint()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)  # in place: the same storage
