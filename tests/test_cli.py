@@ -101,6 +101,10 @@ def test_bad_cli_input(args, match, capsys, tmp_path):
 
 
 def test_console_script_entry_point():
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="pyro-lvae")
+    assert script.load() is main  # the installed `pyro-lvae` command runs the CLI's main
     out = subprocess.run([sys.executable, "-m", "pyro_lvae", "presets"], capture_output=True, text=True, check=True)
     assert "lvae-bn-wu-5" in out.stdout and "vlae-3" in out.stdout and len(out.stdout.splitlines()) == len(PRESETS)
 

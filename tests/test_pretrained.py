@@ -127,8 +127,9 @@ def test_a_model_from_a_hand_written_loop_saves_and_loads(tmp_path):
     pyro.clear_param_store()
     loaded, loaded_guide = load_pretrained(tmp_path / "mine.pt")
     assert type(loaded_guide).__name__ == "BottomUpGuide"
-    for a, b in zip(loaded_guide.state_dict().values(), guide.state_dict().values()):
-        assert torch.equal(a, b)
+    for mine, theirs in ((model, loaded), (guide, loaded_guide)):  # the trained weights of both
+        assert mine.state_dict().keys() == theirs.state_dict().keys()
+        assert all(torch.equal(a, theirs.state_dict()[k]) for k, a in mine.state_dict().items())
     assert config_of(tmp_path / "mine.pt") == config
 
 

@@ -83,10 +83,11 @@ def _bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Te
 def _log_likelihood(model: GenerativeModel, z1: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """log p(x | z1) per particle and example, from the decoder's networks (no distribution object)."""
     d = model.decoder_mlp(z1)
+    # In the precision of z1, as the model's likelihood, also under a caller's bfloat16 autocast.
     if model.config.likelihood == "bernoulli":
-        return _bernoulli_log_likelihood(model.decoder_head(d), x)
+        return _bernoulli_log_likelihood(model.decoder_head(d).to(z1.dtype), x)
     loc, var = model.decoder_head(d)
-    return _log_normal(x, loc, var)
+    return _log_normal(x, loc.to(z1.dtype), var.to(z1.dtype))
 
 
 def _ladder(

@@ -31,6 +31,7 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from ..config import DEFAULT_MEMORY_BUDGET
@@ -178,8 +179,7 @@ def importance_sampled_bounds(
         ``layer_kl`` (shape ``(depth, batch)``), plus ``log_weights`` of shape
         ``(num_samples, batch)``.
     """
-    if num_samples <= 0:
-        raise ValueError(f"num_samples must be positive, got {num_samples}.")
+    _check_bounds_options(model, x, num_samples=num_samples, chunk_size=chunk_size, memory_budget=memory_budget)
     if chunk_size is None:
         chunk_size = particle_chunk_size(model, x.shape[0], memory_budget=memory_budget)
     chunks = []
@@ -214,6 +214,30 @@ def importance_sampled_bounds(
         "layer_kl": kl_sum / num_samples,
         "log_weights": log_w,
     }
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_bounds_options(
+    model: GenerativeModel, x: torch.Tensor, *, num_samples: Any, chunk_size: Any, memory_budget: Any
+) -> None:
+    """Refuse, before any draw, what :func:`importance_sampled_bounds` cannot use."""
+    if not _positive_int(num_samples):
+        raise ValueError(f"num_samples (K) must be a positive integer, got {num_samples!r}.")
+    if chunk_size is not None and not _positive_int(chunk_size):
+        raise ValueError(f"chunk_size must be a positive integer or None (sized from the budget), got {chunk_size!r}.")
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}.")
+    check_examples(x)
+    # Pyro's Bernoulli checks its support under validation; the closed form has no distribution
+    # object to do it, so the check is made here, for both paths alike.
+    if is_validation_enabled() and model.config.likelihood == "bernoulli" and not ((x == 0) | (x == 1)).all():
+        raise ValueError(
+            "x has values other than 0 and 1, which a Bernoulli likelihood cannot score; binarize the data "
+            "first (pyro_lvae.data.binarize)."
+        )
 
 
 def batch_seed(seed: int, batch: int) -> int:

@@ -14,7 +14,8 @@ from pyro_lvae.inference.evaluation import evaluate, particle_log_weights
 
 
 def _pair(guide_cls, device="cpu", **model_kw):
-    cfg = ModelConfig(input_dim=10, latent_sizes=(5, 4, 3), hidden_sizes=(16, 12, 8), **model_kw)
+    shape = {"input_dim": 10, "latent_sizes": (5, 4, 3), "hidden_sizes": (16, 12, 8)}
+    cfg = ModelConfig(**{**shape, **model_kw})
     model = GenerativeModel(cfg, name="closed").double().to(device)
     guide = guide_cls(model).double().to(device)
     with torch.no_grad():  # statistics away from the initial ones, so that eval mode matters
@@ -32,6 +33,11 @@ CASES = [
     (BottomUpGuide, {}),
     (LadderGuide, {"likelihood": "gaussian"}),
     (BottomUpGuide, {"likelihood": "gaussian"}),
+    (LadderGuide, {"batch_norm": False}),
+    (BottomUpGuide, {"latent_sizes": (5,), "hidden_sizes": (16,)}),
+    (LadderGuide, {"latent_sizes": (5,), "hidden_sizes": (16,)}),
+    (LadderGuide, {"bottom": "conv", "input_dim": 16}),
+    (BottomUpGuide, {"bottom": "conv", "input_dim": 16}),
 ]
 
 
@@ -45,7 +51,8 @@ def test_the_closed_form_gives_the_traced_weights_on_the_same_draws(
     monkeypatch.setattr(closed_form, "CPU_PAIRS_PER_SLICE", pairs_per_slice)
     model, guide = _pair(guide_cls, device, **model_kw)
     gaussian = model_kw.get("likelihood") == "gaussian"
-    x = torch.rand(7, 10, dtype=torch.float64) if gaussian else torch.bernoulli(torch.full((7, 10), 0.4)).double()
+    width, depth = model.config.input_dim, model.config.depth
+    x = torch.rand(7, width, dtype=torch.float64) if gaussian else torch.bernoulli(torch.full((7, width), 0.4)).double()
     x = x.to(device)
     assert closed_form_applies(model, guide)
     pyro.set_rng_seed(11)
@@ -54,7 +61,7 @@ def test_the_closed_form_gives_the_traced_weights_on_the_same_draws(
     pyro.set_rng_seed(11)
     total, reconstruction, layer_kl = closed_form_log_weights(model, guide, x, 13)
     after = torch.rand((), device=device).item()
-    assert total.shape == (13, 7) and layer_kl.shape == (3, 13, 7)
+    assert total.shape == (13, 7) and layer_kl.shape == (depth, 13, 7)
     torch.testing.assert_close(total, traced.total, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(reconstruction, traced.reconstruction, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(layer_kl, traced.layer_kl, rtol=1e-10, atol=1e-10)
@@ -121,3 +128,21 @@ def test_in_training_mode_the_particles_are_weighed_together_as_on_the_traced_pa
     pyro.set_rng_seed(11)
     total, _, _ = closed_form_log_weights(model, guide, x, 13)
     torch.testing.assert_close(total, traced.total, rtol=1e-10, atol=1e-10)
+
+
+def test_under_a_callers_bf16_autocast_the_likelihood_stays_in_the_models_precision():
+    """The traced model casts the decoder's logits back to z1's dtype; so does the closed form,
+    so that both weigh the same bf16 networks with an fp32 likelihood."""
+    cfg = ModelConfig(input_dim=64, latent_sizes=(5, 4), hidden_sizes=(32, 16))
+    model = GenerativeModel(cfg, name="autocast").eval()
+    guide = LadderGuide(model).eval()
+    x = torch.bernoulli(torch.full((6, 64), 0.3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pyro.set_rng_seed(3)
+        with torch.no_grad():
+            traced = particle_log_weights(model, guide, x, 5)
+        pyro.set_rng_seed(3)
+        total, reconstruction, _ = closed_form_log_weights(model, guide, x, 5)
+    assert total.dtype == torch.float32
+    torch.testing.assert_close(reconstruction, traced.reconstruction, rtol=0, atol=1e-3)
+    torch.testing.assert_close(total, traced.total, rtol=0, atol=1e-3)

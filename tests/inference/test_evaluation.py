@@ -58,6 +58,31 @@ def test_lk_bounds_are_ordered_and_shaped():
     torch.testing.assert_close(out["elbo"], out["reconstruction"] - out["layer_kl"].sum(0))
 
 
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"num_samples": 7.0}, r"^num_samples \(K\) must be a positive integer, got 7\.0\.$"),
+        ({"num_samples": True}, r"^num_samples \(K\) must be a positive integer, got True\.$"),
+        ({"num_samples": 0}, r"^num_samples \(K\) must be a positive integer, got 0\.$"),
+        ({"chunk_size": 0}, r"^chunk_size must be a positive integer or None"),
+        ({"memory_budget": 0}, r"^memory_budget must be a positive number of bytes, got 0\.$"),
+        ({"x": "one row"}, r"^data must have shape \(N, input_dim\) with N > 0, got \(6,\)"),
+        ({"x": "empty"}, r"^data must have shape \(N, input_dim\) with N > 0, got \(0, 6\)"),
+        ({"x": "grey"}, r"^x has values other than 0 and 1, which a Bernoulli likelihood cannot score;"),
+    ],
+)
+def test_bad_bounds_options_get_one_clear_line_before_any_draw(options, match, monkeypatch):
+    model = _model()
+    guide = LadderGuide(model).eval()
+    x = torch.bernoulli(torch.full((4, 6), 0.5))
+    x = {"one row": x[0], "empty": x[:0], "grey": x * 0.5, None: x}[options.pop("x", None)]
+    drawn = []
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: drawn.append(1))  # no draw may happen first
+    with pytest.raises(ValueError, match=match), pyro.validation_enabled(True):
+        importance_sampled_bounds(model, guide, x, **{"num_samples": 5, **options})
+    assert not drawn
+
+
 def test_chunk_size_respects_memory_budget():
     model = GenerativeModel(ModelConfig())
     big = particle_chunk_size(model, 500, memory_budget=4 * 2**30)

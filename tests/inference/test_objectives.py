@@ -12,7 +12,7 @@ from pyro.infer import RenyiELBO
 from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig
 from pyro_lvae.inference.evaluation import importance_sampled_bounds
 from pyro_lvae.inference.objectives import ImportanceWeightedLoss, importance_weighted_loss
-from pyro_lvae.training.steps import TrainingStep
+from pyro_lvae.training.steps import TrainingStep, trainable_parameters
 
 GUIDES = {"ladder": LadderGuide, "vae": BottomUpGuide}
 
@@ -91,16 +91,16 @@ def test_both_engines_take_the_same_iwae_step(engine):
         pyro.set_rng_seed(0)
         model = _model(batch_norm=True)
         guide = LadderGuide(model)
-        initial = [p.detach().clone() for p in model.parameters()]
+        initial = [p.detach().clone() for p in trainable_parameters(model, guide)]  # the upward nets too
         step = TrainingStep(model, guide, learning_rate=1e-2, engine=eng)
         step.use_objective(ImportanceWeightedLoss(mc_samples=2, iw_samples=3))
         step.set_learning_rate(5e-3)
         x = _data(8).double()
         losses = [step(x, torch.tensor(1.0)).item() for _ in range(3)]
-        states[eng] = (losses, [p.detach().clone() for p in model.parameters()])
+        states[eng] = (losses, [p.detach().clone() for p in trainable_parameters(model, guide)])
     (l_fast, p_fast), (l_eng, p_eng) = states["fast"], states[engine]
     assert l_fast == pytest.approx(l_eng, rel=1e-9)
-    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-9) for a, b in zip(p_fast, p_eng))
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-9) for a, b in zip(p_fast, p_eng, strict=True))
     # Every parameter moved, by steps of about the set learning rate (Adam's steps are
     # close to lr in size), not of the initial 1e-2.
     moved = [(a - b).abs().max().item() for a, b in zip(p_eng, initial)]

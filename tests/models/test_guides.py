@@ -52,8 +52,8 @@ def test_ladder_guide_shares_model_parameters():
     # One store entry per tensor: the guide registered the model's own parameters.
     ids = [id(store[name]) for name in store.keys()]
     assert len(ids) == len(set(ids))
-    model_ids = {id(p) for p in model.parameters()}
-    assert {id(p) for p in guide.model.parameters()} == model_ids
+    # The store holds the model's own tensors, not copies the guide made.
+    assert {id(p) for p in model.parameters()} <= set(ids)
     assert len([n for n in store.keys() if n.startswith("lvae$$$top_down")]) == len(
         list(model.top_down_mlps.parameters())
     ) + len(list(model.top_down_heads.parameters()))

@@ -146,14 +146,20 @@ def test_interpolate_moves_only_the_top_layer_between_the_two_posterior_means():
     images = interpolate(model, guide, x[0], x[1], steps=5)
     assert images.shape == (5, 6) and images.min() >= 0 and images.max() <= 1
     top = encode(model, guide, x)[-1].loc
-    pyro.set_rng_seed(0)
-    with torch.no_grad():
-        model.eval()
-        z = top[0:1]
-        for layer in (2, 1):
-            z, _ = model.prior_params(layer, z)
-        first = model.likelihood(z).mean
-    torch.testing.assert_close(images[0:1], first)
+    assert not torch.allclose(top[0], top[1])
+
+    def decoded(z_top):  # the means of the layers below, then the pixel means
+        with torch.no_grad():
+            model.eval()
+            z = z_top
+            for layer in (2, 1):
+                z, _ = model.prior_params(layer, z)
+            return model.likelihood(z).mean
+
+    # The two ends, and the midpoint of the straight line between the top-layer means.
+    torch.testing.assert_close(images[0:1], decoded(top[0:1]))
+    torch.testing.assert_close(images[2:3], decoded((top[0:1] + top[1:2]) / 2))
+    torch.testing.assert_close(images[4:5], decoded(top[1:2]))
 
 
 @pytest.mark.parametrize(

@@ -37,13 +37,14 @@ def test_the_average_follows_the_ramped_decay_formula():
     lin, empty = torch.nn.Linear(1, 1, bias=False), torch.nn.Module()
     with torch.no_grad():
         lin.weight.fill_(0.0)
-    ema = ExponentialMovingAverage(lin, empty, decay=0.5)
+    # decay 0.2: the ramp (1 + n)/(10 + n) exceeds it from the third update on, so both branches act.
+    ema = ExponentialMovingAverage(lin, empty, decay=0.2)
     expected = 0.0
     for t in range(1, 8):
         with torch.no_grad():
             lin.weight.fill_(float(t))
         ema.update()
-        d = ema_decay_at(0.5, t - 1)
+        d = min(0.2, t / (9 + t))  # written out: n = t - 1 updates before this one
         expected = d * expected + (1 - d) * t
     assert ema_decay_at(0.5, 0) == pytest.approx(0.1) and ema_decay_at(0.5, 100) == 0.5
     assert ema.state_dict()["model"]["weight"].item() == pytest.approx(expected, rel=1e-6)

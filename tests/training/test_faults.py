@@ -48,8 +48,10 @@ def test_a_nan_batch_is_skipped_logged_and_counted(tmp_path, make_synthetic, mon
     assert "Skipped step 3 of epoch 2: non-finite loss or gradient" in caplog.text
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
     # The skipped step's forward pass did not leave NaN in the batch-norm statistics.
-    assert all(torch.isfinite(b).all() for b in result.model.buffers() if b.is_floating_point())
-    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in result.model.modules())
+    statistics = [b for b in [*result.model.buffers(), *result.guide.buffers()] if b.is_floating_point()]
+    assert all(torch.isfinite(b).all() for b in statistics)
+    model_modules = set(result.model.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm1d) and m not in model_modules for m in result.guide.modules())
     assert all(torch.isfinite(torch.tensor(m["train_objective"])) for m in _lines(tmp_path))
 
 
