@@ -90,6 +90,10 @@ def test_two_process_evaluation_gives_the_same_per_example_l_k(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = torch.load(out)
+    # Each process weighed its own share of the five batches of 7, 7, 7, 7 and 2 examples.
+    shares = [torch.load(f"{out}.rank{r}") for r in (0, 1)]
+    assert [s["world_size"] for s in shares] == [2, 2]
+    assert [s["batch_sizes"] for s in shares] == [[7, 7, 2], [7, 7]]
     pyro.set_rng_seed(0)
     model = GenerativeModel(ModelConfig(input_dim=10, latent_sizes=(4, 2), hidden_sizes=(16, 8), batch_norm=True))
     guide = LadderGuide(model)
