@@ -28,6 +28,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import math
 import re
 import sys
 import typing
@@ -133,7 +134,7 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument(
         "--memory-budget-gib",
-        type=float,
+        type=_memory_budget_gib,
         default=DEFAULT_MEMORY_BUDGET / 2**30,
         help="memory for one particle chunk of the L_K evaluation (default: 4)",
     )
@@ -311,6 +312,17 @@ def _report(results: RunResults) -> str:
         f"({results.num_test_examples} test examples, {results.epochs} epochs"
         f"{', moving-average weights' if results.weights == 'ema' else ''})\n"
     )
+
+
+def _memory_budget_gib(text: str) -> float:
+    """``--memory-budget-gib``: a finite number of GiB, at least one byte."""
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = math.nan
+    if not math.isfinite(gib) or gib * 2**30 < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of GiB (e.g. 4), got {text!r}")
+    return gib
 
 
 def _budget(args: argparse.Namespace) -> int:

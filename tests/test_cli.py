@@ -91,6 +91,9 @@ def test_train_then_evaluate(tmp_path, shared_data_root, capsys):
         (["train", "--activation", "relu6"], "choose one of leaky_relu, tanh, identity, got 'relu6'"),
         (["train", "--guide", "top-down"], "choose one of ladder, vae, bottom-up"),
         (["train", "--skip-threshold", "often"], "skip_threshold expects a number or auto, got 'often'"),
+        (["train", "--memory-budget-gib", "inf"], "--memory-budget-gib: must be a positive, finite number of GiB"),
+        (["train", "--memory-budget-gib", "0"], "--memory-budget-gib: must be a positive, finite number of GiB"),
+        (["evaluate", "run", "--memory-budget-gib", "nan"], "must be a positive, finite number of GiB"),
     ],
 )
 def test_bad_cli_input(args, match, capsys, tmp_path):

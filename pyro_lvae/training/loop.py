@@ -75,7 +75,7 @@ from .distributed import (
 from .ema import ExponentialMovingAverage
 from .results import discrete_offset, final_results
 from .results_file import RunResults
-from .resume import check_resume
+from .resume import changed_fields, check_resume
 from .run_dir import RunDirectory
 from .schedule import EpochPlan, epoch_plan, is_evaluation_epoch, warn_about_schedule
 from .signals import StopRequest, TrainingInterrupted, agree_on_signal, stop_on_signals
@@ -144,13 +144,21 @@ def train(
     :param tensorboard: Also write TensorBoard events into this folder
         (:mod:`pyro_lvae.training.tensorboard`; needs the ``tensorboard`` package).
     """
-    _check_arguments(config, out_dir=out_dir, resume=resume, final_eval_subset=final_eval_subset, board=tensorboard)
+    _check_arguments(
+        config,
+        out_dir=out_dir,
+        resume=resume,
+        final_eval_subset=final_eval_subset,
+        board=tensorboard,
+        memory_budget=memory_budget,
+    )
     warn_about_schedule(config)
     ctx, device = _start_processes(config, device)
-    run_dir = _open_run_dir(out_dir, resume=resume, overwrite=overwrite, ctx=ctx)
     pyro.clear_param_store()
     pyro.set_rng_seed(config.train.seed)
     data = prepare_data(config, dataset=dataset, data_root=data_root, download=download, device=device)
+    # After the data's checks: --overwrite must not clear a run for a command that cannot start.
+    run_dir = _open_run_dir(out_dir, resume=resume, overwrite=overwrite, ctx=ctx)
     trainer = _Trainer(config, data, ctx, run_dir, memory_budget=memory_budget, progress=progress)
     trainer.start(resume=resume)
 
@@ -158,9 +166,9 @@ def train(
         for epoch in range(trainer.epochs_done, trainer.total_epochs):
             record, x_epoch = trainer.run_epoch(epoch, epoch_plan(config, epoch), stop)
             if is_evaluation_epoch(config, epoch):
-                record |= trainer.evaluate(epoch, x_epoch)
+                record |= trainer.evaluate_or_keep_the_epoch(epoch, x_epoch, record)
             trainer.end_epoch(record)
-            if trainer.agreed_stop(stop) is not None and epoch + 1 < trainer.total_epochs:
+            if trainer.agreed_stop(stop) is not None:  # after the last epoch too: --resume evaluates
                 raise TrainingInterrupted(stop.signal, run_dir and run_dir.path, epoch + 1, 0, 0)
 
     trainer.keep_final_weights()
@@ -186,6 +194,7 @@ def _check_arguments(
     resume: bool,
     final_eval_subset: int,
     board: str | os.PathLike | None,
+    memory_budget: Any,
 ) -> None:
     """Refuse bad arguments of :func:`train` before anything starts."""
     if board is not None:
@@ -196,11 +205,17 @@ def _check_arguments(
         raise ValueError(f"final_eval_subset must be a non-negative integer (0 = all), got {final_eval_subset!r}.")
     if resume and out_dir is None:
         raise ValueError("resume needs out_dir, the run directory to continue.")
+    budget_is_number = isinstance(memory_budget, (int, float)) and not isinstance(memory_budget, bool)
+    if not budget_is_number or not 1 <= memory_budget < math.inf:
+        raise ValueError(f"memory_budget must be a positive, finite number of bytes, got {memory_budget!r}.")
 
 
 def _start_processes(config: ExperimentConfig, device: str | torch.device) -> tuple[DistributedContext, torch.device]:
     """The distributed context (one process unless launched by torchrun) and this process's device."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a device torch knows; use cpu or cuda (or cuda:N).") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but CUDA is not available; use --device cpu.")
     if config.train.engine == "cuda-graph" and device.type != "cuda":
@@ -300,6 +315,8 @@ class _Trainer:
         ckpt = self.run_dir.load_checkpoint()
         stored = ExperimentConfig.from_dict(ckpt["config"])
         check_resume(stored, self.config, epochs_done=ckpt["epoch"], run_dir=self.run_dir.path)
+        for change in changed_fields(stored, self.config):
+            logger.warning("Resuming with a changed setting: %s.", change)
         self.model.load_state_dict(ckpt["model"])
         self.guide.load_state_dict(ckpt["guide"])
         self.step.load_state_dict(ckpt["optimizer"])
@@ -480,7 +497,8 @@ class _Trainer:
             )
         raise FloatingPointError(
             f"{self.consecutive_skips} consecutive training steps had a non-finite loss or gradient "
-            f"(epoch {epoch + 1}){kept}; lower learning_rate or check the data and the configuration."
+            f"(epoch {epoch + 1}){kept}; check the data and the configuration, or start again with "
+            "--overwrite and a lower learning_rate (a resumed run keeps its learning rate)."
         )
 
     def _stop_inside_epoch(
@@ -562,6 +580,20 @@ class _Trainer:
         if self.board.writer is not None and side * side == self.config.model.input_dim:
             self.board.log_images(epoch + 1, self.model, self.guide, x, side)
 
+    def evaluate_or_keep_the_epoch(self, epoch: int, x_epoch: torch.Tensor, record: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`evaluate`; if it fails, the trained epoch is checkpointed without it first.
+
+        :param epoch: The epoch just trained (0-based).
+        :param x_epoch: Its binarized training data.
+        :param record: Its metrics so far.
+        """
+        try:
+            return self.evaluate(epoch, x_epoch)
+        except Exception:
+            logger.error("The evaluation after epoch %d failed; the epoch is checkpointed without it.", epoch + 1)
+            self.end_epoch(record)
+            raise
+
     def end_epoch(self, record: dict[str, Any]) -> None:
         """Keep, log and write the epoch's metric line, then checkpoint.
 
@@ -581,11 +613,11 @@ class _Trainer:
             f"skipped steps {record['skipped_by_cause']}  " if record["skipped_steps"] else "",
             record["seconds"],
         )
-        if self.ctx.is_main:
-            self.board.log_epoch(record)
         if self.run_dir is not None:
             self.run_dir.append_metrics(record)
             self.checkpoint(record["epoch"])
+        if self.ctx.is_main:  # after the checkpoint: a failing event file cannot cost the epoch
+            self.board.log_epoch(record)
 
     def final_results(self, subset: int) -> RunResults:
         """The final evaluation, on the first ``subset`` test examples (0 = all), written as

@@ -37,6 +37,17 @@ def _comparable(config: ExperimentConfig, *, finetuning_started: bool) -> dict[s
     return d
 
 
+def changed_fields(stored: ExperimentConfig, config: ExperimentConfig) -> list[str]:
+    """The training settings ``config`` changes from ``stored``, each as ``"name old → new"``
+    (the trainer logs them on resume, so that none changes unnoticed).
+
+    :param stored: The configuration in the checkpoint.
+    :param config: The configuration to continue with.
+    """
+    old, new = stored.to_dict()["train"], config.to_dict()["train"]
+    return [f"{name} {old[name]!r} → {new[name]!r}" for name in old if old[name] != new.get(name)]
+
+
 def can_resume_as(stored: ExperimentConfig, config: ExperimentConfig, *, finetuning_started: bool) -> bool:
     """Whether a run written with ``stored`` may be resumed with ``config``.
 
@@ -60,6 +71,13 @@ def check_resume(stored: ExperimentConfig, config: ExperimentConfig, *, epochs_d
         if a fine-tuning run is resumed with another number of training epochs.
     """
     started = epochs_done > stored.train.epochs
+    asked = config.train.epochs + config.train.finetune_epochs
+    if asked < epochs_done:
+        raise ValueError(
+            f"The run in {run_dir} has done {epochs_done} epochs, more than the {asked} asked for "
+            f"(epochs + finetune_epochs); resume it with at least that many, e.g. --epochs {stored.train.epochs} "
+            f"--finetune-epochs {max(0, epochs_done - stored.train.epochs)}."
+        )
     if not can_resume_as(stored, config, finetuning_started=started):
         raise ValueError(
             f"The checkpoint in {run_dir} was written with a different configuration; "

@@ -9,6 +9,7 @@ every process holds a :class:`RunDirectory`, and only rank 0's (``writer=True``)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +24,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .results_file import write_json_atomic
 from .run_files import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, RESULTS_NAME
 
+logger = logging.getLogger(__name__)
+
 
 def read_metrics(run_dir: str | os.PathLike, up_to_epoch: int) -> list[dict[str, Any]]:
     """The metric lines of epochs ≤ ``up_to_epoch`` (later ones were not checkpointed).
@@ -33,7 +36,19 @@ def read_metrics(run_dir: str | os.PathLike, up_to_epoch: int) -> list[dict[str,
     path = Path(run_dir) / METRICS_NAME
     if not path.exists():
         return []
-    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number < len(lines):
+                raise ValueError(
+                    f"Line {number} of {path} is not JSON ({exc.msg}); repair or delete that line, then resume."
+                ) from exc
+            # The last line was cut short (the process stopped or the disk filled while appending
+            # it); its epoch was not checkpointed yet, since the line is written first.
+            logger.warning("Ignoring the incomplete last line of %s.", path)
     return [r for r in records if r["epoch"] <= up_to_epoch]
 
 
@@ -88,8 +103,10 @@ class RunDirectory:
 
         :param records: The metric lines to keep.
         """
-        if self.writer:
-            (self.path / METRICS_NAME).write_text("".join(json.dumps(m) + "\n" for m in records))
+        if self.writer:  # through a temporary file and a rename: an interruption keeps the old lines
+            tmp = self.path / (METRICS_NAME + ".tmp")
+            tmp.write_text("".join(json.dumps(m) + "\n" for m in records))
+            os.replace(tmp, self.path / METRICS_NAME)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one epoch's line to ``metrics.jsonl``.

@@ -80,7 +80,8 @@ def test_a_nan_parameter_stops_after_n_consecutive_skips_with_the_checkpoint_int
     monkeypatch.setattr(training, "make_model", make_model)
     with pytest.raises(
         FloatingPointError,
-        match=r"3 consecutive training steps .*epoch 3.*checkpoint of epoch 2 .* intact; lower learning_rate",
+        match=r"3 consecutive training steps .*epoch 3.*checkpoint of epoch 2 .* intact; check the data "
+        r".*--overwrite and a lower learning_rate",
     ):
         train(config, out_dir=tmp_path, dataset=make_synthetic(), progress=False)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
