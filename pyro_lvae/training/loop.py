@@ -317,6 +317,14 @@ class _Trainer:
         check_resume(stored, self.config, epochs_done=ckpt["epoch"], run_dir=self.run_dir.path)
         for change in changed_fields(stored, self.config):
             logger.warning("Resuming with a changed setting: %s.", change)
+        if ckpt.get("device_type", self.device.type) != self.device.type:  # absent in older checkpoints
+            logger.warning(
+                "The run was trained on %s and continues on %s: its random draws differ from there on, so it will "
+                "not repeat the uninterrupted run exactly (pass --device %s to continue where it ran).",
+                ckpt["device_type"],
+                self.device.type,
+                ckpt["device_type"],
+            )
         self.model.load_state_dict(ckpt["model"])
         self.guide.load_state_dict(ckpt["guide"])
         self.step.load_state_dict(ckpt["optimizer"])
@@ -360,6 +368,7 @@ class _Trainer:
                 "rng": rng_by_rank[0],
                 "rng_by_rank": rng_by_rank,
                 "world_size": self.ctx.world_size,
+                "device_type": self.device.type,
                 "ema": self.ema.state_dict() if self.ema is not None else None,
             }
         )

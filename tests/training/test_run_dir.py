@@ -134,3 +134,17 @@ def test_a_checkpoint_that_cannot_be_written_leaves_no_partial_file_and_the_last
         checkpoint.save_checkpoint(tmp_path, {"epoch": 2})
     assert not (tmp_path / (checkpoint.CHECKPOINT_NAME + ".tmp")).exists()
     assert load_checkpoint(tmp_path)["epoch"] == 1
+
+
+def test_a_resume_on_another_device_type_says_so(tmp_path, make_synthetic, caplog):
+    from pyro_lvae.training import checkpoint
+
+    data = make_synthetic()
+    train(_config(epochs=1), out_dir=tmp_path, dataset=data, progress=False, final_evaluation=False)
+    state = load_checkpoint(tmp_path)
+    assert state["device_type"] == "cpu"
+    checkpoint.save_checkpoint(tmp_path, {**state, "device_type": "cuda"})  # as if trained on a GPU
+    with caplog.at_level(logging.WARNING):
+        train(_config(epochs=2), out_dir=tmp_path, dataset=data, progress=False, resume=True, final_evaluation=False)
+    assert "trained on cuda and continues on cpu" in caplog.text and "--device cuda" in caplog.text
+    assert "Resuming with a changed setting: epochs 1 → 2." in caplog.text
