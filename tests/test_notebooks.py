@@ -49,7 +49,10 @@ def test_numbers_in_a_notebooks_summary_come_from_its_stored_outputs():
         outputs = _output_text(nb)
         for cell in nb.cells:
             if cell.cell_type == "markdown" and "committed run" in cell.source:
-                for number in re.findall(r"(?<![<>≤≥\d.])(?<![<>≤≥] )(\d+\.\d{2,})", cell.source):
-                    assert number in outputs, f"{path.name}: {number} in the text is not in any output"
+                for sign, number in re.findall(r"(?<![<>≤≥\d.])(?<![<>≤≥] )([−-]?)(\d+\.\d{2,})", cell.source):
+                    # The whole number (not a prefix of a longer one), with its sign where the text gives one.
+                    printed = rf"{re.escape('-' if sign else '')}(?<![\d.]){re.escape(number)}(?!\d)"
+                    found = re.search(printed, outputs.replace("−", "-"))
+                    assert found, f"{path.name}: {sign}{number} in the text is not in any output"
                     checked += 1
     assert checked >= 5  # notebook 02's summary quotes its bounds

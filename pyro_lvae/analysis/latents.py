@@ -93,7 +93,11 @@ def kl_per_unit(
     per-unit picture of the paper's Fig. 4 but, summed, not its ELBO's KL term (see
     :mod:`pyro_lvae.models.guides`); use :func:`kl_per_layer` for that.
 
+    :param model: The generative model.
+    :param guide: A guide for it.
     :param data: Data of shape ``(N, input_dim)`` on the model's device.
+    :param num_samples: Draws per example.
+    :param batch_size: Examples per forward pass.
     :returns: One array of shape ``(latent_sizes[i],)`` per layer, z1 first.
     """
     sums = [torch.zeros(d, dtype=torch.float64) for d in model.config.latent_sizes]
@@ -169,7 +173,12 @@ def latent_codes(
 ) -> xr.Dataset:
     """Posterior means and one sample per layer for every example (for the PCA plots of Fig. 6).
 
+    :param model: The generative model.
+    :param guide: A guide for it.
+    :param data: Examples of shape ``(N, input_dim)`` on the model's device.
     :param labels: Class labels of ``data`` (stored as the ``label`` coordinate).
+    :param batch_size: Examples per forward pass (batch norm runs in eval mode, so it does not
+        change the codes).
     :returns: Dataset with ``mean_z{i}`` and ``sample_z{i}`` of dims ``(example, z{i}_unit)``.
     """
     import xarray as xr

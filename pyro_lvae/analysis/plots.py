@@ -36,6 +36,8 @@ def kl_heatmap(curves: xr.Dataset, *, title: str = "", path: str | os.PathLike |
 
     :param curves: From :func:`~pyro_lvae.analysis.latents.training_curves`; needs ``test_kl_z{i}``
         (or ``valid_kl_z{i}`` for a run with a validation split).
+    :param title: The figure's title.
+    :param path: Also save the figure there.
     """
     prefix = "test_kl_z" if any(v.startswith("test_kl_z") for v in curves.data_vars) else "valid_kl_z"
     layers = sorted((v for v in curves.data_vars if v.startswith(prefix)), key=lambda v: int(v[len(prefix) :]))
@@ -191,6 +193,9 @@ def vlae_traversals(
     :param model: A trained :class:`~pyro_lvae.models.vlae.VLAEModel`.
     :param steps: Grid points per axis (each layer's first two units).
     :param span: The grid covers ``[-span, span]`` in prior standard deviations.
+    :param image_shape: Height and width of one image.
+    :param seed: Seed of the other layers' draw from the prior.
+    :param path: Also save the figure there.
     """
     depth = model.config.depth
     param = next(model.parameters())

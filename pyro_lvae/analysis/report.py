@@ -112,7 +112,13 @@ def analyse_run(
 ) -> RunAnalysis:
     """Compute one run's diagnostics and write its figures and netCDF file.
 
+    :param run_dir: The run directory (a training run's ``--out``).
+    :param out_dir: Where the figures and the netCDF file go.
     :param name: Prefix of the files written for this run.
+    :param data_root: Data folder (default: ``$PYRO_LVAE_DATA`` or ``./data``).
+    :param download: Download missing data files.
+    :param device: Where to evaluate.
+    :param memory_budget: Bytes per particle chunk of L_K.
     :param num_samples: K of L_K and of the PSIS diagnostics.
     :param max_codes: Test examples in the PCA plot and in the stored latent codes.
     :param active_samples: Draws per example for E_q[u] in :func:`~pyro_lvae.analysis.latents.active_units`.

@@ -169,11 +169,14 @@ def importance_sampled_bounds(
 ) -> dict[str, torch.Tensor]:
     """Per-example ELBO and L_K for one batch of examples.
 
+    :param model: The generative model.
+    :param guide: A guide for it.
     :param x: Data, shape ``(batch, input_dim)``.
     :param num_samples: K.
     :param chunk_size: Particles per chunk; by default from ``memory_budget``
         (see :func:`particle_chunk_size`). When a chunk runs out of memory it is
         drawn again in chunks of half the size, with the same random draws.
+    :param memory_budget: Bytes one chunk may use (see :func:`particle_chunk_size`).
     :returns: A dict of per-example tensors: ``elbo`` (mean of the K log-weights),
         ``log_likelihood`` (L_K), ``reconstruction`` (mean log p(x|z1)) and
         ``layer_kl`` (shape ``(depth, batch)``), plus ``log_weights`` of shape
@@ -285,10 +288,14 @@ def evaluate(
     evaluation batches are divided among the processes and the per-example results
     gathered, so every process returns the whole result.
 
+    :param model: The generative model.
+    :param guide: A guide for it.
     :param data: Binary (or grey-level, for the Gaussian likelihood) data,
         shape ``(N, input_dim)``, on the model's device.
     :param num_samples: K of L_K (paper: 5000).
     :param batch_size: Examples per evaluation batch.
+    :param chunk_size: Particles per chunk (default: from ``memory_budget``).
+    :param memory_budget: Bytes one particle chunk may use.
     :param progress: Show a tqdm progress bar.
     :param return_log_weights: Also return the ``(num_samples, N)`` log-weights
         (on the CPU) under ``log_weights``, e.g. for PSIS diagnostics.

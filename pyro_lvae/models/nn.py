@@ -65,6 +65,10 @@ class MLP(nn.Module):
         self.batch_norm = batch_norm
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """The two hidden layers on the last dimension of ``y``.
+
+        :param y: Input of shape ``(…, in_features)``; leading dimensions (particles) are kept.
+        """
         lead = y.shape[:-1]
         flat = y.reshape(-1, y.shape[-1])
         _check_batch(flat, self, self.batch_norm)
@@ -98,6 +102,10 @@ class GaussianHead(nn.Module):
         self.variance_floor = float(variance_floor)
 
     def forward(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, variance)`` of eqs. 11–12 from ``d``.
+
+        :param d: The deterministic features, shape ``(…, in_features)``.
+        """
         # In the parameters' precision: under bfloat16 autocast (precision="bf16") the linear
         # layers compute in bf16, and the softplus, the merge and the densities get fp32 back.
         dtype = self.loc.weight.dtype
@@ -177,6 +185,10 @@ class ConvEncoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """d1 from flattened images.
+
+        :param x: Images of shape ``(…, side²)``.
+        """
         lead = x.shape[:-1]
         flat = x.reshape(-1, 1, self.side, self.side)
         _check_batch(flat, self, self.batch_norm)
@@ -214,6 +226,10 @@ class ConvDecoder(nn.Module):
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """The feature map of shape ``(…, channels, side, side)``.
+
+        :param z: Samples of z1, shape ``(…, latent)``.
+        """
         lead = z.shape[:-1]
         flat = z.reshape(-1, z.shape[-1])
         _check_batch(flat, self, self.batch_norm)
@@ -237,6 +253,10 @@ class ConvOutput(nn.Module):
         self.variance_floor = float(variance_floor)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits, or ``(loc, variance)``, of shape ``(…, side²)``.
+
+        :param h: The decoder's map, shape ``(…, channels, side, side)``.
+        """
         lead = h.shape[:-3]
         flat = h.reshape(-1, *h.shape[-3:])
         dtype = self.loc.weight.dtype  # fp32 out under bfloat16 autocast, as GaussianHead

@@ -263,7 +263,10 @@ def vq_statistics(
 ) -> dict[str, float]:
     """Reconstruction, codebook usage and the ELBO under the uniform prior.
 
+    :param model: The VQ-VAE's generative model.
+    :param guide: Its encoder.
     :param data: Examples of shape ``(N, input_dim)`` on the model's device.
+    :param batch_size: Examples per forward pass.
     :returns: ``reconstruction_nll`` (−log p(x|z_q), nats per example),
         ``reconstruction_mse`` (mean squared error of the mean of p(x|z_q), per pixel),
         ``elbo`` (``-reconstruction_nll - P log K``), ``perplexity`` (exp of the

@@ -75,8 +75,12 @@ def prepare_data(
 ) -> PreparedData:
     """Load, subset, check and move the data named by ``config`` to ``device``.
 
+    :param config: The experiment: its dataset, subsets, validation split and binarization.
     :param dataset: Use this :class:`~pyro_lvae.data.Dataset` instead of loading
         ``config.train.dataset`` (tests and custom data).
+    :param data_root: Data folder (default: ``$PYRO_LVAE_DATA`` or ``./data``).
+    :param download: Download missing data files.
+    :param device: Where the data go.
     :raises ValueError: with a one-line fix if the data cannot be modelled.
     """
     tc, mc = config.train, config.model

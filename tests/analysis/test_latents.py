@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import arviz as az
 import numpy as np
 import pyro
@@ -9,7 +11,7 @@ import pytest
 import torch
 from pyro.infer import TraceMeanField_ELBO
 
-from pyro_lvae import ExperimentConfig, GenerativeModel, LadderGuide, ModelConfig, TrainConfig
+from pyro_lvae import ExperimentConfig, GenerativeModel, LadderGuide, ModelConfig, TrainConfig, encode
 from pyro_lvae.analysis import (
     active_units,
     importance_inference_data,
@@ -88,12 +90,20 @@ def test_trained_model_has_active_units(mnist):
     assert len(out["variances"]) == 2 and out["variances"][0].shape == (8,)
 
 
-def test_latent_codes_shapes_and_labels():
+def test_latent_codes_shapes_labels_and_values():
     model = _model()
+    guide = LadderGuide(model)
     x = torch.bernoulli(torch.full((9, 10), 0.5))
-    codes = latent_codes(model, LadderGuide(model), x, torch.arange(9) % 3, batch_size=4)
+    codes = latent_codes(model, guide, x, torch.arange(9) % 3, batch_size=4)
     assert codes["mean_z1"].shape == (9, 4) and codes["sample_z2"].shape == (9, 3)
     assert codes["label"].values.tolist() == [0, 1, 2] * 3
+    # The top layer's posterior mean depends on x alone (batch norm in eval mode): the guide's
+    # own, in the examples' order, whatever the batch size.
+    top = encode(model, guide, x)[-1].loc.numpy()
+    np.testing.assert_allclose(codes["mean_z2"].values, top, rtol=1e-5, atol=1e-6)
+    whole = latent_codes(model, guide, x, batch_size=9)
+    np.testing.assert_allclose(whole["mean_z2"].values, top, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(codes["sample_z2"].values, codes["mean_z2"].values)  # draws, not means
 
 
 def test_training_curves(tmp_path, make_synthetic):
@@ -106,6 +116,15 @@ def test_training_curves(tmp_path, make_synthetic):
     assert curves.epoch.values.tolist() == [1, 2, 3]
     assert np.isnan(curves["test_elbo"].values[0]) and not np.isnan(curves["test_elbo"].values[1])
     assert curves["test_kl_z1"].shape == (3, 3) and curves["test_kl_per_layer"].shape == (3, 2)
+    # Each evaluated epoch's row holds that epoch's numbers, in layer order; the others are NaN.
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for row, line in enumerate(lines):
+        if "test_kl_per_layer" in line:
+            np.testing.assert_allclose(curves["test_kl_per_layer"].values[row], line["test_kl_per_layer"])
+            np.testing.assert_allclose(curves["test_kl_z1"].values[row], line["test_kl_per_unit"][0])
+        else:
+            assert np.isnan(curves["test_kl_per_layer"].values[row]).all()
+    assert sum("test_kl_per_layer" in line for line in lines) == 2
     with pytest.raises(FileNotFoundError, match="run directory"):
         training_curves(tmp_path / "missing")
 
@@ -135,7 +154,8 @@ def test_inference_data_round_trip(tmp_path):
     back = az.from_netcdf(str(path))
     np.testing.assert_allclose(back.sample_stats["log_weight"].values[0], lw.numpy())
     np.testing.assert_allclose(back.observed_data["log_likelihood"].values, ll.numpy())
-    assert back.constant_data["mean_z1"].shape == (6, 4)
+    np.testing.assert_allclose(back.observed_data["khat"].values, psis_khat(lw))
+    np.testing.assert_allclose(back.constant_data["mean_z1"].values, codes["mean_z1"].values)
 
 
 def test_the_analyses_register_nothing_in_the_param_store(recwarn):

@@ -32,11 +32,13 @@ def test_sweep_runs_aggregates_skips_and_resumes(tmp_path, shared_data_root, cap
     args = ["sweep", str(grid_file), "--out", str(out), "--workers", "2", "--data-root", str(shared_data_root)]
     assert main(args) == 0
     names = ["vae-1-seed0", "vae-2-seed0", "lvae-bn-wu-1-seed0", "lvae-bn-wu-2-seed0"]
+    summary = json.loads((out / "summary.json").read_text())
     for name in names:
         results = json.loads((out / name / "results.json").read_text())
         assert results["epochs"] == 1 and results["num_test_examples"] == 64
         assert results["config"]["train"]["train_subset"] == 512
-    summary = json.loads((out / "summary.json").read_text())
+        row = next(r for r in summary["runs"] if r["run"] == name)  # the summary quotes each run's own numbers
+        assert (row["test_elbo"], row["test_log_likelihood"]) == (results["test_elbo"], results["test_log_likelihood"])
     assert [r["run"] for r in summary["runs"]] == names
     assert all(r["status"] == "done" for r in summary["runs"])
     table = (out / "summary.md").read_text()

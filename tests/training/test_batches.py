@@ -66,12 +66,18 @@ def test_periodic_numbers_come_from_the_validation_set_and_the_test_set_is_used_
         return original(model, guide, x, **kw)
 
     monkeypatch.setattr(loop, "evaluate", spy)
+    per_unit_seen = []
+    per_unit = loop.kl_per_unit
+    monkeypatch.setattr(
+        loop, "kl_per_unit", lambda m, g, x, **kw: per_unit_seen.append(len(x)) or per_unit(m, g, x, **kw)
+    )
     data = _numbered(n_test=7)
     result = train(_config(valid_size=12), dataset=data, progress=False)
     for m in result.metrics:
         assert "valid_elbo" in m and "valid_kl_per_layer" in m and "valid_kl_per_unit" in m
         assert not any(key.startswith("test_") for key in m)
     assert seen == [12, 12] * 2  # train ELBO on 12 examples, then the validation set, each epoch
+    assert per_unit_seen == [12, 12]  # the KL per unit of each epoch: the validation set too
     assert result.results.num_test_examples == 7
     pyro.clear_param_store()
     plain = train(_config(), dataset=data, progress=False)
