@@ -81,3 +81,19 @@ def test_report_writes_every_figure(two_runs, shared_data_root, capsys):
     for png in out.glob("*.png"):
         assert f"({png.name})" in report
     assert "written:" in capsys.readouterr().out
+    # The numbers of each row: ELBO ≤ L_K, L_K the mean of the stored per-example values, shares
+    # in [0, 1], unit counts out of the layers' sizes (8 and 4), and positive KLs.
+    import arviz as az
+
+    for run in ("lvae", "vae"):
+        cells = [
+            c.strip() for c in next(line for line in report.splitlines() if line.startswith(f"| {run} |")).split("|")
+        ]
+        elbo, lk, share, share_inf = (float(c) for c in cells[4:8])
+        stored = az.from_netcdf(str(out / f"{run}_importance.nc")).observed_data["log_likelihood"].values.mean()
+        assert elbo <= lk and lk == pytest.approx(stored, abs=0.006)
+        assert 0 <= share_inf <= share <= 1
+        for counts in (cells[9], cells[10]):
+            pairs = [tuple(int(n) for n in c.split("/")) for c in counts.split(" / ")]
+            assert [total for _, total in pairs] == [8, 4] and all(0 <= k <= total for k, total in pairs)
+        assert all(float(kl) > 0 for kl in cells[11].split(" / "))
