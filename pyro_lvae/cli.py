@@ -473,6 +473,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(128 + exc.signum, f"pyro-lvae: {exc}\n")
     except (FloatingPointError, TooManySkippedSteps) as exc:  # training stopped, its checkpoint intact
         parser.exit(1, f"pyro-lvae: error: {exc}\n")
+    except OSError as exc:  # a full disk, a permission: checkpoints are written atomically, so none is lost
+        parser.exit(
+            1,
+            f"pyro-lvae: error: {exc}; every checkpoint written before it is intact: fix the cause, then run the "
+            "command again (with --resume for a training run).\n",
+        )
 
 
 if __name__ == "__main__":

@@ -67,8 +67,9 @@ def check_resume(stored: ExperimentConfig, config: ExperimentConfig, *, epochs_d
     :param config: The configuration to continue with.
     :param epochs_done: Completed epochs in the checkpoint.
     :param run_dir: The run directory, named in the error.
-    :raises ValueError: with the fix, if the configurations differ beyond the rule, or
-        if a fine-tuning run is resumed with another number of training epochs.
+    :raises ValueError: with the fix, if fewer epochs are asked for than are done, if the
+        configurations differ beyond the rule, or if a fine-tuning run is resumed with another
+        number of training epochs.
     """
     started = epochs_done > stored.train.epochs
     asked = config.train.epochs + config.train.finetune_epochs

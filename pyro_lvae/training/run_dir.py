@@ -22,7 +22,7 @@ from ..config import ExperimentConfig
 from ..models.families import make_guide, make_model
 from .checkpoint import load_checkpoint, save_checkpoint
 from .results_file import write_json_atomic
-from .run_files import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, RESULTS_NAME
+from .run_files import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, PREVIOUS_NAME, RESULTS_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,12 @@ class RunDirectory:
         has_run = (run.path / CHECKPOINT_NAME).exists() or (run.path / METRICS_NAME).exists()
         if resume and not has_run:
             raise FileNotFoundError(f"Nothing to resume in {run.path}: no checkpoint; drop --resume to start the run.")
+        checkpoints = [run.path / name for name in (CHECKPOINT_NAME, PREVIOUS_NAME)]
+        if resume and not any(p.exists() for p in checkpoints):
+            raise FileNotFoundError(
+                f"Nothing to resume in {run.path}: the run stopped before its first checkpoint; start it again "
+                "with --overwrite."
+            )
         if has_run and not resume and not overwrite:
             raise FileExistsError(
                 f"{run.path} already holds a run; pass --resume to continue it or --overwrite to replace it."

@@ -148,3 +148,32 @@ def test_a_resume_on_another_device_type_says_so(tmp_path, make_synthetic, caplo
         train(_config(epochs=2), out_dir=tmp_path, dataset=data, progress=False, resume=True, final_evaluation=False)
     assert "trained on cuda and continues on cpu" in caplog.text and "--device cuda" in caplog.text
     assert "Resuming with a changed setting: epochs 1 → 2." in caplog.text
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_is_started_again_with_overwrite(tmp_path, make_synthetic):
+    (tmp_path / METRICS_NAME).write_text('{"epoch": 1}\n')  # the line is written, the checkpoint was not
+    data = make_synthetic()
+    with pytest.raises(
+        FileNotFoundError, match=r"stopped before its first checkpoint; start it again with --overwrite"
+    ):
+        train(_config(epochs=1), out_dir=tmp_path, dataset=data, progress=False, resume=True)
+    train(_config(epochs=1), out_dir=tmp_path, dataset=data, progress=False, overwrite=True, final_evaluation=False)
+    assert load_checkpoint(tmp_path)["epoch"] == 1
+
+
+def test_a_full_disk_is_one_line_that_says_the_checkpoints_are_intact(tmp_path, monkeypatch, capsys, shared_data_root):
+    from pyro_lvae import cli
+    from pyro_lvae.training import checkpoint
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk)
+    monkeypatch.setattr(loop.RunDirectory, "save_checkpoint", lambda self, state: full_disk())
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--preset", "lvae-bn-wu-2", "--epochs", "1", "--train-subset", "64", "--test-subset", "16",
+                  "--batch-size", "32", "--latent-sizes", "4,2", "--hidden-sizes", "16,8", "--no-progress",
+                  "--out", str(tmp_path / "run"), "--data-root", str(shared_data_root)])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 1
+    assert err.startswith("pyro-lvae: error: [Errno 28] No space left on device; every checkpoint written before")
