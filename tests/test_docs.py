@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pytest
 
 import pyro_lvae
 
@@ -48,13 +49,22 @@ def test_docs_build_strictly(tmp_path):
     assert "--warmup-epochs" in cli and "--engine" in cli and "--codebook-ema" in cli
 
 
-def test_strict_build_fails_on_a_broken_link(tmp_path):
+@pytest.mark.parametrize(
+    "page, named",
+    [
+        ("See [a page that does not exist](missing.md).", "missing"),
+        ("See {py:func}`pyro_lvae.no_such_function`.", "no_such_function"),
+    ],
+    ids=["broken link", "unresolved reference"],
+)
+def test_the_sites_own_configuration_fails_a_broken_link_or_reference(tmp_path, page, named):
+    """With docs/conf.py itself, so that a setting that hid such warnings would fail here."""
     src = tmp_path / "src"
     src.mkdir()
-    (src / "conf.py").write_text('extensions = ["myst_parser"]\nsource_suffix = {".md": "markdown"}\n')
-    (src / "index.md").write_text("# Index\n\nSee [a page that does not exist](missing.md).\n")
+    (src / "conf.py").write_text((REPO / "docs" / "conf.py").read_text())
+    (src / "index.md").write_text(f"# Index\n\n{page}\n")
     proc = _sphinx(src, tmp_path / "html")
-    assert proc.returncode != 0 and "missing" in proc.stderr
+    assert proc.returncode != 0 and named in proc.stderr
 
 
 def test_quickstart_page_holds_the_code_of_notebook_one():
