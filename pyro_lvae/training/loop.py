@@ -54,6 +54,7 @@ from typing import Any
 import pyro
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..analysis.latents import kl_per_unit
 from ..config import ExperimentConfig
@@ -403,13 +404,15 @@ class _Trainer:
             initial=sums.first_step,
             total=len(batches),
         )
-        for i in bar:
-            idx = shard(batches[i], self.ctx)
-            self._take_step(x_epoch[idx], beta, sums, epoch=epoch, step=i)
-            if self.progress and i % 25 == 0 and sums.seen:
-                bar.set_postfix(loss=f"{sums.loss.item() / sums.seen:.2f}", beta=f"{plan.beta:.3f}", refresh=False)
-            if self.agreed_stop(stop) is not None and i + 1 < len(batches):
-                self._stop_inside_epoch(stop.signal, epoch, i + 1, len(batches), sums, time.perf_counter() - t0)
+        # Warnings (a skipped step) print above the bar instead of breaking it; the bar closes on any exit.
+        with bar, logging_redirect_tqdm() if self.progress else contextlib.nullcontext():
+            for i in bar:
+                idx = shard(batches[i], self.ctx)
+                self._take_step(x_epoch[idx], beta, sums, epoch=epoch, step=i)
+                if self.progress and i % 25 == 0 and sums.seen:
+                    bar.set_postfix(loss=f"{sums.loss.item() / sums.seen:.2f}", beta=f"{plan.beta:.3f}", refresh=False)
+                if self.agreed_stop(stop) is not None and i + 1 < len(batches):
+                    self._stop_inside_epoch(stop.signal, epoch, i + 1, len(batches), sums, time.perf_counter() - t0)
         return self._epoch_record(epoch, plan, sums, sums.seconds_before + time.perf_counter() - t0), x_epoch
 
     def _epoch_record(self, epoch: int, plan: EpochPlan, sums: _EpochSums, seconds: float) -> dict[str, Any]:

@@ -177,3 +177,27 @@ def test_a_full_disk_is_one_line_that_says_the_checkpoints_are_intact(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_info.value.code == 1
     assert err.startswith("pyro-lvae: error: [Errno 28] No space left on device; every checkpoint written before")
+
+
+def test_a_warning_during_an_epoch_prints_on_its_own_line_above_the_progress_bar(tmp_path, make_synthetic, capsys):
+    import sys
+
+    from pyro_lvae.training.batches import epoch_batches
+
+    def with_nan(data, cfg, epoch, **kw):
+        x, batches = epoch_batches(data, cfg, epoch, **kw)
+        x = x.clone()
+        x[batches[1][0]] = float("nan")  # one example of the second batch
+        return x, batches
+
+    handler = logging.StreamHandler(sys.stderr)  # the console handler the CLI sets up
+    logging.getLogger().addHandler(handler)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(loop, "epoch_batches", with_nan)
+            train(_config(epochs=1), out_dir=tmp_path, dataset=make_synthetic(), progress=True, final_evaluation=False)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    skipped = [line for line in lines if "Skipped step 2 of epoch 1" in line]
+    assert skipped and all(line.startswith("Skipped step") for line in skipped)  # not glued to the bar
