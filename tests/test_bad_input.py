@@ -54,6 +54,37 @@ def _resume(tmp: Path, config: ExperimentConfig = SMALL):
     )
 
 
+def _small_pair():
+    from pyro_lvae import LadderGuide, make_model
+
+    model = make_model(SMALL.model)
+    return model, LadderGuide(model)
+
+
+def _evaluate_on(convert: Callable[[torch.Tensor], object]) -> Callable[[Path], object]:
+    from pyro_lvae import evaluate
+
+    return lambda tmp: evaluate(*_small_pair(), convert(synthetic_dataset().test_x[:8].round()), num_samples=2)
+
+
+def _pretrained_from_a_checkpoint(tmp: Path):
+    from pyro_lvae import load_pretrained
+
+    return load_pretrained(_trained_run(tmp) / "checkpoint.pt")
+
+
+def _run_from_a_file(tmp: Path):
+    from pyro_lvae.training import load_run
+
+    return load_run(_trained_run(tmp) / "checkpoint.pt")
+
+
+def _analysis_with_one_sample(tmp: Path):
+    from pyro_lvae.analysis.report import analyse_run
+
+    return analyse_run(_trained_run(tmp), tmp / "report", name="a", num_samples=1)
+
+
 def _corrupt_checkpoint(tmp: Path):
     run = _trained_run(tmp)
     (run / "checkpoint.pt").write_bytes(b"\x00garbage")
@@ -150,6 +181,29 @@ CASES = [
     ("truncated checkpoint", _truncated_checkpoint, ValueError, "start again with --overwrite"),
     ("incompatible checkpoint", _incompatible_checkpoint, ValueError, "resume with the same preset and options"),
     ("existing run directory", _existing_run_dir, FileExistsError, "pass --resume to continue it or --overwrite"),
+    (
+        "an ExperimentConfig where a ModelConfig goes",
+        lambda tmp: __import__("pyro_lvae").make_model(SMALL),
+        ValueError,
+        "pass config.model",
+    ),
+    (
+        "a guide built on a guide",
+        lambda tmp: __import__("pyro_lvae").LadderGuide(_small_pair()[1]),
+        ValueError,
+        "build the model first (model = make_model(config.model))",
+    ),
+    ("float64 data for a float32 model", _evaluate_on(lambda x: x.double()), ValueError, "x.to(torch.float32)"),
+    ("a numpy array", _evaluate_on(lambda x: x.numpy()), ValueError, "torch.as_tensor(x, dtype=torch.float32)"),
+    (
+        "a dataset that is not a Dataset",
+        lambda tmp: train(SMALL, out_dir=tmp / "run", dataset=(_grey(), _grey()), progress=False),
+        ValueError,
+        "build one with Dataset(",
+    ),
+    ("a checkpoint given to load_pretrained", _pretrained_from_a_checkpoint, ValueError, "pyro_lvae.load_run(run_dir)"),
+    ("a file given to load_run", _run_from_a_file, ValueError, "give load_run the run directory"),
+    ("an analysis with K = 1", _analysis_with_one_sample, ValueError, "num_samples must be an integer of at least 2"),
 ]
 
 
@@ -164,6 +218,7 @@ def test_bad_input_gets_one_sentence_naming_the_fix(tmp_path, capsys, case, acti
         message = str(err.value)
     assert fix in message, message
     assert "\n" not in message and message.count(". ") <= 2, message  # one sentence, one line
-    if case not in ("existing run directory", "corrupt checkpoint", "truncated checkpoint", "incompatible checkpoint"):
+    made_a_run = ("existing run directory", "corrupt checkpoint", "truncated checkpoint", "incompatible checkpoint")
+    if case not in made_a_run and not case.startswith(("a checkpoint given", "a file given", "an analysis")):
         # Raised before the run started: config.json is written after the checks, before the first step.
         assert not (tmp_path / "run" / "config.json").exists()

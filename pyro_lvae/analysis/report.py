@@ -95,6 +95,16 @@ class RunAnalysis:
     weights: str = "raw"
 
 
+def _check_analysis_options(name: str, *, num_samples: int, max_codes: int, active_samples: int) -> None:
+    """Refuse, before the evaluation, what :func:`analyse_run` would fail on after it."""
+    counts = {"num_samples": (num_samples, 2), "max_codes": (max_codes, 1), "active_samples": (active_samples, 1)}
+    for option, (value, least) in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{option} must be an integer of at least {least}, got {value!r}.")
+    if not name or any(sep in name for sep in ("/", "\\")):
+        raise ValueError(f"name must be a plain file-name prefix (no folders), got {name!r}.")
+
+
 def analyse_run(
     run_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -126,7 +136,9 @@ def analyse_run(
     :param weights: ``"auto"`` (the moving average when the run kept one), ``"ema"`` or ``"raw"``.
     :returns: The run's row of the report table, with its figure file names and curves.
     """
+    _check_analysis_options(name, num_samples=num_samples, max_codes=max_codes, active_samples=active_samples)
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # before the evaluation, which takes minutes
     model, guide, config, ckpt = load_run(run_dir, device=device, weights=weights)
     if not model.gaussian_latents:
         raise ValueError(

@@ -36,7 +36,12 @@ from torch import nn
 
 from ..config import DEFAULT_MEMORY_BUDGET
 from ..models.model import GenerativeModel
-from ..models.protocol import check_examples, check_input_width, eval_mode  # noqa: F401 - also importable from here
+from ..models.protocol import (  # noqa: F401 - check_examples and eval_mode are also importable from here
+    check_examples,
+    check_input_width,
+    eval_mode,
+    parameter_dtype,
+)
 from ..models.registration import registered_once
 from ..rng import preserved_rng, rng_state, set_rng_state
 from .closed_form import closed_form_applies, closed_form_log_weights
@@ -234,6 +239,7 @@ def _check_bounds_options(
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}.")
     check_examples(x)
+    check_input_width(x, model.config.input_dim, dtype=parameter_dtype(model))
     # Pyro's Bernoulli checks its support under validation; the closed form has no distribution
     # object to do it, so the check is made here, for both paths alike.
     if is_validation_enabled() and model.config.likelihood == "bernoulli" and not ((x == 0) | (x == 1)).all():

@@ -25,6 +25,7 @@ from torch import nn
 from ..config import ModelConfig
 from .guides import BottomUpGuide, LadderGuide
 from .model import GenerativeModel
+from .protocol import require_model, require_model_config
 from .vlae import VLAEGuide, VLAEModel
 from .vqvae import VQVAEGuide, VQVAEModel
 
@@ -35,6 +36,7 @@ def make_model(config: ModelConfig, *, name: str | None = None) -> nn.Module:
     :param config: The architecture; ``config.family`` selects the class.
     :param name: Param-store prefix (default: the family's name).
     """
+    require_model_config(config, "make_model")
     if config.family == "vlae":
         return VLAEModel(config, name=name or "vlae")
     if config.family == "vqvae":
@@ -47,6 +49,7 @@ def make_guide(model: nn.Module) -> nn.Module:
 
     :param model: A model built by :func:`make_model` (or one of the model classes).
     """
+    require_model(model, "make_guide")
     if isinstance(model, VLAEModel):
         return VLAEGuide(model)
     if isinstance(model, VQVAEModel):

@@ -43,7 +43,7 @@ from ..inference.warmup import kl_weight
 from .merge import precision_weighted_merge
 from .model import GenerativeModel
 from .nn import bottom_encoder_for, gaussian_head_for, mlp_for
-from .protocol import HierarchicalGuide, check_input_width
+from .protocol import HierarchicalGuide, check_input_width, parameter_dtype, require_model
 from .registration import register_modules
 
 
@@ -81,6 +81,7 @@ class BottomUpGuide(HierarchicalGuide):
     mean_field_compatible = False
 
     def __init__(self, model: GenerativeModel, *, encoder: nn.Module | None = None) -> None:
+        require_model(model, "BottomUpGuide")
         super().__init__()
         cfg = model.config
         self.config = cfg
@@ -97,7 +98,7 @@ class BottomUpGuide(HierarchicalGuide):
 
         :param beta: Warm-up KL weight, as for the model.
         """
-        check_input_width(x, self.config.input_dim)
+        check_input_width(x, self.config.input_dim, dtype=parameter_dtype(self))
         if self.register_params:
             self.register()
         with pyro.plate("data", x.shape[0], dim=-1), kl_weight(beta):
@@ -141,6 +142,7 @@ class LadderGuide(HierarchicalGuide):
     mean_field_compatible = True
 
     def __init__(self, model: GenerativeModel, *, encoder: nn.Module | None = None) -> None:
+        require_model(model, "LadderGuide")
         super().__init__()
         cfg = model.config
         self.config = cfg
@@ -194,7 +196,7 @@ class LadderGuide(HierarchicalGuide):
             ``{layer: ((loc_hat, var_hat), (prior_loc, prior_var) or None)}``
             (:func:`~pyro_lvae.models.hierarchy.encode` reads them).
         """
-        check_input_width(x, self.config.input_dim)
+        check_input_width(x, self.config.input_dim, dtype=parameter_dtype(self))
         if self.register_params:
             self.register()
         depth = self.config.depth

@@ -24,7 +24,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..inference.warmup import kl_weight
 from .nn import decoder_for, gaussian_head_for, mlp_for
-from .protocol import HierarchicalModel, check_input_width
+from .protocol import HierarchicalModel, check_input_width, parameter_dtype, require_model_config
 from .registration import register_modules
 
 
@@ -60,6 +60,7 @@ class GenerativeModel(HierarchicalModel):
     register_params: bool = True
 
     def __init__(self, config: ModelConfig, *, name: str = "lvae", decoder: nn.Module | None = None) -> None:
+        require_model_config(config, "GenerativeModel")
         super().__init__()
         self.config = config
         self.name = name
@@ -151,7 +152,7 @@ class GenerativeModel(HierarchicalModel):
             keyword tensor would be baked in as a constant and recompiled.
         :returns: The bottom latent sample z1.
         """
-        check_input_width(x, self.config.input_dim)
+        check_input_width(x, self.config.input_dim, dtype=parameter_dtype(self))
         if self.register_params:
             self.register()
         cfg = self.config

@@ -33,11 +33,20 @@ from ..config import ModelConfig
 from .registration import registered_once
 
 
+def _require_tensor(x: Any, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(
+            f"{what} must be a torch.Tensor, got {type(x).__name__}; convert it with "
+            "torch.as_tensor(x, dtype=torch.float32)."
+        )
+
+
 def check_examples(data: torch.Tensor) -> None:
     """Raise :class:`ValueError` unless ``data`` is a non-empty ``(N, input_dim)`` batch of examples.
 
     :param data: The tensor to check.
     """
+    _require_tensor(data, "data")
     if data.dim() != 2 or data.shape[0] == 0:
         raise ValueError(
             f"data must have shape (N, input_dim) with N > 0, got {tuple(data.shape)}; "
@@ -45,18 +54,46 @@ def check_examples(data: torch.Tensor) -> None:
         )
 
 
-def check_input_width(x: torch.Tensor, input_dim: int) -> None:
-    """Raise :class:`ValueError` unless the last dimension of ``x`` is the model's ``input_dim``
-    (every bottom, MLP or convolutional, reads each example as one flattened row).
+def check_input_width(x: torch.Tensor, input_dim: int, *, dtype: torch.dtype | None = None) -> None:
+    """Raise :class:`ValueError` unless ``x`` is a tensor whose last dimension is the model's
+    ``input_dim`` (every bottom, MLP or convolutional, reads each example as one flattened row)
+    and, given ``dtype``, of the parameters' dtype.
 
     :param x: The data given to a model or guide.
     :param input_dim: The configured width.
+    :param dtype: The parameters' dtype (``None``: not checked).
     """
+    _require_tensor(x, "x")
+    if dtype is not None and x.dtype != dtype:
+        raise ValueError(
+            f"x is {x.dtype} but the model's parameters are {dtype}; convert the data with x.to({dtype}) "
+            "(or the model and guide with .to(x.dtype))."
+        )
     if x.shape[-1] != input_dim:
         raise ValueError(
             f"x has shape {tuple(x.shape)}, but the model expects input_dim={input_dim} features per example "
             "in its last dimension; flatten each image to one row of that length (x.reshape(len(x), -1))."
         )
+
+
+def require_model_config(config: Any, who: str) -> None:
+    """Raise :class:`ValueError` unless ``config`` is a :class:`~pyro_lvae.config.ModelConfig`.
+
+    :param config: What was passed.
+    :param who: The class or function that needs it, named in the message.
+    """
+    if not isinstance(config, ModelConfig):
+        hint = "pass config.model" if hasattr(config, "model") else "build one with ModelConfig(...)"
+        raise ValueError(f"{who} needs a ModelConfig, got {type(config).__name__}; {hint}.")
+
+
+def parameter_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of ``module``'s first parameter (``None`` without parameters).
+
+    :param module: A model or guide.
+    """
+    first = next(module.parameters(), None)
+    return None if first is None else first.dtype
 
 
 @contextlib.contextmanager
@@ -112,7 +149,8 @@ class HierarchicalModel(nn.Module):
     ) -> torch.Tensor:
         r"""Ancestral samples from the prior, :math:`z_L \to \cdots \to z_1 \to x`.
 
-        Call ``model.eval()`` first when the model uses batch normalization.
+        Batch norm runs in evaluation mode (the running statistics, which sampling leaves
+        as they were), whatever the model's mode.
 
         :param num_samples: How many samples.
         :param mean: Return the mean of :math:`p(x|z_1)` (grey levels, as in the
@@ -126,17 +164,20 @@ class HierarchicalModel(nn.Module):
 
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
-        return decode_with(self, {}, num_samples, temperature, mean)[0]
+        with eval_mode(self):
+            return decode_with(self, {}, num_samples, temperature, mean)[0]
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, guide: nn.Module) -> torch.Tensor:
-        """Reconstruct ``x``: z ~ q(z|x) from ``guide``, then the mean of p(x|z1).
+        """Reconstruct ``x``: z ~ q(z|x) from ``guide``, then the mean of p(x|z1), with batch
+        norm in evaluation mode (the running statistics stay as they were).
 
         :param x: Data of shape ``(batch, input_dim)``.
         :param guide: A guide for this model.
         :returns: Tensor of the same shape as ``x``.
         """
-        with registered_once(self, guide):  # nothing is added to the param store
+        check_examples(x)
+        with registered_once(self, guide), eval_mode(self, guide):  # nothing is added to the param store
             guide_trace = poutine.trace(guide).get_trace(x)
             model_trace = poutine.trace(poutine.replay(self, trace=guide_trace)).get_trace(x)
         return model_trace.nodes["x"]["fn"].mean
@@ -157,6 +198,19 @@ class HierarchicalModel(nn.Module):
             "test_kl_per_unit": [k.tolist() for k in kl_per_unit(self, guide, data)],
             "test_active_units": [int(c) for c in active_units(self, guide, data)["counts"]],
         }
+
+
+def require_model(model: Any, who: str) -> None:
+    """Raise :class:`ValueError` unless ``model`` is a generative model (a guide is built on one).
+
+    :param model: What was passed.
+    :param who: The guide class or function, named in the message.
+    """
+    if not isinstance(model, HierarchicalModel):
+        raise ValueError(
+            f"{who} is built on the generative model, got {type(model).__name__}; build the model first "
+            f"(model = make_model(config.model)) and pass it: {who}(model)."
+        )
 
 
 class HierarchicalGuide(nn.Module):

@@ -40,7 +40,14 @@ from torch import nn
 from ..config import ModelConfig
 from ..inference.warmup import kl_weight
 from .nn import gaussian_head_for, mlp_for
-from .protocol import HierarchicalGuide, HierarchicalModel, check_input_width
+from .protocol import (
+    HierarchicalGuide,
+    HierarchicalModel,
+    check_input_width,
+    parameter_dtype,
+    require_model,
+    require_model_config,
+)
 from .registration import register_modules
 
 
@@ -59,6 +66,7 @@ class VLAEModel(HierarchicalModel):
     """
 
     def __init__(self, config: ModelConfig, *, name: str = "vlae") -> None:
+        require_model_config(config, "VLAEModel")
         super().__init__()
         self.config = config
         self.name = name
@@ -97,7 +105,7 @@ class VLAEModel(HierarchicalModel):
 
         :param beta: Warm-up KL weight on the latent sites (see :func:`~pyro_lvae.inference.warmup.kl_weight`).
         """
-        check_input_width(x, self.config.input_dim)
+        check_input_width(x, self.config.input_dim, dtype=parameter_dtype(self))
         if self.register_params:
             self.register()
         batch = x.shape[0]
@@ -146,6 +154,7 @@ class VLAEGuide(HierarchicalGuide):
     mean_field_compatible = True
 
     def __init__(self, model: VLAEModel) -> None:
+        require_model(model, "VLAEGuide")
         super().__init__()
         cfg = model.config
         self.config = cfg
@@ -162,7 +171,7 @@ class VLAEGuide(HierarchicalGuide):
 
     def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> None:
         """Sample zL, …, z1 given ``x`` of shape ``(batch, input_dim)``."""
-        check_input_width(x, self.config.input_dim)
+        check_input_width(x, self.config.input_dim, dtype=parameter_dtype(self))
         if self.register_params:
             self.register()
         h, params = x, []

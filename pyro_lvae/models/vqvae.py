@@ -48,7 +48,16 @@ from torch.nn import functional as F
 from ..config import ModelConfig
 from ..inference.warmup import kl_weight
 from .nn import gaussian_head_for, mlp_for
-from .protocol import HierarchicalGuide, HierarchicalModel, check_examples, check_input_width, eval_mode
+from .protocol import (
+    HierarchicalGuide,
+    HierarchicalModel,
+    check_examples,
+    check_input_width,
+    eval_mode,
+    parameter_dtype,
+    require_model,
+    require_model_config,
+)
 from .registration import register_modules
 
 
@@ -108,6 +117,7 @@ class VQVAEModel(HierarchicalModel):
     gaussian_latents = False
 
     def __init__(self, config: ModelConfig, *, name: str = "vqvae") -> None:
+        require_model_config(config, "VQVAEModel")
         super().__init__()
         self.config = config
         self.name = name
@@ -160,7 +170,7 @@ class VQVAEModel(HierarchicalModel):
 
     def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> None:
         """Run the model, observing ``x`` of shape ``(batch, input_dim)``."""
-        check_input_width(x, self.config.input_dim)
+        check_input_width(x, self.config.input_dim, dtype=parameter_dtype(self))
         if self.register_params:
             self.register()
         with pyro.plate("data", x.shape[0], dim=-1):
@@ -186,6 +196,7 @@ class VQVAEGuide(HierarchicalGuide):
     mean_field_compatible = False
 
     def __init__(self, model: VQVAEModel) -> None:
+        require_model(model, "VQVAEGuide")
         super().__init__()
         cfg = model.config
         self.config = cfg
@@ -238,7 +249,7 @@ class VQVAEGuide(HierarchicalGuide):
 
     def forward(self, x: torch.Tensor, beta: float | torch.Tensor | None = None) -> None:
         """Quantize the encoding of ``x`` and add the VQ loss terms."""
-        check_input_width(x, self.config.input_dim)
+        check_input_width(x, self.config.input_dim, dtype=parameter_dtype(self))
         if self.register_params:
             self.register()
         z_e = self.encode(x)

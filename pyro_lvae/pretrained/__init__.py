@@ -112,7 +112,13 @@ def load_pretrained(
                 f"{path} has sha256 {actual}, but its manifest says {entry['sha256']}: the file is "
                 "corrupt or was changed; restore it (git checkout, or export it again)."
             )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a training checkpoint (it holds more than tensors), or no torch file at all
+        raise ValueError(
+            f"{path} is not a pyro-lvae pretrained file (a training checkpoint? load a run with "
+            "pyro_lvae.load_run(run_dir), or export it with pyro_lvae.pretrained.export_run)."
+        ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a pyro-lvae pretrained file; write one with pyro_lvae.pretrained.export_run.")
     config = ExperimentConfig.from_dict(state["config"])

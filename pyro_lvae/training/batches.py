@@ -86,6 +86,11 @@ def prepare_data(
     tc, mc = config.train, config.model
     if dataset is None:
         dataset = load_dataset(tc.dataset, root=data_root, download=download)
+    elif not isinstance(dataset, Dataset):
+        raise ValueError(
+            f"dataset must be a pyro_lvae.data.Dataset, got {type(dataset).__name__}; build one with "
+            "Dataset(name, train_x, train_y, test_x, test_y, binary)."
+        )
     train_x, train_y = dataset.train_x, dataset.train_y
     test_x, test_y = dataset.test_x, dataset.test_y
     if tc.train_subset:
@@ -109,11 +114,12 @@ def prepare_data(
         raise ValueError(
             f"batch_size {tc.batch_size} is larger than the {len(train_x)} training examples; lower batch_size."
         )
-    device = torch.device(device)
-    train_x = train_x.to(device)
-    test_x = _fixed_draw(test_x, config, seed=tc.seed).to(device)
+    # On the device, in the dtype the model will be built in (float64 images from numpy, say).
+    device, dtype = torch.device(device), torch.get_default_dtype()
+    train_x = train_x.to(device, dtype)
+    test_x = _fixed_draw(test_x, config, seed=tc.seed).to(device, dtype)
     if valid_x is not None:
-        valid_x = _fixed_draw(valid_x, config, seed=tc.seed + VALID_SPLIT_SEED).to(device)
+        valid_x = _fixed_draw(valid_x, config, seed=tc.seed + VALID_SPLIT_SEED).to(device, dtype)
     return PreparedData(
         train=train_x,
         test=test_x,

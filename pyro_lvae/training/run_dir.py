@@ -174,6 +174,10 @@ def load_run(
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}.")
+    if Path(run_dir).is_file():
+        raise ValueError(
+            f"{run_dir} is a file; give load_run the run directory (a pretrained .pt loads with load_pretrained)."
+        )
     ckpt = load_checkpoint(run_dir)
     average = ckpt.get("ema")
     if weights == "ema" and average is None:

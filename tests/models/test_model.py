@@ -174,3 +174,16 @@ def test_models_with_their_own_names_do_not_warn(recwarn):
     first(x), second(x), first(x)
     assert (first.name, second.name) == ("a", "b")
     assert not [w for w in recwarn if "param store" in str(w.message)]
+
+
+def test_sampling_and_reconstructing_leave_the_batch_norm_statistics_and_the_mode_alone():
+    """Right after training the model is in training mode; sampling from it must not move its
+    running statistics (which would change every later evaluation)."""
+    model = GenerativeModel(ModelConfig(input_dim=6, latent_sizes=(3, 2), hidden_sizes=(8, 4), batch_norm=True))
+    guide = LadderGuide(model)
+    model.train(), guide.train()
+    before = [b.clone() for b in [*model.buffers(), *guide.buffers()]]
+    model.sample(16)
+    model.reconstruct(torch.bernoulli(torch.full((5, 6), 0.5)), guide)
+    assert all(torch.equal(a, b) for a, b in zip(before, [*model.buffers(), *guide.buffers()], strict=True))
+    assert model.training and guide.training
