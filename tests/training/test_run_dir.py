@@ -201,3 +201,15 @@ def test_a_warning_during_an_epoch_prints_on_its_own_line_above_the_progress_bar
     lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
     skipped = [line for line in lines if "Skipped step 2 of epoch 1" in line]
     assert skipped and all(line.startswith("Skipped step") for line in skipped)  # not glued to the bar
+
+
+def test_a_failing_tensorboard_write_comes_after_the_epochs_checkpoint(tmp_path, make_synthetic, monkeypatch):
+    from pyro_lvae.training.tensorboard import TensorBoardLog
+
+    def broken_event_file(self, record):
+        raise OSError("the event file cannot be written")
+
+    monkeypatch.setattr(TensorBoardLog, "log_epoch", broken_event_file)
+    with pytest.raises(OSError, match="event file"):
+        train(_config(), out_dir=tmp_path, dataset=make_synthetic(), progress=False, final_evaluation=False)
+    assert load_checkpoint(tmp_path)["epoch"] == 1 and [m["epoch"] for m in _lines(tmp_path)] == [1]
