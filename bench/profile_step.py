@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> None:
             fn()
     timed = {"fast engine": median_ms(fast, steps=args.steps), "baseline": median_ms(baseline, steps=args.steps)}
     shares = {"fast engine": profile_shares(fast, args.steps), "baseline": profile_shares(baseline, args.steps)}
+    command = "python bench/profile_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"`{command}`, {when}; torch {torch.__version__}, pyro-ppl {pyro.__version__}")
+    print()
     print(f"{args.preset}, guide {args.guide}, batch {config.train.batch_size}, {torch.get_num_threads()} threads")
     print()
     print("| | fast engine | baseline |\n|---|---|---|")
