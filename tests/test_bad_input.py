@@ -194,6 +194,20 @@ CASES = [
         "build the model first (model = make_model(config.model))",
     ),
     ("float64 data for a float32 model", _evaluate_on(lambda x: x.double()), ValueError, "x.to(torch.float32)"),
+    (
+        "the guide of a re-created model",
+        lambda tmp: __import__("pyro_lvae").evaluate(
+            __import__("pyro_lvae").make_model(SMALL.model), _small_pair()[1], _grey(8).round(), num_samples=2
+        ),
+        ValueError,
+        "guide was built for another model",
+    ),
+    (
+        "model and guide swapped",
+        lambda tmp: __import__("pyro_lvae").encode(*reversed(_small_pair()), _grey(8).round()),
+        ValueError,
+        "pass the model first, then its guide",
+    ),
     ("a numpy array", _evaluate_on(lambda x: x.numpy()), ValueError, "torch.as_tensor(x, dtype=torch.float32)"),
     (
         "a dataset that is not a Dataset",

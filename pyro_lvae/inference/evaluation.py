@@ -39,6 +39,7 @@ from ..models.model import GenerativeModel
 from ..models.protocol import (  # noqa: F401 - check_examples and eval_mode are also importable from here
     check_examples,
     check_input_width,
+    check_pair,
     eval_mode,
     parameter_dtype,
 )
@@ -187,7 +188,7 @@ def importance_sampled_bounds(
         ``layer_kl`` (shape ``(depth, batch)``), plus ``log_weights`` of shape
         ``(num_samples, batch)``.
     """
-    _check_bounds_options(model, x, num_samples=num_samples, chunk_size=chunk_size, memory_budget=memory_budget)
+    _check_bounds_options(model, guide, x, num_samples=num_samples, chunk_size=chunk_size, memory_budget=memory_budget)
     if chunk_size is None:
         chunk_size = particle_chunk_size(model, x.shape[0], memory_budget=memory_budget)
     chunks = []
@@ -229,7 +230,13 @@ def _positive_int(value: Any) -> bool:
 
 
 def _check_bounds_options(
-    model: GenerativeModel, x: torch.Tensor, *, num_samples: Any, chunk_size: Any, memory_budget: Any
+    model: GenerativeModel,
+    guide: Any,
+    x: torch.Tensor,
+    *,
+    num_samples: Any,
+    chunk_size: Any,
+    memory_budget: Any,
 ) -> None:
     """Refuse, before any draw, what :func:`importance_sampled_bounds` cannot use."""
     if not _positive_int(num_samples):
@@ -238,6 +245,7 @@ def _check_bounds_options(
         raise ValueError(f"chunk_size must be a positive integer or None (sized from the budget), got {chunk_size!r}.")
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}.")
+    check_pair(model, guide)
     check_examples(x)
     check_input_width(x, model.config.input_dim, dtype=parameter_dtype(model))
     # Pyro's Bernoulli checks its support under validation; the closed form has no distribution

@@ -30,7 +30,7 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from torch import nn
 
-from .protocol import HierarchicalModel, check_examples, check_input_width, eval_mode
+from .protocol import HierarchicalModel, check_examples, check_input_width, check_pair, eval_mode, parameter_dtype
 from .registration import registered_once
 
 
@@ -99,9 +99,10 @@ class Temperature(Messenger):
         )
 
 
-def _check_input(model: HierarchicalModel, x: torch.Tensor) -> None:
+def _check_input(model: HierarchicalModel, guide: nn.Module, x: torch.Tensor) -> None:
+    check_pair(model, guide)
     check_examples(x)
-    check_input_width(x, model.config.input_dim)
+    check_input_width(x, model.config.input_dim, dtype=parameter_dtype(model))
     if not model.gaussian_latents:
         raise ValueError(f"{type(model).__name__} has no Gaussian latent layers to encode.")
 
@@ -118,7 +119,7 @@ def encode(model: HierarchicalModel, guide: nn.Module, x: torch.Tensor, *, eval:
     """
     from .guides import LadderGuide
 
-    _check_input(model, x)
+    _check_input(model, guide, x)
     merged: dict[int, tuple] = {}
     kwargs = {"record": merged} if isinstance(guide, LadderGuide) else {}
     modes = eval_mode(model, guide) if eval else contextlib.nullcontext()
@@ -236,7 +237,7 @@ def interpolate(
     depth = model.config.depth
     layer_temperatures(depth, temperature)  # checked before any work
     ends = torch.cat([x_from.reshape(1, -1), x_to.reshape(1, -1)])
-    _check_input(model, ends)
+    _check_input(model, guide, ends)
     # The guide at temperature 0: every layer at its mean, so that z_L's mean does not depend
     # on a draw below it (the bottom-up guide reads z_{L-1}; the ladder's z_L reads x only).
     with eval_mode(model, guide), registered_once(model, guide):

@@ -229,3 +229,24 @@ class HierarchicalGuide(nn.Module):
     def register(self) -> None:
         """Register the parameters in Pyro's param store (once, or on every call)."""
         raise NotImplementedError
+
+
+def check_pair(model: Any, guide: Any) -> None:
+    """Raise :class:`ValueError` unless ``model`` is a generative model and ``guide``, if it is one
+    of this package's guides, was built for it (a notebook cell re-run rebuilds one but not the
+    other; the pair would then give numbers of neither).
+
+    :param model: The generative model.
+    :param guide: Its guide (a plain-function guide is not checked).
+    """
+    if not isinstance(model, HierarchicalModel):
+        raise ValueError(
+            f"model must be the generative model, got {type(model).__name__}; pass the model first, then its guide."
+        )
+    if isinstance(guide, HierarchicalGuide) and (
+        guide.config != model.config or getattr(guide, "model", model) is not model
+    ):
+        raise ValueError(
+            "guide was built for another model (re-created, or of another configuration); build it for this "
+            "one with make_guide(model)."
+        )
