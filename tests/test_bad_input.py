@@ -203,6 +203,20 @@ CASES = [
         "guide was built for another model",
     ),
     (
+        "a batch size of 0 for the analyses",
+        lambda tmp: __import__("pyro_lvae.analysis", fromlist=["kl_per_unit"]).kl_per_unit(
+            *_small_pair(), _grey(8).round(), batch_size=0
+        ),
+        ValueError,
+        "batch_size must be a positive integer, got 0",
+    ),
+    (
+        "an ELBO with no particles",
+        lambda tmp: __import__("pyro_lvae").elbo_for(_small_pair()[1], num_particles=0),
+        ValueError,
+        "num_particles must be a positive integer, got 0",
+    ),
+    (
         "model and guide swapped",
         lambda tmp: __import__("pyro_lvae").encode(*reversed(_small_pair()), _grey(8).round()),
         ValueError,

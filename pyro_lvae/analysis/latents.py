@@ -38,6 +38,7 @@ from torch.distributions import kl_divergence
 
 from ..inference.evaluation import check_examples, eval_mode, evaluate, particle_traces
 from ..models.model import GenerativeModel
+from ..models.protocol import check_input_width, check_pair, parameter_dtype
 from ..models.registration import registered_once
 from ..training.run_files import METRICS_NAME
 
@@ -59,7 +60,12 @@ def _posterior_passes(
     model: GenerativeModel, guide: nn.Module, data: torch.Tensor, *, num_samples: int, batch_size: int
 ):
     """Yield, per batch, ``{site: (q, p, value)}`` with base Normal distributions of shape (K, B, D)."""
+    for option, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{option} must be a positive integer, got {value!r}.")
+    check_pair(model, guide)
     check_examples(data)
+    check_input_width(data, model.config.input_dim, dtype=parameter_dtype(model))
     # Registered once: analysing a model must not add it to Pyro's param store (where it
     # could be renamed beside another model of the same name) or read the store's tensors.
     with eval_mode(model, guide), registered_once(model, guide):

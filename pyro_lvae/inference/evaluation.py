@@ -324,8 +324,8 @@ def evaluate(
     from ..training.distributed import current_context, gather_batches
 
     check_examples(data)
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    if not _positive_int(batch_size):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     ctx = current_context()
     batches = data.split(batch_size)
     keys = ("elbo", "log_likelihood", "reconstruction", "layer_kl") + (("log_weights",) if return_log_weights else ())

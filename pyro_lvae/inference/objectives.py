@@ -113,6 +113,9 @@ def elbo_for(
     check_free_bits(free_bits, free_bits_mode)
     if not isinstance(lean, bool):
         raise ValueError(f"lean must be True or False, got {lean!r}.")
+    particles = kwargs.get("num_particles", 1)
+    if isinstance(particles, bool) or not isinstance(particles, int) or particles <= 0:
+        raise ValueError(f"num_particles must be a positive integer, got {particles!r} (0 would give a zero loss).")
     mean_field = isinstance(guide, HierarchicalGuide) and guide.mean_field_compatible
     if free_bits > 0:
         estimator = FreeBitsMeanFieldELBO if mean_field else FreeBitsTraceELBO

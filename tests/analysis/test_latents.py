@@ -147,7 +147,8 @@ def test_psis_khat_ranges():
 def test_inference_data_round_trip(tmp_path):
     lw = torch.randn(50, 6, dtype=torch.float64)
     ll = torch.logsumexp(lw, 0) - np.log(50)
-    codes = latent_codes(_model(), LadderGuide(_model()), torch.bernoulli(torch.full((6, 10), 0.5)))
+    model = _model()
+    codes = latent_codes(model, LadderGuide(model), torch.bernoulli(torch.full((6, 10), 0.5)))
     idata = importance_inference_data(lw, ll, psis_khat(lw), codes)
     path = tmp_path / "is.nc"
     idata.to_netcdf(str(path))
