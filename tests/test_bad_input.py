@@ -211,6 +211,12 @@ CASES = [
         "batch_size must be a positive integer, got 0",
     ),
     (
+        "one example without its batch dimension",
+        lambda tmp: _small_pair()[0](_grey(1)[0].round()),
+        ValueError,
+        "for one example use x[None]",
+    ),
+    (
         "an ELBO with no particles",
         lambda tmp: __import__("pyro_lvae").elbo_for(_small_pair()[1], num_particles=0),
         ValueError,

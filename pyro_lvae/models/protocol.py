@@ -64,6 +64,10 @@ def check_input_width(x: torch.Tensor, input_dim: int, *, dtype: torch.dtype | N
     :param dtype: The parameters' dtype (``None``: not checked).
     """
     _require_tensor(x, "x")
+    if x.dim() < 2 or x.shape[-2] == 0:
+        raise ValueError(
+            f"x must have shape (N, input_dim) with N > 0, got {tuple(x.shape)}; for one example use x[None]."
+        )
     if dtype is not None and x.dtype != dtype:
         raise ValueError(
             f"x is {x.dtype} but the model's parameters are {dtype}; convert the data with x.to({dtype}) "
