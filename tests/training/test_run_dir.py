@@ -1,5 +1,8 @@
 """A run directory survives what can happen to it: a metric line cut short, an interrupted
-rewrite, an --overwrite that cannot start, an evaluation that fails after a trained epoch."""
+rewrite, an --overwrite that cannot start, an evaluation or an event file that fails after a
+trained epoch, a checkpoint that cannot be written, a signal in the last epoch, a run stopped
+before its first checkpoint, a resume on another device; and bad runtime options are refused
+before the directory exists."""
 
 from __future__ import annotations
 
