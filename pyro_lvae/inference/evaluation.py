@@ -257,6 +257,19 @@ def _check_bounds_options(
         )
 
 
+def _warn_if_not_finite(log_likelihood: torch.Tensor) -> None:
+    """Say so when some examples' bounds are not finite, with the usual cause (a training run's
+    periodic evaluation goes on: the numbers are written, and the checkpoint is kept)."""
+    bad = int((~torch.isfinite(log_likelihood)).sum())
+    if bad:
+        logger.warning(
+            "L_K is not finite for %d of %d examples: a variance of the model or guide underflowed to 0 "
+            "(config.variance_floor = 0?) or the parameters hold NaN; train with a positive variance_floor.",
+            bad,
+            log_likelihood.numel(),
+        )
+
+
 def batch_seed(seed: int, batch: int) -> int:
     """Seed of evaluation batch ``batch`` when :func:`evaluate` is given ``seed``.
 
@@ -335,6 +348,7 @@ def evaluate(
     ordered = [results[b] for b in range(len(batches))]
     elbo_t = torch.cat([r["elbo"] for r in ordered])
     ll_t = torch.cat([r["log_likelihood"] for r in ordered])
+    _warn_if_not_finite(ll_t)
     result: dict[str, object] = {
         "elbo": elbo_t.mean().item(),
         "log_likelihood": ll_t.mean().item(),

@@ -276,3 +276,25 @@ def test_each_batch_draws_from_its_own_seed():
         with preserved_rng(batch_seed(11, b)):
             alone = importance_sampled_bounds(model, guide, x[3 * b : 3 * b + 3], num_samples=5)
         torch.testing.assert_close(ev["log_likelihood_per_example"][3 * b : 3 * b + 3], alone["log_likelihood"])
+
+
+def test_a_bound_that_is_not_finite_is_named_with_its_cause(caplog):
+    """With no variance floor, a prior variance that underflows to 0 makes L_K infinite or NaN: the
+    evaluation still returns (a training run keeps going), and says why."""
+    import logging
+
+    cfg = ModelConfig(input_dim=10, latent_sizes=(4, 3), hidden_sizes=(16, 8), batch_norm=False, variance_floor=0.0)
+    model = GenerativeModel(cfg)
+    with torch.no_grad():
+        model.top_down_heads[0].var.weight.zero_()
+        model.top_down_heads[0].var.bias.fill_(-1e4)  # softplus(-1e4) == 0 in float32
+    x = torch.bernoulli(torch.full((6, 10), 0.5))
+    with caplog.at_level(logging.WARNING), pyro.validation_enabled(False):
+        out = evaluate(model, LadderGuide(model), x, num_samples=3)
+    assert not torch.isfinite(out["log_likelihood_per_example"]).all()
+    assert "L_K is not finite for 6 of 6 examples" in caplog.text and "positive variance_floor" in caplog.text
+    caplog.clear()
+    floored = GenerativeModel(ModelConfig(input_dim=10, latent_sizes=(4, 3), hidden_sizes=(16, 8), batch_norm=False))
+    with caplog.at_level(logging.WARNING):
+        evaluate(floored, LadderGuide(floored), x, num_samples=3)
+    assert "not finite" not in caplog.text
