@@ -100,6 +100,15 @@ def _check_sizes(name: str, sizes: tuple[int, ...]) -> None:
             raise ValueError(f"{name} must hold positive integers, got {sizes!r}; fix the entry {s!r}.")
 
 
+def is_count(value: Any, *, least: int = 1) -> bool:
+    """Whether ``value`` is an integer (``bool`` excluded) of at least ``least``.
+
+    :param value: What was passed for a count (samples, batch size, steps…).
+    :param least: The smallest count allowed.
+    """
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def _not_number(value: Any) -> bool:
     return isinstance(value, bool) or not isinstance(value, (int, float))
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.distributions import kl_divergence
 
+from ..config import is_count
 from ..inference.evaluation import check_examples, eval_mode, evaluate, particle_traces
 from ..models.model import GenerativeModel
 from ..models.protocol import check_input_width, check_pair, parameter_dtype
@@ -61,7 +62,7 @@ def _posterior_passes(
 ):
     """Yield, per batch, ``{site: (q, p, value)}`` with base Normal distributions of shape (K, B, D)."""
     for option, value in (("num_samples", num_samples), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not is_count(value):
             raise ValueError(f"{option} must be a positive integer, got {value!r}.")
     check_pair(model, guide)
     check_examples(data)

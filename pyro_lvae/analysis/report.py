@@ -26,6 +26,7 @@ import pyro
 import torch
 from torch import nn
 
+from ..config import is_count
 from ..inference.comparison import khat_threshold
 from ..inference.evaluation import DEFAULT_MEMORY_BUDGET, evaluate
 from ..training.batches import prepare_data
@@ -99,7 +100,7 @@ def _check_analysis_options(name: str, *, num_samples: int, max_codes: int, acti
     """Refuse, before the evaluation, what :func:`analyse_run` would fail on after it."""
     counts = {"num_samples": (num_samples, 2), "max_codes": (max_codes, 1), "active_samples": (active_samples, 1)}
     for option, (value, least) in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if not is_count(value, least=least):
             raise ValueError(f"{option} must be an integer of at least {least}, got {value!r}.")
     if not name or any(sep in name for sep in ("/", "\\")):
         raise ValueError(f"name must be a plain file-name prefix (no folders), got {name!r}.")

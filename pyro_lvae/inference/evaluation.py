@@ -34,7 +34,7 @@ from pyro import poutine
 from pyro.infer.util import is_validation_enabled
 from torch import nn
 
-from ..config import DEFAULT_MEMORY_BUDGET
+from ..config import DEFAULT_MEMORY_BUDGET, is_count
 from ..models.model import GenerativeModel
 from ..models.protocol import (  # noqa: F401 - check_examples and eval_mode are also importable from here
     check_examples,
@@ -225,10 +225,6 @@ def importance_sampled_bounds(
     }
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def _check_bounds_options(
     model: GenerativeModel,
     guide: Any,
@@ -239,9 +235,9 @@ def _check_bounds_options(
     memory_budget: Any,
 ) -> None:
     """Refuse, before any draw, what :func:`importance_sampled_bounds` cannot use."""
-    if not _positive_int(num_samples):
+    if not is_count(num_samples):
         raise ValueError(f"num_samples (K) must be a positive integer, got {num_samples!r}.")
-    if chunk_size is not None and not _positive_int(chunk_size):
+    if chunk_size is not None and not is_count(chunk_size):
         raise ValueError(f"chunk_size must be a positive integer or None (sized from the budget), got {chunk_size!r}.")
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}.")
@@ -337,7 +333,7 @@ def evaluate(
     from ..training.distributed import current_context, gather_batches
 
     check_examples(data)
-    if not _positive_int(batch_size):
+    if not is_count(batch_size):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     ctx = current_context()
     batches = data.split(batch_size)

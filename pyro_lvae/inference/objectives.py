@@ -24,6 +24,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import Independent, Normal
 
+from ..config import is_count
 from ..models.protocol import HierarchicalGuide, HierarchicalModel
 
 
@@ -114,7 +115,7 @@ def elbo_for(
     if not isinstance(lean, bool):
         raise ValueError(f"lean must be True or False, got {lean!r}.")
     particles = kwargs.get("num_particles", 1)
-    if isinstance(particles, bool) or not isinstance(particles, int) or particles <= 0:
+    if not is_count(particles):
         raise ValueError(f"num_particles must be a positive integer, got {particles!r} (0 would give a zero loss).")
     mean_field = isinstance(guide, HierarchicalGuide) and guide.mean_field_compatible
     if free_bits > 0:

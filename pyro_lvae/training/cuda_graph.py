@@ -52,6 +52,7 @@ import pyro.infer.trace_mean_field_elbo
 import torch
 from torch import nn
 
+from ..config import is_count
 from ..models.model import GenerativeModel
 from .steps import FastStep, _check_options, clip_gradients, model_buffers
 
@@ -318,5 +319,5 @@ def _check_graph_options(model: nn.Module, options: dict[str, Any], warmup_steps
     device = next(model.parameters()).device
     if device.type != "cuda":
         raise ValueError(f"engine 'cuda-graph' records CUDA graphs, but the model is on {device}; use engine 'fast'.")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+    if not is_count(warmup_steps):
         raise ValueError(f"warmup_steps must be a positive integer, got {warmup_steps!r}.")
