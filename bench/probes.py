@@ -1,4 +1,4 @@
-"""Probes of speed-ups that the fast engine does *not* use, timed against it.
+"""Probes of speed-ups of the training step, timed against the fast engine with Pyro's traced objective.
 
     python bench/probes.py jit       # Pyro's JIT ELBOs (torch.jit.trace)
     python bench/probes.py jit-fixed # the same, with JitTraceMeanField_ELBO's cache bug worked around
@@ -10,6 +10,7 @@
     python bench/probes.py float-beta --guide vae  # β as a Python float in the handlers (0 < β ≤ 1 only)
     python bench/probes.py op-count --guide vae # ATen operations dispatched by one fast-engine step
     python bench/probes.py combined --guide vae  # every small change at once, beside the baseline
+    python bench/probes.py closed-form --guide vae  # the closed-form objective, beside the baseline
 
 Each probe builds the paper's 5-layer model for one guide (``--guide``), times
 the fast engine's step and the probed variant in interleaved rounds, and prints
@@ -20,6 +21,14 @@ fewer operations, the lean Monte Carlo ELBO for the bottom-up guide), timed besi
 engine and ``bench/baseline.py``'s step; ``op-count``
 counts operations and times nothing; the others time loss, backward and update without the
 engine's finiteness check. docs/performance.md reports them.
+
+Since 2026-11-25 the fast engine computes its objective in closed form for the paper's model
+(:class:`~pyro_lvae.inference.objectives.ClosedFormMeanFieldELBO`,
+:class:`~pyro_lvae.inference.objectives.ClosedFormTraceELBO`). The changes probed here act on
+Pyro's traced path, so every step here is given the traced objective the engine used before
+(``MeanFieldELBO`` for the ladder guide, ``Trace_ELBO`` for the bottom-up one), and
+``closed-form`` times that traced step, the closed-form step (the engine as it is) and
+the baseline together: what the closed form bought.
 """
 
 from __future__ import annotations
@@ -41,10 +50,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import _build, _median_ms  # noqa: E402
 
 from pyro_lvae import get_preset  # noqa: E402
+from pyro_lvae.inference.objectives import MeanFieldELBO, elbo_for  # noqa: E402
 from pyro_lvae.models.nn import MLP, GaussianHead  # noqa: E402
 from pyro_lvae.training.steps import TrainingStep  # noqa: E402
 
-ENGINE_VARIANTS = ("trace-mean-field", "stacked-heads", "lean-mc", "float-beta", "combined")
+ENGINE_VARIANTS = ("trace-mean-field", "stacked-heads", "lean-mc", "float-beta", "combined", "closed-form")
 
 
 class LeanMonteCarloELBO(Trace_ELBO):
@@ -94,6 +104,12 @@ def _merge_in_fewer_operations(loc_hat, var_hat, loc_prior, var_prior):
     return loc_prior + w * (loc_hat - loc_prior), var_hat * w
 
 
+def traced(step: TrainingStep) -> TrainingStep:
+    """``step`` with the traced objective the fast engine used before its closed form."""
+    step.elbo = MeanFieldELBO() if step.guide.mean_field_compatible else Trace_ELBO()
+    return step
+
+
 def engine_variant(probe: str, step: TrainingStep, x: torch.Tensor, beta: torch.Tensor):
     """A whole fast-engine step with the one change ``probe`` names (``combined``: all of them;
     its heads must have been stacked with :func:`stack_heads` before the step was built)."""
@@ -101,7 +117,9 @@ def engine_variant(probe: str, step: TrainingStep, x: torch.Tensor, beta: torch.
         if not step.guide.mean_field_compatible:
             step.elbo = LeanMonteCarloELBO()
         return _with_float_beta(step, x, beta, merge=_merge_in_fewer_operations)
-    if probe == "trace-mean-field":
+    if probe == "closed-form":
+        step.elbo = elbo_for(step.guide, lean=True)
+    elif probe == "trace-mean-field":
         step.elbo = TraceMeanField_ELBO()
     elif probe == "lean-mc":
         step.elbo = LeanMonteCarloELBO()
@@ -198,11 +216,14 @@ def main() -> None:
     x = torch.bernoulli(torch.rand(config.train.batch_size, config.model.input_dim))
     beta = torch.tensor(0.5)
     model, guide = _build(config, x.device, "fast")
-    fast = TrainingStep(model, guide, learning_rate=1e-3)
-    fns = {"fast engine": lambda: fast(x, beta)}
+    fast = traced(TrainingStep(model, guide, learning_rate=1e-3))
+    fns = {"fast engine, traced": lambda: fast(x, beta)}
     if args.probe == "op-count":
-        fast(x, beta)  # registration and optimizer state first
-        print(f"op-count ({args.guide}): {count_operations(lambda: fast(x, beta))} ATen operations in one step")
+        closed = TrainingStep(*_build(config, x.device, "closed"), learning_rate=1e-3)
+        for label, step in (("traced", fast), ("closed form", closed)):
+            step(x, beta)  # registration and optimizer state first
+            operations = count_operations(lambda step=step: step(x, beta))
+            print(f"op-count ({args.guide}, {label}): {operations} ATen operations in one step")
         return
 
     model2, guide2 = _build(config, x.device, "probe")
@@ -210,7 +231,7 @@ def main() -> None:
         model2.load_state_dict(model.state_dict())
         guide2.load_state_dict(guide.state_dict())
         stack_heads(model2, guide2)
-    probe_step = TrainingStep(model2, guide2, learning_rate=1e-3)
+    probe_step = traced(TrainingStep(model2, guide2, learning_rate=1e-3))
     opt = probe_step.optimizer
     if args.probe in ENGINE_VARIANTS:
         fns[args.probe] = engine_variant(args.probe, probe_step, x, beta)
@@ -219,6 +240,7 @@ def main() -> None:
                 f"combined ({args.guide}): loss relative to the fast engine's on the same draws "
                 f"{check_combined_loss(fast, probe_step, x, beta):.1e}"
             )
+        if args.probe in ("combined", "closed-form"):
             fns["baseline"] = _baseline_step(config, x, beta)
         _report(fns, args.rounds, x)
         return

@@ -208,6 +208,7 @@ def _engine_pieces(step: TrainingStep, model, guide, x: torch.Tensor, beta: torc
         loss_and_grad_norm(loss, [p.grad for p in params])
 
     rows = {
+        "find the BN buffers: walk every module of model and guide (each step)": step._buffers,
         f"clone {len(buffers)} BN buffers, one by one (before)": clone_each,
         "copy them into kept storage, one multi-tensor call (now)": foreach_copy,
         f"finiteness check: gradient norm of {len(params)} tensors, read back": check,

@@ -21,17 +21,36 @@ floating-point rounding (``tests/inference/test_closed_form.py``). All the noise
 first; on the CPU the particles are then weighed in slices small enough for the cache
 (:data:`CPU_PAIRS_PER_SLICE`), which changes the speed and not the draws (in evaluation
 mode, where batch norm uses its running statistics).
+
+:func:`closed_form_loss` is the training loss in the same closed forms: the negative
+β-weighted ELBO of one draw per example, summed over the batch, with the ladder guide's
+analytic KL per layer (as :class:`~pyro.infer.TraceMeanField_ELBO`) or the Monte Carlo
+:math:`\log q - \log p` (as :class:`~pyro.infer.Trace_ELBO`). For the ladder guide, with
+:math:`q = \mathcal{N}(\mu, \sigma^2)` and :math:`p = \mathcal{N}(\mu_p, \sigma_p^2)`,
+
+.. math::
+
+    \mathrm{KL}(q \,\|\, p) = \tfrac12 \textstyle\sum_j \big(r_j + (\mu_j - \mu_{p,j})^2/\sigma_{p,j}^2
+        - 1 - \log r_j\big), \qquad r_j = \sigma_j^2 / \sigma_{p,j}^2.
+
+It draws its noise in the traced path's order and shapes too, so on the same seed its
+value and gradients are those of Pyro's estimator (``tests/inference/test_closed_form.py``);
+:mod:`pyro_lvae.inference.objectives` hands training to it where it applies.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+from torch.nn import functional as F
 
 from ..models.guides import BottomUpGuide, LadderGuide
 from ..models.merge import precision_weighted_merge
 from ..models.model import GenerativeModel
+from ..models.protocol import check_input_width, parameter_dtype
+from .warmup import kl_mask_and_scale
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -56,13 +75,46 @@ def closed_form_applies(model: torch.nn.Module, guide: torch.nn.Module) -> bool:
     return type(guide) is BottomUpGuide
 
 
-def _log_normal(z: torch.Tensor, loc: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+def standard_normal(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Standard normal noise of ``shape``: the numbers that the reparameterized ``Normal.rsample``
+    of the traced path draws on the same seed (torch's ``_standard_normal``). Every draw of the
+    closed forms goes through here, so that a test can fix them all.
+
+    :param shape: The shape of the block.
+    :param dtype: Its dtype.
+    :param device: Its device.
+    """
+    return torch.randn(shape, dtype=dtype, device=device)
+
+
+def _log_normal(z: torch.Tensor, loc: torch.Tensor | None, var: torch.Tensor | None) -> torch.Tensor:
+    """log N(z; loc, var) per row; ``loc = var = None`` is the standard normal prior of the top layer."""
+    if loc is None:
+        return -0.5 * (z * z + _LOG_2PI).sum(-1)
     return -0.5 * ((z - loc) ** 2 / var + var.log() + _LOG_2PI).sum(-1)
 
 
 def _draw(loc: torch.Tensor, var: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The reparameterized draw ``loc + eps·σ`` and its log q."""
     return loc + eps * var.sqrt(), -0.5 * (eps * eps + var.log() + _LOG_2PI).sum(-1)
+
+
+#: One layer's term of the negative ELBO from its noise, draw, q and p: ``(eps, z, loc, var, p_loc, p_var)``,
+#: with ``p_loc = p_var = None`` for the top layer's standard normal prior.
+LayerTerm = Callable[..., torch.Tensor]
+
+
+def _monte_carlo_term(eps, z, loc, var, p_loc, p_var) -> torch.Tensor:
+    """log q(z) − log p(z) at the draw ``z = loc + eps·σ``, per row."""
+    return -0.5 * (eps * eps + var.log() + _LOG_2PI).sum(-1) - _log_normal(z, p_loc, p_var)
+
+
+def _analytic_kl_term(eps, z, loc, var, p_loc, p_var) -> torch.Tensor:
+    """KL(N(loc, var) ‖ N(p_loc, p_var)) per row (the module docstring's formula)."""
+    if p_loc is None:
+        return 0.5 * (var + loc * loc - 1 - var.log()).sum(-1)
+    ratio = var / p_var
+    return 0.5 * (ratio + (loc - p_loc) ** 2 / p_var - 1 - ratio.log()).sum(-1)
 
 
 def _bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -73,42 +125,53 @@ def _bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Te
     and ``log`` (docs/performance.md), and the likelihood of 784 pixels per draw is most of
     the time of L_5000 after the matrix products. Since :math:`1 + e^{-|\ell|}` lies in (1, 2],
     ``log`` of the rounded sum errs by at most one unit of rounding of 1 (6e-8 in float32),
-    no more than the rounding of each term itself.
+    no more than the rounding of each term itself. It works in place, so it is for
+    evaluation without gradients only.
     """
     rectified = logits.clamp_min(0)
     soft = logits.abs().neg_().exp_().add_(1).log_().add_(rectified)
     return (logits * x).sub_(soft).sum(-1)
 
 
-def _log_likelihood(model: GenerativeModel, z1: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """log p(x | z1) per particle and example, from the decoder's networks (no distribution object)."""
+def _log_likelihood(model: GenerativeModel, z1: torch.Tensor, x: torch.Tensor, *, total: bool = False) -> torch.Tensor:
+    """log p(x | z1) per particle and example, from the decoder's networks (no distribution object);
+    with ``total``, its sum, differentiable (the training loss)."""
     d = model.decoder_mlp(z1)
     # In the precision of z1, as the model's likelihood, also under a caller's bfloat16 autocast.
     if model.config.likelihood == "bernoulli":
-        return _bernoulli_log_likelihood(model.decoder_head(d).to(z1.dtype), x)
+        logits = model.decoder_head(d).to(z1.dtype)
+        if total:  # the kernel of Pyro's Bernoulli.log_prob, summed
+            return -F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+        return _bernoulli_log_likelihood(logits, x)
     loc, var = model.decoder_head(d)
-    return _log_normal(x, loc.to(z1.dtype), var.to(z1.dtype))
+    log_p = _log_normal(x, loc.to(z1.dtype), var.to(z1.dtype))
+    return log_p.sum() if total else log_p
 
 
 def _ladder(
-    model: GenerativeModel, guide: LadderGuide, noise: list[torch.Tensor], estimates: list
+    model: GenerativeModel,
+    guide: LadderGuide,
+    noise: list[torch.Tensor],
+    estimates: list,
+    term: LayerTerm = _monte_carlo_term,
 ) -> tuple[torch.Tensor, list]:
-    """The ladder guide's draws, top first, with log q − log p per layer (z1 first).
+    """The ladder guide's draws, top first, with each layer's ``term`` (z1 first): by default
+    log q − log p at the draw.
 
     ``noise`` holds one block per layer, top first; ``estimates`` is ``guide.upward(x)``.
     """
     loc, var = estimates[-1]
-    z, log_q = _draw(loc, var, noise[0])
-    layer_kl = [log_q - _log_normal(z, torch.zeros_like(z), torch.ones_like(z))]
+    z = loc + noise[0] * var.sqrt()
+    layer_terms = [term(noise[0], z, loc, var, None, None)]
     for layer, eps in zip(range(model.depth - 1, 0, -1), noise[1:]):
         # The guide's top-down pass (the model's own networks unless the guide has its
         # own), then the model's prior; inside shared_priors the second is the first, reused.
         loc, var = precision_weighted_merge(*estimates[layer - 1], *guide.prior_params(layer, z))
         p_loc, p_var = model.prior_params(layer, z)
-        z_below, log_q = _draw(loc, var, eps)
-        layer_kl.insert(0, log_q - _log_normal(z_below, p_loc, p_var))
+        z_below = loc + eps * var.sqrt()
+        layer_terms.insert(0, term(eps, z_below, loc, var, p_loc, p_var))
         z = z_below
-    return z, layer_kl
+    return z, layer_terms
 
 
 def _bottom_up(
@@ -125,7 +188,7 @@ def _bottom_up(
         zs.append(h)
         log_qs.append(log_q)
     top = zs[-1]
-    log_ps = [_log_normal(top, torch.zeros_like(top), torch.ones_like(top))]
+    log_ps = [_log_normal(top, None, None)]
     for layer in range(model.depth - 1, 0, -1):
         log_ps.insert(0, _log_normal(zs[layer - 1], *model.prior_params(layer, zs[layer])))
     return zs[0], [q - p for q, p in zip(log_qs, log_ps)]
@@ -165,7 +228,7 @@ def closed_form_log_weights(
     # All the noise first, one (particles, batch, units) block per layer in the guide's
     # sampling order: the traced path's draws, whatever the slices below.
     dtype = next(model.parameters()).dtype
-    noise = [torch.randn((num_particles, x.shape[0], units), dtype=dtype, device=x.device) for units in sizes]
+    noise = [standard_normal((num_particles, x.shape[0], units), dtype, x.device) for units in sizes]
     # What depends on x alone, once for every slice.
     given_x = guide.upward(x) if ladder else guide.heads[0](guide.mlps[0](x))
     draw = _ladder if ladder else _bottom_up
@@ -178,3 +241,59 @@ def closed_form_log_weights(
         layer_kls.append(torch.stack(layer_kl))
         totals.append(reconstructions[-1] - layer_kls[-1].sum(0))
     return torch.cat(totals), torch.cat(reconstructions), torch.cat(layer_kls, dim=1)
+
+
+def closed_form_loss(
+    model: GenerativeModel,
+    guide: torch.nn.Module,
+    x: torch.Tensor,
+    beta: float | torch.Tensor | None = None,
+    *,
+    analytic_kl: bool,
+) -> torch.Tensor:
+    r"""The negative β-weighted ELBO of one draw per example, summed over the batch, in
+    closed form (see the module docstring):
+
+    .. math:: \text{loss} = \textstyle\sum_n \big( -\log p(x_n|z_{1,n})
+        + \beta \sum_l t_{l,n} \big),
+
+    where :math:`t_{l,n}` is layer l's analytic KL (``analytic_kl``, ladder guide only) or
+    its :math:`\log q - \log p` at the draw. β is checked, masked and scaled as
+    :func:`~pyro_lvae.inference.warmup.kl_weight` does for Pyro's sites, so β = 0 drops the
+    KL terms exactly. The value and gradients are those of ``TraceMeanField_ELBO`` or
+    ``Trace_ELBO`` on the same draws (the noise is drawn in the guide's order and shapes).
+
+    :param model: The paper's model (:func:`closed_form_applies`).
+    :param guide: Its ladder or bottom-up guide.
+    :param x: A minibatch, shape ``(batch, input_dim)``.
+    :param beta: The warm-up weight, or ``None`` for the plain ELBO.
+    :param analytic_kl: The mean-field estimator's analytic KL rather than the Monte Carlo term.
+    :raises ValueError: for ``analytic_kl`` with a guide that is not the ladder guide, or bad
+        β or data.
+    """
+    ladder = isinstance(guide, LadderGuide)
+    if analytic_kl and not ladder:
+        raise ValueError("The analytic KL is exact for the ladder guide only; use analytic_kl=False.")
+    check_input_width(x, model.config.input_dim, dtype=parameter_dtype(model))
+    weight = kl_mask_and_scale(beta)
+    for module in (model, guide):  # as the model's and guide's own calls do (SVI finds them there)
+        if module.register_params:
+            module.register()
+    # The noise, one (batch, units) block per layer in the guide's sampling order.
+    sizes = model.config.latent_sizes[::-1] if ladder else model.config.latent_sizes
+    dtype = parameter_dtype(model)
+    noise = [standard_normal((x.shape[0], units), dtype, x.device) for units in sizes]
+    # The draws and each layer's term, then the likelihood of x given z1.
+    with model.shared_priors():
+        if ladder:
+            term = _analytic_kl_term if analytic_kl else _monte_carlo_term
+            z1, layer_terms = _ladder(model, guide, noise, guide.upward(x), term)
+        else:
+            z1, layer_terms = _bottom_up(model, guide, noise, guide.heads[0](guide.mlps[0](x)))
+        reconstruction = _log_likelihood(model, z1, x, total=True)
+    # β on the latent terms, masked where it is 0, as Pyro's scale_and_mask.
+    kl = torch.stack(layer_terms).sum(0)
+    if weight is not None:
+        mask, scale = weight
+        kl = torch.where(mask, kl * scale, kl.new_zeros(()))
+    return kl.sum() - reconstruction

@@ -21,6 +21,7 @@ import torch
 from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
+from pyro.poutine.runtime import am_i_wrapped
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import Independent, Normal
 
@@ -82,6 +83,72 @@ class MeanFieldELBO(TraceMeanField_ELBO):
         return model_trace, guide_trace
 
 
+def _closed_form_covers(
+    model: Any, guide: Any, args: tuple, kwargs: dict, *, num_particles: int, analytic_kl: bool
+) -> bool:
+    """Whether :func:`~pyro_lvae.inference.closed_form.closed_form_loss` computes exactly what the
+    traced estimator would: one particle, Pyro's validation off (its checks live in the traced
+    path), no effect handler around the call (a caller's ``poutine.scale`` or ``condition``
+    acts on traced sites only; Pyro's ``am_i_wrapped`` says whether one is active), and the
+    library's model with its ladder guide (analytic KL) or either guide (Monte Carlo), called
+    as ``(x)`` or ``(x, beta)``."""
+    from .closed_form import closed_form_applies  # it imports the models, which import this package
+
+    if is_validation_enabled() or am_i_wrapped() or num_particles != 1 or kwargs or not 1 <= len(args) <= 2:
+        return False
+    return closed_form_applies(model, guide) and (guide.mean_field_compatible or not analytic_kl)
+
+
+def _closed_form_loss(model: Any, guide: Any, args: tuple, *, analytic_kl: bool) -> torch.Tensor:
+    from .closed_form import closed_form_loss
+
+    return closed_form_loss(model, guide, *args, analytic_kl=analytic_kl)
+
+
+class ClosedFormMeanFieldELBO(MeanFieldELBO):
+    """:class:`MeanFieldELBO` whose ``differentiable_loss`` is computed in closed form, without
+    traces or distribution objects (:func:`~pyro_lvae.inference.closed_form.closed_form_loss`),
+    for :class:`~pyro_lvae.models.model.GenerativeModel` with its
+    :class:`~pyro_lvae.models.guides.LadderGuide`, with Pyro's validation off and one particle.
+    The value and gradients are ``TraceMeanField_ELBO``'s on the same draws
+    (``tests/inference/test_closed_form.py``); the fast training engine uses it.
+    Anything else goes through :class:`MeanFieldELBO`.
+    """
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        """The loss to differentiate, in closed form where it applies (see the class docstring).
+
+        :param model: The model.
+        :param guide: The guide.
+        :param args: The model's and guide's arguments, ``(x)`` or ``(x, beta)``.
+        :param kwargs: Their keyword arguments (none for the closed form).
+        """
+        if _closed_form_covers(model, guide, args, kwargs, num_particles=self.num_particles, analytic_kl=True):
+            return _closed_form_loss(model, guide, args, analytic_kl=True)
+        return super().differentiable_loss(model, guide, *args, **kwargs)
+
+
+class ClosedFormTraceELBO(Trace_ELBO):
+    r""":class:`~pyro.infer.Trace_ELBO` whose ``differentiable_loss`` is computed in closed form
+    for :class:`~pyro_lvae.models.model.GenerativeModel` with either of its guides: the
+    single-sample Monte Carlo :math:`\log q - \log p` per layer, under the same conditions as
+    :class:`ClosedFormMeanFieldELBO`. The fast training engine uses it for the bottom-up
+    guide; anything else goes through ``Trace_ELBO``.
+    """
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        """The loss to differentiate, in closed form where it applies (see the class docstring).
+
+        :param model: The model.
+        :param guide: The guide.
+        :param args: The model's and guide's arguments, ``(x)`` or ``(x, beta)``.
+        :param kwargs: Their keyword arguments (none for the closed form).
+        """
+        if _closed_form_covers(model, guide, args, kwargs, num_particles=self.num_particles, analytic_kl=False):
+            return _closed_form_loss(model, guide, args, analytic_kl=False)
+        return super().differentiable_loss(model, guide, *args, **kwargs)
+
+
 def elbo_for(
     guide: Callable[..., Any],
     *,
@@ -98,9 +165,10 @@ def elbo_for(
     :param free_bits: λ > 0 puts the free-bits floor under each layer's KL term
         (:mod:`pyro_lvae.inference.free_bits`); 0 is the plain ELBO.
     :param free_bits_mode: ``"layer"`` or ``"unit"``: where the floor applies.
-    :param lean: Give :class:`MeanFieldELBO` instead of ``TraceMeanField_ELBO``: the same
-        loss, without the log-densities it does not read (the fast engine's choice). The
-        free-bits estimators are built on Pyro's classes either way.
+    :param lean: The fast engine's choice: the same loss, computed in closed form where it
+        applies (:class:`ClosedFormMeanFieldELBO`, :class:`ClosedFormTraceELBO`), and
+        otherwise without the log-densities it does not read (:class:`MeanFieldELBO`) or as
+        ``Trace_ELBO``. The free-bits estimators are built on Pyro's classes either way.
     :param kwargs: Passed to the ELBO (e.g. ``num_particles``, ``vectorize_particles``).
 
     >>> from pyro_lvae import GenerativeModel, LadderGuide, BottomUpGuide, ModelConfig
@@ -122,8 +190,8 @@ def elbo_for(
         estimator = FreeBitsMeanFieldELBO if mean_field else FreeBitsTraceELBO
         return estimator(free_bits=free_bits, mode=free_bits_mode, **kwargs)
     if mean_field:
-        return MeanFieldELBO(**kwargs) if lean else TraceMeanField_ELBO(**kwargs)
-    return Trace_ELBO(**kwargs)
+        return ClosedFormMeanFieldELBO(**kwargs) if lean else TraceMeanField_ELBO(**kwargs)
+    return ClosedFormTraceELBO(**kwargs) if lean else Trace_ELBO(**kwargs)
 
 
 def importance_weighted_loss(

@@ -49,18 +49,19 @@ def warmup_beta(epoch: int, warmup_epochs: int) -> float:
     return min(1.0, epoch / warmup_epochs)
 
 
-@contextlib.contextmanager
-def kl_weight(beta: float | torch.Tensor | None) -> Iterator[None]:
-    """Context manager that weights the latent sites inside it by β.
+def kl_mask_and_scale(beta: float | torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The mask ``β > 0`` and the scale ``max(β, tiny)`` that :func:`kl_weight` puts on the
+    latent sites (see the module docstring), after checking β; ``None`` for ``β = None``.
 
-    :param beta: β in [0, 1], a float or a 0-dim tensor; ``None`` means no
-        weighting (β = 1, the plain ELBO), which adds no handler at all.
+    The closed-form training loss (:func:`~pyro_lvae.inference.closed_form.closed_form_loss`)
+    weighs each layer's KL term with the same two tensors, as Pyro's ``scale_and_mask`` does.
+
+    :param beta: β in [0, 1], a float or a 0-dim tensor, or ``None``.
     :raises ValueError: if β is negative, NaN or not a scalar (a CUDA tensor's
         sign is not read while a CUDA graph is being recorded).
     """
     if beta is None:
-        yield
-        return
+        return None
     beta = torch.as_tensor(beta)
     if beta.dim() != 0:
         raise ValueError(f"beta must be a scalar, got shape {tuple(beta.shape)}.")
@@ -71,5 +72,22 @@ def kl_weight(beta: float | torch.Tensor | None) -> Iterator[None]:
     capturing = beta.is_cuda and torch.cuda.is_current_stream_capturing()
     if not capturing and not torch.jit.is_tracing() and not bool(beta >= 0):
         raise ValueError(f"beta must be a non-negative number, got {beta.item()!r}.")
-    with poutine.mask(mask=beta > 0), poutine.scale(scale=beta.clamp(min=torch.finfo(beta.dtype).tiny)):
+    return beta > 0, beta.clamp(min=torch.finfo(beta.dtype).tiny)
+
+
+@contextlib.contextmanager
+def kl_weight(beta: float | torch.Tensor | None) -> Iterator[None]:
+    """Context manager that weights the latent sites inside it by β.
+
+    :param beta: β in [0, 1], a float or a 0-dim tensor; ``None`` means no
+        weighting (β = 1, the plain ELBO), which adds no handler at all.
+    :raises ValueError: if β is negative, NaN or not a scalar (a CUDA tensor's
+        sign is not read while a CUDA graph is being recorded).
+    """
+    weight = kl_mask_and_scale(beta)
+    if weight is None:
+        yield
+        return
+    mask, scale = weight
+    with poutine.mask(mask=mask), poutine.scale(scale=scale):
         yield

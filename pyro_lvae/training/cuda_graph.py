@@ -6,9 +6,16 @@ operations (counted on the CPU for the paper's 5-layer model), for 2.6 GFLOP tha
 does in well under a millisecond. :class:`GraphStep` records the whole update once, per
 minibatch shape, and then replays it::
 
-    graph replay:  snapshot state ─ forward (Pyro ELBO) ─ backward ─ ‖g‖, ok ─ clip ─ Adam
+    graph replay:  snapshot state ─ forward (the ELBO) ─ backward ─ ‖g‖, ok ─ clip ─ Adam
                    ─ state := ok ? new : snapshot ─ (loss, ‖g‖) to a static buffer
     host:          copy x, β and the skip threshold in ─ replay ─ read (loss, ‖g‖) ─ skip rule
+
+The recorded forward pass is the fast step's objective: since 2026-11-25 the closed form of
+the paper's model (:class:`~pyro_lvae.inference.objectives.ClosedFormMeanFieldELBO`,
+:class:`~pyro_lvae.inference.objectives.ClosedFormTraceELBO`), which the H100 runs of
+2026-11-24 predate. Those runs recorded Pyro's traced ELBO, and the closed form has not run
+recorded on a GPU yet. Where the closed form does not apply, Pyro's traced ELBO is recorded, as
+then (:func:`host_reads_deferred`).
 
 It takes the same updates as :class:`~pyro_lvae.training.steps.FastStep` on the same
 random draws (``tests/training/test_cuda_graph.py`` seeds both and compares the

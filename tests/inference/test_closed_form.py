@@ -1,6 +1,9 @@
-"""The closed-form log importance weights equal the traced ones on the same draws."""
+"""The closed-form log importance weights, and the closed-form training loss, equal the
+traced ones on the same draws."""
 
 from __future__ import annotations
+
+import copy
 
 import pyro
 import pytest
@@ -9,8 +12,11 @@ from pyro import poutine
 
 from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig
 from pyro_lvae.inference import closed_form, evaluation
-from pyro_lvae.inference.closed_form import closed_form_applies, closed_form_log_weights
+from pyro_lvae.inference.closed_form import closed_form_applies, closed_form_log_weights, closed_form_loss
 from pyro_lvae.inference.evaluation import evaluate, particle_log_weights
+from pyro_lvae.inference.objectives import elbo_for
+from pyro_lvae.models.registration import registered_once
+from pyro_lvae.training.steps import model_buffers, trainable_parameters
 
 
 def _pair(guide_cls, device="cpu", **model_kw):
@@ -146,3 +152,91 @@ def test_under_a_callers_bf16_autocast_the_likelihood_stays_in_the_models_precis
     assert total.dtype == torch.float32
     torch.testing.assert_close(reconstruction, traced.reconstruction, rtol=0, atol=1e-3)
     torch.testing.assert_close(total, traced.total, rtol=0, atol=1e-3)
+
+
+def _data(model, rows: int, device) -> torch.Tensor:
+    width = model.config.input_dim
+    if model.config.likelihood == "gaussian":
+        return torch.rand(rows, width, dtype=torch.float64, device=device)
+    return torch.bernoulli(torch.full((rows, width), 0.4, dtype=torch.float64)).to(device)
+
+
+@pytest.mark.parametrize("beta", [None, 0.0, 0.3, 1.0])
+@pytest.mark.parametrize("guide_cls, model_kw", CASES, ids=lambda c: getattr(c, "__name__", str(c)))
+def test_the_closed_form_loss_is_pyros_elbo_with_its_gradients_and_statistics(guide_cls, model_kw, beta, device):
+    """In training mode, as in training: the loss, every gradient, the batch-norm statistics it
+    updates and the amount of noise it draws are those of Pyro's estimator for the guide
+    (``TraceMeanField_ELBO`` for the ladder guide, ``Trace_ELBO`` for the bottom-up one),
+    run with the top-down priors shared as the fast engine runs it, in float64."""
+    model, guide = _pair(guide_cls, device, **model_kw)
+    model.train(), guide.train()
+    model_ref, guide_ref = copy.deepcopy((model, guide))
+    x = _data(model, 9, device)
+    b = None if beta is None else torch.tensor(beta, dtype=torch.float64, device=device)
+
+    pyro.set_rng_seed(5)
+    with registered_once(model, guide):
+        loss = closed_form_loss(model, guide, x, b, analytic_kl=guide_cls is LadderGuide)
+    after = torch.rand((), device=device).item()
+    loss.backward()
+    pyro.set_rng_seed(5)
+    with registered_once(model_ref, guide_ref), model_ref.shared_priors():
+        ref = elbo_for(guide_ref).differentiable_loss(model_ref, guide_ref, x, b)
+    after_ref = torch.rand((), device=device).item()
+    ref.backward()
+
+    assert torch.isfinite(ref) and after == after_ref
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    params, params_ref = trainable_parameters(model, guide), trainable_parameters(model_ref, guide_ref)
+    with_gradient = 0
+    for p, q in zip(params, params_ref, strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12)
+        with_gradient += int(q.grad.abs().sum() > 0)
+    # Not a comparison of zeros (at β = 0 only the reconstruction's path has gradients).
+    assert with_gradient > (len(params) // 3 if beta != 0 else 5)
+    for a, c in zip(model_buffers(model, guide), model_buffers(model_ref, guide_ref), strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+
+
+def test_at_beta_zero_the_kl_terms_are_dropped_exactly():
+    """β = 0 masks the latent terms, as Pyro's mask does: a non-finite term (a prior variance
+    of 0 with the floor off, under the bottom-up guide, whose draws do not read the prior)
+    leaves the loss finite, and equal to −log p(x|z1)."""
+    model, guide = _pair(BottomUpGuide, variance_floor=0.0)
+    model.train(), guide.train()
+    x = _data(model, 6, "cpu")
+    with torch.no_grad():
+        model.top_down_heads[0].var.bias.fill_(-1e4)  # softplus underflows: σ²_p = 0
+    losses = {}
+    for beta in (0.0, 1.0):
+        pyro.set_rng_seed(2)
+        losses[beta] = closed_form_loss(model, guide, x, torch.tensor(beta, dtype=torch.float64), analytic_kl=False)
+    pyro.set_rng_seed(2)
+    with pyro.validation_enabled(False):  # Pyro's checks would refuse the zero scale
+        traced = elbo_for(guide).differentiable_loss(model, guide, x, torch.tensor(0.0, dtype=torch.float64))
+    assert torch.isfinite(losses[0.0]) and not torch.isfinite(losses[1.0])
+    assert losses[0.0].item() == pytest.approx(traced.item(), rel=1e-12)
+
+
+def test_the_closed_form_loss_refuses_what_it_cannot_compute():
+    model, guide = _pair(BottomUpGuide)
+    x = _data(model, 4, "cpu")
+    with pytest.raises(ValueError, match="ladder guide only; use analytic_kl=False"):
+        closed_form_loss(model, guide, x, analytic_kl=True)
+    with pytest.raises(ValueError, match="beta must be a non-negative number"):
+        closed_form_loss(model, guide, x, torch.tensor(-0.5, dtype=torch.float64), analytic_kl=False)
+    with pytest.raises(ValueError, match="10"):
+        closed_form_loss(model, guide, x[:, :5], analytic_kl=False)
+
+
+@pytest.mark.parametrize("guide_cls", [LadderGuide, BottomUpGuide])
+def test_the_closed_form_loss_registers_the_parameters_as_the_traced_calls_do(guide_cls):
+    model, guide = _pair(guide_cls)
+    x = _data(model, 4, "cpu")
+    with pyro.validation_enabled(False):
+        elbo_for(guide).differentiable_loss(model, guide, x)
+    traced = set(pyro.get_param_store().keys())
+    pyro.clear_param_store()
+    closed_form_loss(model, guide, x, analytic_kl=guide_cls is LadderGuide)
+    assert len(traced) == len(trainable_parameters(model, guide))
+    assert set(pyro.get_param_store().keys()) == traced

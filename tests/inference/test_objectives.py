@@ -266,3 +266,100 @@ def test_elbo_for_refuses_a_lean_flag_that_is_not_a_bool():
 
     with pytest.raises(ValueError, match="lean must be True or False"):
         elbo_for(LadderGuide(_model()), lean="yes")
+
+
+def _closed_form_spy(monkeypatch) -> list:
+    """Record the calls of the closed-form loss (the objectives import it at call time)."""
+    from pyro_lvae.inference import closed_form
+
+    calls: list = []
+    real = closed_form.closed_form_loss
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(closed_form, "closed_form_loss", spy)
+    return calls
+
+
+@pytest.mark.parametrize("guide_cls", GUIDES.values(), ids=GUIDES.keys())
+def test_the_fast_objectives_take_the_closed_form_for_the_papers_model_only(guide_cls, monkeypatch):
+    """The lean objective of each guide computes the closed form with validation off and one
+    particle, and Pyro's traced loss with validation on, several particles, extra keyword
+    arguments, another model or a wrapped guide. Either way the value is Pyro's own."""
+    from pyro import poutine
+
+    from pyro_lvae.inference.objectives import elbo_for
+
+    class Subclass(GenerativeModel):
+        pass
+
+    calls = _closed_form_spy(monkeypatch)
+    model = GenerativeModel(ModelConfig(input_dim=10, latent_sizes=(4, 3), hidden_sizes=(16, 8)), name="m").double()
+    guide = guide_cls(model).double()
+    sub = Subclass(model.config, name="sub").double()
+    sub.load_state_dict(model.state_dict())
+    x = _data().double()
+    beta = torch.tensor(0.5, dtype=torch.float64)
+
+    def both(model, guide, *, validate=False, **elbo_kw):
+        """The lean objective's loss and Pyro's own on the same draws."""
+        losses = []
+        for lean in (True, False):
+            pyro.set_rng_seed(4)
+            with pyro.validation_enabled(validate):
+                losses.append(elbo_for(guide, lean=lean, **elbo_kw).differentiable_loss(model, guide, x, beta).item())
+        return losses
+
+    taken, reference = both(model, guide)
+    assert len(calls) == 1 and taken == pytest.approx(reference, rel=1e-12)
+    for case in (
+        lambda: both(model, guide, validate=True),
+        lambda: both(model, guide, num_particles=3),
+        lambda: both(sub, guide_cls(sub).double()),
+        lambda: both(model, poutine.scale(guide, scale=1.0)),
+    ):
+        taken, reference = case()
+        assert len(calls) == 1 and taken == pytest.approx(reference, rel=1e-12)
+
+
+def test_a_callers_effect_handler_keeps_the_traced_loss(monkeypatch):
+    """A caller's ``poutine.scale`` acts on the traced sites only; under it the objective takes
+    the traced path, so the loss is scaled as Pyro's is."""
+    import contextlib
+
+    from pyro import poutine
+
+    from pyro_lvae.inference.objectives import elbo_for
+
+    calls = _closed_form_spy(monkeypatch)
+    model = _model().double()
+    guide = LadderGuide(model).double()
+    x = _data().double()
+    losses = []
+    for scale in (None, 3.0):
+        pyro.set_rng_seed(4)
+        with pyro.validation_enabled(False), poutine.scale(scale=scale) if scale else contextlib.nullcontext():
+            losses.append(elbo_for(guide, lean=True).differentiable_loss(model, guide, x).item())
+    assert len(calls) == 1  # the call without a handler
+    assert losses[1] == pytest.approx(3 * losses[0], rel=1e-12)
+
+
+def test_the_mean_field_closed_form_leaves_the_bottom_up_guide_to_pyro(monkeypatch):
+    """The analytic KL is biased for the bottom-up guide: a mean-field objective given that guide
+    computes what Pyro's ``TraceMeanField_ELBO`` computes, not a closed form."""
+    from pyro.infer import TraceMeanField_ELBO
+
+    from pyro_lvae.inference.objectives import ClosedFormMeanFieldELBO
+
+    calls = _closed_form_spy(monkeypatch)
+    model = _model().double()
+    guide = BottomUpGuide(model).double()
+    x = _data().double()
+    losses = []
+    for elbo in (ClosedFormMeanFieldELBO(), TraceMeanField_ELBO()):
+        pyro.set_rng_seed(4)
+        with pyro.validation_enabled(False):
+            losses.append(elbo.differentiable_loss(model, guide, x).item())
+    assert not calls and losses[0] == pytest.approx(losses[1], rel=1e-12)

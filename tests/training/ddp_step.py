@@ -15,11 +15,14 @@ def one_step(out_prefix: str, poison_rank: int | None = None) -> None:
     from torch.distributions import normal
 
     from pyro_lvae import GenerativeModel, LadderGuide, ModelConfig
+    from pyro_lvae.inference import closed_form
     from pyro_lvae.training.distributed import init_from_environment, shard
     from pyro_lvae.training.steps import TrainingStep
 
-    # Fixed draws: the reparametrized noise is zero, so z = loc on every process.
-    normal._standard_normal = lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device)
+    # Fixed draws: the reparametrized noise is zero, so z = loc on every process (the traced
+    # path draws through torch's Normal, the fast engine's closed form through its own helper).
+    zeros = lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+    normal._standard_normal = closed_form.standard_normal = zeros
     ctx = init_from_environment(torch.device("cpu"))
     pyro.set_rng_seed(0)
     model = GenerativeModel(

@@ -564,12 +564,13 @@ def test_the_svi_engine_keeps_restored_states_of_parameters_it_has_not_seen():
 @pytest.mark.parametrize(
     "engine, guide_cls, expected",
     [
-        ("fast", LadderGuide, "MeanFieldELBO"),
+        ("fast", LadderGuide, "ClosedFormMeanFieldELBO"),
         ("svi", LadderGuide, "TraceMeanField_ELBO"),
-        ("fast", BottomUpGuide, "Trace_ELBO"),
+        ("fast", BottomUpGuide, "ClosedFormTraceELBO"),
+        ("svi", BottomUpGuide, "Trace_ELBO"),
     ],
 )
-def test_the_fast_engine_takes_the_lean_mean_field_elbo_and_svi_pyros_own(engine, guide_cls, expected):
+def test_the_fast_engine_takes_the_closed_form_elbos_and_svi_pyros_own(engine, guide_cls, expected):
     model = GenerativeModel(ModelConfig(input_dim=6, latent_sizes=(3, 2), hidden_sizes=(8, 4)))
     step = TrainingStep(model, guide_cls(model), learning_rate=1e-2, engine=engine)
     assert type(step.elbo).__name__ == expected
