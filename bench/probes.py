@@ -11,6 +11,7 @@
     python bench/probes.py op-count --guide vae # ATen operations dispatched by one fast-engine step
     python bench/probes.py combined --guide vae  # every small change at once, beside the baseline
     python bench/probes.py closed-form --guide vae  # the closed-form objective, beside the baseline
+    python bench/probes.py finetune --guide vae  # a fine-tuning step (10 × 1 IW samples): traced against closed form
 
 Each probe builds the paper's 5-layer model for one guide (``--guide``), times
 the fast engine's step and the probed variant in interleaved rounds, and prints
@@ -28,7 +29,10 @@ Since 2026-11-25 the fast engine computes its objective in closed form for the p
 Pyro's traced path, so every step here is given the traced objective the engine used before
 (``MeanFieldELBO`` for the ladder guide, ``Trace_ELBO`` for the bottom-up one), and
 ``closed-form`` times that traced step, the closed-form step (the engine as it is) and
-the baseline together: what the closed form bought.
+the baseline together: what the closed form bought. ``finetune`` times a fast-engine step of the
+fine-tuning objective (``lvae-bn-wu-5-ft``: 10 Monte Carlo × 1 importance sample per example,
+β = 1) with its weights from Pyro's particle traces and in closed form, and checks first that the
+two losses agree on the same draws.
 """
 
 from __future__ import annotations
@@ -206,7 +210,8 @@ def count_operations(fn) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "probe", choices=("jit", "jit-fixed", "compile", "compile-networks", "op-count", *ENGINE_VARIANTS)
+        "probe",
+        choices=("jit", "jit-fixed", "compile", "compile-networks", "op-count", "finetune", *ENGINE_VARIANTS),
     )
     parser.add_argument("--guide", choices=("ladder", "vae"), default="ladder")
     parser.add_argument("--rounds", type=int, default=5)
@@ -218,6 +223,9 @@ def main() -> None:
     model, guide = _build(config, x.device, "fast")
     fast = traced(TrainingStep(model, guide, learning_rate=1e-3))
     fns = {"fast engine, traced": lambda: fast(x, beta)}
+    if args.probe == "finetune":
+        _finetune(config, x, args.rounds)
+        return
     if args.probe == "op-count":
         closed = TrainingStep(*_build(config, x.device, "closed"), learning_rate=1e-3)
         for label, step in (("traced", fast), ("closed form", closed)):
@@ -300,6 +308,58 @@ def _baseline_step(config, x: torch.Tensor, beta: torch.Tensor):
         opt.zero_grad(set_to_none=True)
 
     return baseline
+
+
+@contextlib.contextmanager
+def _traced_weights():
+    """Inside, the fine-tuning loss weighs its particles with Pyro's traces (the closed form off)."""
+    from pyro_lvae.inference import closed_form
+
+    original = closed_form.closed_form_applies
+    closed_form.closed_form_applies = lambda model, guide: False
+    try:
+        yield
+    finally:
+        closed_form.closed_form_applies = original
+
+
+def _finetune(config, x: torch.Tensor, rounds: int) -> None:
+    """The fine-tuning step, traced and closed form, on twin networks (see the module docstring)."""
+    from pyro_lvae.inference.objectives import ImportanceWeightedLoss
+
+    train = get_preset("lvae-bn-wu-5-ft").train
+    loss = ImportanceWeightedLoss(mc_samples=train.finetune_mc_samples, iw_samples=train.finetune_iw_samples)
+    beta = torch.tensor(1.0)
+    steps = {}
+    for name in ("traced", "closed form"):
+        model, guide = _build(config, x.device, name.replace(" ", "-"))
+        steps[name] = TrainingStep(model, guide, learning_rate=1e-3)
+        steps[name].use_objective(loss)
+    steps["closed form"].model.load_state_dict(steps["traced"].model.state_dict())
+    steps["closed form"].guide.load_state_dict(steps["traced"].guide.state_dict())
+    values = []
+    for name, step in steps.items():
+        pyro.set_rng_seed(1)
+        with _traced_weights() if name == "traced" else contextlib.nullcontext():
+            values.append(step.loss(x, beta).item())
+    print(
+        f"finetune: loss {values[0]:.4f} traced, {values[1]:.4f} closed form (relative difference "
+        f"{abs(values[0] - values[1]) / abs(values[0]):.1e}), M = {loss.mc_samples}, K = {loss.iw_samples}"
+    )
+
+    def traced() -> None:
+        with _traced_weights():
+            steps["traced"](x, beta)
+
+    ms = _median_ms(
+        {"traced": traced, "closed form": lambda: steps["closed form"](x, beta)},
+        device=x.device,
+        rounds=rounds,
+        per_round=2,
+        warmup=1,
+    )
+    for name, value in ms.items():
+        print(f"finetune step, {name:12s} {value:8.1f} ms")
 
 
 def _report(fns: dict, rounds: int, x: torch.Tensor) -> None:

@@ -133,15 +133,21 @@ def _bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Te
     return (logits * x).sub_(soft).sum(-1)
 
 
-def _log_likelihood(model: GenerativeModel, z1: torch.Tensor, x: torch.Tensor, *, total: bool = False) -> torch.Tensor:
-    """log p(x | z1) per particle and example, from the decoder's networks (no distribution object);
-    with ``total``, its sum, differentiable (the training loss)."""
+def _log_likelihood(
+    model: GenerativeModel, z1: torch.Tensor, x: torch.Tensor, *, grad: bool = False, total: bool = False
+) -> torch.Tensor:
+    """log p(x | z1) per particle and example, from the decoder's networks (no distribution object):
+    differentiable with ``grad``, and summed over everything with ``total`` (the training loss);
+    otherwise in place, for evaluation without gradients."""
     d = model.decoder_mlp(z1)
     # In the precision of z1, as the model's likelihood, also under a caller's bfloat16 autocast.
     if model.config.likelihood == "bernoulli":
         logits = model.decoder_head(d).to(z1.dtype)
-        if total:  # the kernel of Pyro's Bernoulli.log_prob, summed
+        # The kernel of Pyro's Bernoulli.log_prob where gradients flow.
+        if total:
             return -F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+        if grad:
+            return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
         return _bernoulli_log_likelihood(logits, x)
     loc, var = model.decoder_head(d)
     log_p = _log_normal(x, loc.to(z1.dtype), var.to(z1.dtype))
@@ -211,7 +217,8 @@ def _slice_size(model: GenerativeModel, guide: torch.nn.Module, x: torch.Tensor,
 def closed_form_log_weights(
     model: GenerativeModel, guide: torch.nn.Module, x: torch.Tensor, num_particles: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``num_particles`` log importance weights per example, in closed form (see the module docstring).
+    """``num_particles`` log importance weights per example, in closed form (see the module
+    docstring), without autograd: evaluation.
 
     :param model: The paper's model (:func:`closed_form_applies`).
     :param guide: Its ladder or bottom-up guide.
@@ -221,6 +228,30 @@ def closed_form_log_weights(
         ``log p(x|z1)`` of shape ``(particles, batch)``, and ``log q − log p`` per layer of
         shape ``(depth, particles, batch)``, z1 first.
     """
+    return _log_weights(model, guide, x, num_particles, grad=False)
+
+
+def closed_form_particle_log_weights(
+    model: GenerativeModel, guide: torch.nn.Module, x: torch.Tensor, num_particles: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`closed_form_log_weights` keeping the autograd graph, for the fine-tuning loss
+    (:func:`~pyro_lvae.inference.objectives.importance_weighted_loss`): every particle at once,
+    and the likelihood without in-place operations. The traced counterpart is
+    :func:`~pyro_lvae.inference.evaluation.particle_log_weights`.
+
+    :param model: The paper's model (:func:`closed_form_applies`).
+    :param guide: Its ladder or bottom-up guide.
+    :param x: Data, shape ``(batch, input_dim)``.
+    :param num_particles: Draws per example.
+    :returns: As :func:`closed_form_log_weights`.
+    """
+    return _log_weights(model, guide, x, num_particles, grad=True)
+
+
+def _log_weights(
+    model: GenerativeModel, guide: torch.nn.Module, x: torch.Tensor, num_particles: int, *, grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two functions above; with ``grad``, in one slice and differentiable."""
     if num_particles <= 0:
         raise ValueError(f"num_particles must be positive, got {num_particles}.")
     ladder = isinstance(guide, LadderGuide)
@@ -232,14 +263,16 @@ def closed_form_log_weights(
     # What depends on x alone, once for every slice.
     given_x = guide.upward(x) if ladder else guide.heads[0](guide.mlps[0](x))
     draw = _ladder if ladder else _bottom_up
-    step = _slice_size(model, guide, x, num_particles)
+    step = num_particles if grad else _slice_size(model, guide, x, num_particles)
     totals, reconstructions, layer_kls = [], [], []
     for start in range(0, num_particles, step):
         with model.shared_priors():
             z1, layer_kl = draw(model, guide, [eps[start : start + step] for eps in noise], given_x)
-            reconstructions.append(_log_likelihood(model, z1, x))
+            reconstructions.append(_log_likelihood(model, z1, x, grad=grad))
         layer_kls.append(torch.stack(layer_kl))
         totals.append(reconstructions[-1] - layer_kls[-1].sum(0))
+    if len(totals) == 1:
+        return totals[0], reconstructions[0], layer_kls[0]
     return torch.cat(totals), torch.cat(reconstructions), torch.cat(layer_kls, dim=1)
 
 

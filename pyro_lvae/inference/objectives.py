@@ -26,7 +26,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import Independent, Normal
 
 from ..config import is_count
-from ..models.protocol import HierarchicalGuide, HierarchicalModel
+from ..models.protocol import HierarchicalGuide, HierarchicalModel, check_input_width, parameter_dtype
 
 
 def _normal_event_dims(fn: Any) -> int | None:
@@ -215,6 +215,10 @@ def importance_weighted_loss(
     With K = 1 this is the Monte Carlo ELBO averaged over M samples; with M = 1 it
     is the IWAE bound of Burda et al. Its value equals the vectorized L_K estimator
     (:func:`~pyro_lvae.inference.evaluation.importance_sampled_bounds`) on the same draws.
+    For the paper's model with Pyro's validation off (as inside the fast engine's step) the
+    weights are computed in closed form
+    (:func:`~pyro_lvae.inference.closed_form.closed_form_particle_log_weights`), with the
+    same value and gradients on the same draws; otherwise by Pyro's particle traces.
 
     Why not ``pyro.infer.RenyiELBO(alpha=0)``: it takes the logsumexp over particles
     of log-weights summed over the whole minibatch, which bounds log p(batch) and is
@@ -229,12 +233,18 @@ def importance_weighted_loss(
     :returns: A 0-dim tensor, differentiable with respect to every parameter
         (reparameterized draws).
     """
+    from .closed_form import closed_form_applies, closed_form_particle_log_weights
     from .evaluation import particle_log_weights
 
     for name, value in (("mc_samples", mc_samples), ("iw_samples", iw_samples)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    log_w = particle_log_weights(model, guide, x, mc_samples * iw_samples).total
+    if closed_form_applies(model, guide) and not is_validation_enabled():
+        # The same weights on the same draws without traces; Pyro's checks live in the traced path.
+        check_input_width(x, model.config.input_dim, dtype=parameter_dtype(model))
+        log_w = closed_form_particle_log_weights(model, guide, x, mc_samples * iw_samples)[0]
+    else:
+        log_w = particle_log_weights(model, guide, x, mc_samples * iw_samples).total
     log_w = log_w.reshape(mc_samples, iw_samples, x.shape[0])
     bound = torch.logsumexp(log_w, dim=1) - math.log(iw_samples)
     return -bound.mean(0).sum()

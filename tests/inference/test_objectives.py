@@ -363,3 +363,37 @@ def test_the_mean_field_closed_form_leaves_the_bottom_up_guide_to_pyro(monkeypat
         with pyro.validation_enabled(False):
             losses.append(elbo.differentiable_loss(model, guide, x).item())
     assert not calls and losses[0] == pytest.approx(losses[1], rel=1e-12)
+
+
+@pytest.mark.parametrize("guide_cls", GUIDES.values(), ids=GUIDES.keys())
+def test_the_iwae_loss_in_closed_form_is_the_traced_one_with_its_gradients(guide_cls, monkeypatch):
+    """With validation off the fine-tuning loss weighs the particles in closed form: in training
+    mode (batch norm over all particle-example pairs), its value, every gradient and the
+    batch-norm statistics equal the traced path's on the same draws, in float64."""
+    import copy
+
+    from pyro_lvae.inference import closed_form
+    from pyro_lvae.training.steps import model_buffers
+
+    calls = []
+    real = closed_form.closed_form_particle_log_weights
+    monkeypatch.setattr(closed_form, "closed_form_particle_log_weights", lambda *a: calls.append(a) or real(*a))
+    model = _model(batch_norm=True).double()
+    guide = guide_cls(model).double()
+    pair_ref = copy.deepcopy((model, guide))
+    x = _data().double()
+    results = []
+    for (m, g), validate in (((model, guide), False), (pair_ref, True)):
+        pyro.set_rng_seed(8)
+        with pyro.validation_enabled(validate):
+            loss = importance_weighted_loss(m, g, x, mc_samples=2, iw_samples=3)
+        params = trainable_parameters(m, g)
+        results.append((loss.item(), torch.autograd.grad(loss, params), model_buffers(m, g)))
+    (loss, grads, buffers), (loss_ref, grads_ref, buffers_ref) = results
+    assert len(calls) == 1
+    assert loss == pytest.approx(loss_ref, rel=1e-12)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert sum(int(b.abs().sum() > 0) for b in grads_ref) > len(grads_ref) // 2
+    for a, b in zip(buffers, buffers_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
