@@ -96,7 +96,7 @@ def _check_sizes(name: str, sizes: tuple[int, ...]) -> None:
     if not isinstance(sizes, tuple) or len(sizes) == 0:
         raise ValueError(f"{name} must be a non-empty tuple of positive integers, got {sizes!r}.")
     for s in sizes:
-        if isinstance(s, bool) or not isinstance(s, int) or s <= 0:
+        if not is_count(s):
             raise ValueError(f"{name} must hold positive integers, got {sizes!r}; fix the entry {s!r}.")
 
 
@@ -211,7 +211,7 @@ class ModelConfig:
             raise ValueError(f"The {self.family} has a single bottom-up inference network; set guide='vae' for it.")
         for name in ("codebook_size", "code_dim"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not is_count(value):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if self.codebook_size < 2:
             raise ValueError(f"codebook_size must be at least 2, got {self.codebook_size}.")
@@ -383,11 +383,11 @@ class TrainConfig:
             "max_consecutive_skips",
         ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not is_count(value):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         for name in ("warmup_epochs", "train_subset", "test_subset", "seed", "finetune_epochs", "valid_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_count(value, least=0):
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
         if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}.")

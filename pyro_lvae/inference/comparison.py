@@ -37,6 +37,7 @@ import pyro
 import torch
 from torch import nn
 
+from ..config import is_count
 from ..data import binarize
 from ..models.protocol import HierarchicalModel
 from ..models.registration import registered_once
@@ -100,7 +101,7 @@ def fit_guide(
     """
     check_examples(data)
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not is_count(value):
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be positive, got {learning_rate!r}.")

@@ -237,7 +237,7 @@ def importance_weighted_loss(
     from .evaluation import particle_log_weights
 
     for name, value in (("mc_samples", mc_samples), ("iw_samples", iw_samples)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not is_count(value):
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if closed_form_applies(model, guide) and not is_validation_enabled():
         # The same weights on the same draws without traces; Pyro's checks live in the traced path.

@@ -30,6 +30,7 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from torch import nn
 
+from ..config import is_count
 from .protocol import HierarchicalModel, check_examples, check_input_width, check_pair, eval_mode, parameter_dtype
 from .registration import registered_once
 
@@ -192,11 +193,9 @@ def resample(
         ``return_latents``, ``(x, [z1, …, zL])`` with the same leading dimensions.
     """
     depth = model.config.depth
-    if isinstance(keep_from, bool) or not isinstance(keep_from, int) or not 1 <= keep_from <= depth:
+    if not is_count(keep_from) or keep_from > depth:
         raise ValueError(f"keep_from must be a layer in 1…{depth}, got {keep_from!r}.")
-    if num_samples is not None and (
-        isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
-    ):
+    if num_samples is not None and (not is_count(num_samples)):
         raise ValueError(f"num_samples must be a positive integer or None, got {num_samples!r}.")
     layer_temperatures(depth, temperature)  # checked before any work
     layers = encode(model, guide, x)
@@ -232,7 +231,7 @@ def interpolate(
     :param temperature: τ of the layers below z_L, one number or one per layer (z1 first).
     :returns: Means of :math:`p(x|z_1)`, shape ``(steps, input_dim)``.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+    if not is_count(steps, least=2):
         raise ValueError(f"steps must be an integer ≥ 2, got {steps!r}.")
     depth = model.config.depth
     layer_temperatures(depth, temperature)  # checked before any work

@@ -29,7 +29,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, is_count
 from .registration import registered_once
 
 
@@ -166,7 +166,7 @@ class HierarchicalModel(nn.Module):
         """
         from .hierarchy import decode_with  # it builds on this module
 
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+        if not is_count(num_samples):
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
         with eval_mode(self):
             return decode_with(self, {}, num_samples, temperature, mean)[0]

@@ -52,7 +52,7 @@ from typing import Any
 
 import tomllib
 
-from ..config import ExperimentConfig, field_types, parse_field
+from ..config import ExperimentConfig, field_types, is_count, parse_field
 from ..training.results_file import RunResults
 from ..training.resume import can_resume_as
 from ..training.run_files import CHECKPOINT_NAME, CONFIG_NAME, LOG_NAME, PREVIOUS_NAME, RESULTS_NAME
@@ -308,7 +308,7 @@ def run_sweep(
         divided by ``workers``).
     :returns: The summary rows (see :func:`aggregate`).
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers <= 0:
+    if not is_count(workers):
         raise ValueError(f"workers must be a positive integer, got {workers!r}.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..analysis.latents import kl_per_unit
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, is_count
 from ..data import Dataset
 from ..inference.evaluation import DEFAULT_MEMORY_BUDGET, evaluate
 from ..inference.objectives import ImportanceWeightedLoss
@@ -202,7 +202,7 @@ def _check_arguments(
         require_tensorboard()
     if not isinstance(config, ExperimentConfig):
         raise ValueError(f"config must be an ExperimentConfig, got {type(config).__name__}.")
-    if isinstance(final_eval_subset, bool) or not isinstance(final_eval_subset, int) or final_eval_subset < 0:
+    if not is_count(final_eval_subset, least=0):
         raise ValueError(f"final_eval_subset must be a non-negative integer (0 = all), got {final_eval_subset!r}.")
     if resume and out_dir is None:
         raise ValueError("resume needs out_dir, the run directory to continue.")
