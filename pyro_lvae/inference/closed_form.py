@@ -62,8 +62,10 @@ CPU_PAIRS_PER_SLICE = 2500
 
 
 def closed_form_applies(model: torch.nn.Module, guide: torch.nn.Module) -> bool:
-    """Whether :func:`closed_form_log_weights` covers ``model`` and ``guide``: the paper's
-    model (not a subclass) with its ladder or bottom-up guide, as built by the library.
+    """Whether the closed forms cover ``model`` and ``guide``: the paper's model (not a
+    subclass) with its ladder or bottom-up guide, as built by the library, and no forward hook
+    on either of them (the closed forms run their networks, never the two modules themselves,
+    so such a hook would not run).
 
     :param model: A generative model.
     :param guide: A guide for it.
@@ -71,8 +73,25 @@ def closed_form_applies(model: torch.nn.Module, guide: torch.nn.Module) -> bool:
     if type(model) is not GenerativeModel:
         return False
     if type(guide) is LadderGuide:
-        return guide.model is model
-    return type(guide) is BottomUpGuide
+        return guide.model is model and not _has_forward_hooks(model, guide)
+    return type(guide) is BottomUpGuide and not _has_forward_hooks(model, guide)
+
+
+def _has_forward_hooks(*modules: torch.nn.Module) -> bool:
+    # torch keeps forward hooks in private dicts, per module and process-wide (for
+    # register_module_forward_hook); there is no public way to ask whether any is set.
+    from torch.nn.modules import module as torch_module
+
+    process_wide = torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+    return bool(process_wide) or any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _register(model: GenerativeModel, guide: torch.nn.Module) -> None:
+    """Register the parameters in Pyro's param store, as the model's and guide's own calls do
+    where their ``register_params`` is on (``SVI`` finds them there)."""
+    for module in (model, guide):
+        if module.register_params:
+            module.register()
 
 
 def standard_normal(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -245,6 +264,7 @@ def closed_form_particle_log_weights(
     :param num_particles: Draws per example.
     :returns: As :func:`closed_form_log_weights`.
     """
+    _register(model, guide)
     return _log_weights(model, guide, x, num_particles, grad=True)
 
 
@@ -255,13 +275,13 @@ def _log_weights(
     if num_particles <= 0:
         raise ValueError(f"num_particles must be positive, got {num_particles}.")
     ladder = isinstance(guide, LadderGuide)
+    # What depends on x alone, once for every slice, before the first draw as in the guide.
+    given_x = guide.upward(x) if ladder else guide.heads[0](guide.mlps[0](x))
+    # All the noise, one (particles, batch, units) block per layer in the guide's sampling
+    # order: the traced path's draws, whatever the slices below.
     sizes = model.config.latent_sizes[::-1] if ladder else model.config.latent_sizes
-    # All the noise first, one (particles, batch, units) block per layer in the guide's
-    # sampling order: the traced path's draws, whatever the slices below.
     dtype = next(model.parameters()).dtype
     noise = [standard_normal((num_particles, x.shape[0], units), dtype, x.device) for units in sizes]
-    # What depends on x alone, once for every slice.
-    given_x = guide.upward(x) if ladder else guide.heads[0](guide.mlps[0](x))
     draw = _ladder if ladder else _bottom_up
     step = num_particles if grad else _slice_size(model, guide, x, num_particles)
     totals, reconstructions, layer_kls = [], [], []
@@ -309,21 +329,21 @@ def closed_form_loss(
         raise ValueError("The analytic KL is exact for the ladder guide only; use analytic_kl=False.")
     check_input_width(x, model.config.input_dim, dtype=parameter_dtype(model))
     weight = kl_mask_and_scale(beta)
-    for module in (model, guide):  # as the model's and guide's own calls do (SVI finds them there)
-        if module.register_params:
-            module.register()
+    _register(model, guide)
+    # What depends on x alone, before the first draw as in the guide (an encoder may draw too).
+    given_x = guide.upward(x) if ladder else guide.heads[0](guide.mlps[0](x))
     # The noise, one (batch, units) block per layer in the guide's sampling order.
     sizes = model.config.latent_sizes[::-1] if ladder else model.config.latent_sizes
-    dtype = parameter_dtype(model)
-    noise = [standard_normal((x.shape[0], units), dtype, x.device) for units in sizes]
-    # The draws and each layer's term, then the likelihood of x given z1.
-    with model.shared_priors():
-        if ladder:
-            term = _analytic_kl_term if analytic_kl else _monte_carlo_term
-            z1, layer_terms = _ladder(model, guide, noise, guide.upward(x), term)
-        else:
-            z1, layer_terms = _bottom_up(model, guide, noise, guide.heads[0](guide.mlps[0](x)))
-        reconstruction = _log_likelihood(model, z1, x, total=True)
+    noise = [standard_normal((x.shape[0], units), parameter_dtype(model), x.device) for units in sizes]
+    # The draws and each layer's term, then the likelihood of x given z1. The top-down priors
+    # run twice, for the guide's merge and for the model, as on the traced path, unless the
+    # caller shares them (model.shared_priors(), as the fast engine does).
+    if ladder:
+        term = _analytic_kl_term if analytic_kl else _monte_carlo_term
+        z1, layer_terms = _ladder(model, guide, noise, given_x, term)
+    else:
+        z1, layer_terms = _bottom_up(model, guide, noise, given_x)
+    reconstruction = _log_likelihood(model, z1, x, total=True)
     # β on the latent terms, masked where it is 0, as Pyro's scale_and_mask.
     kl = torch.stack(layer_terms).sum(0)
     if weight is not None:

@@ -83,70 +83,63 @@ class MeanFieldELBO(TraceMeanField_ELBO):
         return model_trace, guide_trace
 
 
-def _closed_form_covers(
-    model: Any, guide: Any, args: tuple, kwargs: dict, *, num_particles: int, analytic_kl: bool
-) -> bool:
-    """Whether :func:`~pyro_lvae.inference.closed_form.closed_form_loss` computes exactly what the
-    traced estimator would: one particle, Pyro's validation off (its checks live in the traced
-    path), no effect handler around the call (a caller's ``poutine.scale`` or ``condition``
-    acts on traced sites only; Pyro's ``am_i_wrapped`` says whether one is active), and the
-    library's model with its ladder guide (analytic KL) or either guide (Monte Carlo), called
-    as ``(x)`` or ``(x, beta)``."""
-    from .closed_form import closed_form_applies  # it imports the models, which import this package
+class ClosedFormWhereItApplies:
+    """Mixin for a Pyro ELBO class: ``differentiable_loss`` computed in closed form
+    (:func:`~pyro_lvae.inference.closed_form.closed_form_loss`) where that is exactly what the
+    traced estimator would compute, and the ELBO's own otherwise. The closed form applies with
+    one particle, Pyro's validation off (its checks live in the traced path), no effect handler
+    around the call (a caller's ``poutine.scale`` or ``condition`` acts on traced sites only;
+    Pyro's ``am_i_wrapped`` says whether one is active), and the library's model with its
+    ladder guide (analytic KL) or either guide (Monte Carlo), called as ``(x)`` or
+    ``(x, beta)`` (:func:`~pyro_lvae.inference.closed_form.closed_form_applies`).
+    """
 
-    if is_validation_enabled() or am_i_wrapped() or num_particles != 1 or kwargs or not 1 <= len(args) <= 2:
-        return False
-    return closed_form_applies(model, guide) and (guide.mean_field_compatible or not analytic_kl)
+    #: Whether the closed form takes the analytic KL per layer (the mean-field estimator).
+    analytic_kl: bool
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        """The loss to differentiate, in closed form where it applies (see the class docstring).
+
+        :param model: The model.
+        :param guide: The guide.
+        :param args: The model's and guide's arguments, ``(x)`` or ``(x, beta)``.
+        :param kwargs: Their keyword arguments (none for the closed form).
+        """
+        if not self._closed_form_covers(model, guide, args, kwargs):
+            return super().differentiable_loss(model, guide, *args, **kwargs)
+        from .closed_form import closed_form_loss  # it imports the models, which import this package
+
+        return closed_form_loss(model, guide, *args, analytic_kl=self.analytic_kl)
+
+    def _closed_form_covers(self, model: Any, guide: Any, args: tuple, kwargs: dict) -> bool:
+        from .closed_form import closed_form_applies
+
+        if is_validation_enabled() or am_i_wrapped() or self.num_particles != 1 or kwargs or not 1 <= len(args) <= 2:
+            return False
+        return closed_form_applies(model, guide) and (guide.mean_field_compatible or not self.analytic_kl)
 
 
-def _closed_form_loss(model: Any, guide: Any, args: tuple, *, analytic_kl: bool) -> torch.Tensor:
-    from .closed_form import closed_form_loss
-
-    return closed_form_loss(model, guide, *args, analytic_kl=analytic_kl)
-
-
-class ClosedFormMeanFieldELBO(MeanFieldELBO):
+class ClosedFormMeanFieldELBO(ClosedFormWhereItApplies, MeanFieldELBO):
     """:class:`MeanFieldELBO` whose ``differentiable_loss`` is computed in closed form, without
-    traces or distribution objects (:func:`~pyro_lvae.inference.closed_form.closed_form_loss`),
-    for :class:`~pyro_lvae.models.model.GenerativeModel` with its
-    :class:`~pyro_lvae.models.guides.LadderGuide`, with Pyro's validation off and one particle.
+    traces or distribution objects, for :class:`~pyro_lvae.models.model.GenerativeModel` with
+    its :class:`~pyro_lvae.models.guides.LadderGuide` (see :class:`ClosedFormWhereItApplies`).
     The value and gradients are ``TraceMeanField_ELBO``'s on the same draws
     (``tests/inference/test_closed_form.py``); the fast training engine uses it.
     Anything else goes through :class:`MeanFieldELBO`.
     """
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
-        """The loss to differentiate, in closed form where it applies (see the class docstring).
-
-        :param model: The model.
-        :param guide: The guide.
-        :param args: The model's and guide's arguments, ``(x)`` or ``(x, beta)``.
-        :param kwargs: Their keyword arguments (none for the closed form).
-        """
-        if _closed_form_covers(model, guide, args, kwargs, num_particles=self.num_particles, analytic_kl=True):
-            return _closed_form_loss(model, guide, args, analytic_kl=True)
-        return super().differentiable_loss(model, guide, *args, **kwargs)
+    analytic_kl = True
 
 
-class ClosedFormTraceELBO(Trace_ELBO):
+class ClosedFormTraceELBO(ClosedFormWhereItApplies, Trace_ELBO):
     r""":class:`~pyro.infer.Trace_ELBO` whose ``differentiable_loss`` is computed in closed form
     for :class:`~pyro_lvae.models.model.GenerativeModel` with either of its guides: the
-    single-sample Monte Carlo :math:`\log q - \log p` per layer, under the same conditions as
-    :class:`ClosedFormMeanFieldELBO`. The fast training engine uses it for the bottom-up
+    single-sample Monte Carlo :math:`\log q - \log p` per layer (see
+    :class:`ClosedFormWhereItApplies`). The fast training engine uses it for the bottom-up
     guide; anything else goes through ``Trace_ELBO``.
     """
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
-        """The loss to differentiate, in closed form where it applies (see the class docstring).
-
-        :param model: The model.
-        :param guide: The guide.
-        :param args: The model's and guide's arguments, ``(x)`` or ``(x, beta)``.
-        :param kwargs: Their keyword arguments (none for the closed form).
-        """
-        if _closed_form_covers(model, guide, args, kwargs, num_particles=self.num_particles, analytic_kl=False):
-            return _closed_form_loss(model, guide, args, analytic_kl=False)
-        return super().differentiable_loss(model, guide, *args, **kwargs)
+    analytic_kl = False
 
 
 def elbo_for(

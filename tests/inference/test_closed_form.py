@@ -3,6 +3,7 @@ traced ones on the same draws."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pyro
@@ -161,13 +162,21 @@ def _data(model, rows: int, device) -> torch.Tensor:
     return torch.bernoulli(torch.full((rows, width), 0.4, dtype=torch.float64)).to(device)
 
 
+def _maybe_shared(model, shared: bool):
+    return model.shared_priors() if shared else contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["priors-shared", "priors-twice"])
 @pytest.mark.parametrize("beta", [None, 0.0, 0.3, 1.0])
 @pytest.mark.parametrize("guide_cls, model_kw", CASES, ids=lambda c: getattr(c, "__name__", str(c)))
-def test_the_closed_form_loss_is_pyros_elbo_with_its_gradients_and_statistics(guide_cls, model_kw, beta, device):
+def test_the_closed_form_loss_is_pyros_elbo_with_its_gradients_and_statistics(
+    guide_cls, model_kw, beta, shared, device
+):
     """In training mode, as in training: the loss, every gradient, the batch-norm statistics it
     updates and the amount of noise it draws are those of Pyro's estimator for the guide
-    (``TraceMeanField_ELBO`` for the ladder guide, ``Trace_ELBO`` for the bottom-up one),
-    run with the top-down priors shared as the fast engine runs it, in float64."""
+    (``TraceMeanField_ELBO`` for the ladder guide, ``Trace_ELBO`` for the bottom-up one), in
+    float64; with the top-down priors shared, as the fast engine runs it, and without, where the
+    ladder guide and the model each run the top-down networks (their statistics move twice)."""
     model, guide = _pair(guide_cls, device, **model_kw)
     model.train(), guide.train()
     model_ref, guide_ref = copy.deepcopy((model, guide))
@@ -175,12 +184,12 @@ def test_the_closed_form_loss_is_pyros_elbo_with_its_gradients_and_statistics(gu
     b = None if beta is None else torch.tensor(beta, dtype=torch.float64, device=device)
 
     pyro.set_rng_seed(5)
-    with registered_once(model, guide):
+    with registered_once(model, guide), _maybe_shared(model, shared):
         loss = closed_form_loss(model, guide, x, b, analytic_kl=guide_cls is LadderGuide)
     after = torch.rand((), device=device).item()
     loss.backward()
     pyro.set_rng_seed(5)
-    with registered_once(model_ref, guide_ref), model_ref.shared_priors():
+    with registered_once(model_ref, guide_ref), _maybe_shared(model_ref, shared):
         ref = elbo_for(guide_ref).differentiable_loss(model_ref, guide_ref, x, b)
     after_ref = torch.rand((), device=device).item()
     ref.backward()
@@ -240,3 +249,52 @@ def test_the_closed_form_loss_registers_the_parameters_as_the_traced_calls_do(gu
     closed_form_loss(model, guide, x, analytic_kl=guide_cls is LadderGuide)
     assert len(traced) == len(trainable_parameters(model, guide))
     assert set(pyro.get_param_store().keys()) == traced
+
+
+class _NoisyEncoder(torch.nn.Module):
+    """A user's first block that draws random numbers (dropout in training mode)."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.Dropout(0.5), torch.nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.mark.parametrize("guide_cls", [LadderGuide, BottomUpGuide])
+def test_an_encoder_that_draws_runs_before_the_first_latent_draw_as_in_the_guide(guide_cls):
+    """The guide runs its first block before its first latent draw; the closed forms too, so an
+    encoder with dropout pairs the same random numbers with the same draws (training loss and
+    the differentiable particle weights of fine-tuning)."""
+    cfg = ModelConfig(input_dim=10, latent_sizes=(5, 3), hidden_sizes=(16, 8))
+    model = GenerativeModel(cfg, name="noisy").double()
+    guide = guide_cls(model, encoder=_NoisyEncoder(10, 16)).double()
+    x = _data(model, 6, "cpu")
+    b = torch.tensor(0.7, dtype=torch.float64)
+    values = []
+    for compute in (
+        lambda: closed_form_loss(model, guide, x, b, analytic_kl=guide_cls is LadderGuide),
+        lambda: elbo_for(guide).differentiable_loss(model, guide, x, b),
+        lambda: closed_form.closed_form_particle_log_weights(model, guide, x, 4)[0],
+        lambda: particle_log_weights(model, guide, x, 4).total,
+    ):
+        pyro.set_rng_seed(9)
+        with registered_once(model, guide):
+            values.append(compute().detach())
+    torch.testing.assert_close(values[0], values[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(values[2], values[3], rtol=1e-12, atol=1e-12)
+
+
+def test_a_forward_hook_on_the_model_or_guide_keeps_the_traced_path():
+    """The closed forms never call the model or the guide themselves, so a hook there would not run."""
+    model, guide = _pair(LadderGuide)
+    calls = []
+    for module in (model, guide):
+        handle = module.register_forward_hook(lambda *args: calls.append(1))
+        assert not closed_form_applies(model, guide)
+        handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda *args: None)
+    assert not closed_form_applies(model, guide)
+    handle.remove()
+    assert closed_form_applies(model, guide)

@@ -286,8 +286,8 @@ def _closed_form_spy(monkeypatch) -> list:
 @pytest.mark.parametrize("guide_cls", GUIDES.values(), ids=GUIDES.keys())
 def test_the_fast_objectives_take_the_closed_form_for_the_papers_model_only(guide_cls, monkeypatch):
     """The lean objective of each guide computes the closed form with validation off and one
-    particle, and Pyro's traced loss with validation on, several particles, extra keyword
-    arguments, another model or a wrapped guide. Either way the value is Pyro's own."""
+    particle, and Pyro's traced loss with β as a keyword, validation on, several particles,
+    another model or a wrapped guide. Either way the value is Pyro's own."""
     from pyro import poutine
 
     from pyro_lvae.inference.objectives import elbo_for
@@ -314,7 +314,19 @@ def test_the_fast_objectives_take_the_closed_form_for_the_papers_model_only(guid
 
     taken, reference = both(model, guide)
     assert len(calls) == 1 and taken == pytest.approx(reference, rel=1e-12)
+
+    def with_keyword_beta():
+        """β as a keyword argument: the model and the guide take it so; the closed form does not."""
+        losses = []
+        for lean in (True, False):
+            pyro.set_rng_seed(4)
+            with pyro.validation_enabled(False):
+                elbo = elbo_for(guide, lean=lean)
+                losses.append(elbo.differentiable_loss(model, guide, x, beta=beta).item())
+        return losses
+
     for case in (
+        with_keyword_beta,
         lambda: both(model, guide, validate=True),
         lambda: both(model, guide, num_particles=3),
         lambda: both(sub, guide_cls(sub).double()),
