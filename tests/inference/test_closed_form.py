@@ -298,3 +298,15 @@ def test_a_forward_hook_on_the_model_or_guide_keeps_the_traced_path():
     assert not closed_form_applies(model, guide)
     handle.remove()
     assert closed_form_applies(model, guide)
+
+
+@pytest.mark.parametrize("guide_cls", [LadderGuide, BottomUpGuide])
+def test_the_differentiable_particle_weights_register_the_parameters_as_the_traced_ones_do(guide_cls):
+    model, guide = _pair(guide_cls)
+    x = _data(model, 4, "cpu")
+    particle_log_weights(model, guide, x, 3)
+    traced = set(pyro.get_param_store().keys())
+    pyro.clear_param_store()
+    closed_form.closed_form_particle_log_weights(model, guide, x, 3)
+    assert len(traced) == len(trainable_parameters(model, guide))
+    assert set(pyro.get_param_store().keys()) == traced
