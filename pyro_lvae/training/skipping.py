@@ -92,14 +92,21 @@ class SkipRule:
         value = ordered[low] + (position - low) * (ordered[high] - ordered[low])
         return self.factor * value
 
-    def cause(self, *, loss_finite: bool, grad_norm: float) -> str | None:
+    def cause(self, *, loss_finite: bool, grad_norm: float | None) -> str | None:
         """Why this step is skipped (one of :data:`SKIP_CAUSES`), or ``None`` to take it.
 
         A finite norm is remembered for ``"auto"`` whether or not the step is taken.
 
-        :param loss_finite: Whether the loss is finite (on every process).
-        :param grad_norm: The global 2-norm of the gradient before clipping.
+        :param loss_finite: Whether the loss is finite (on every process); where ``grad_norm``
+            is ``None``, whether the loss and every gradient entry are.
+        :param grad_norm: The global 2-norm of the gradient before clipping, or ``None`` where
+            it was not computed, which only a rule that is not :attr:`active` accepts.
+        :raises ValueError: for ``grad_norm=None`` with an active rule.
         """
+        if grad_norm is None:
+            if self.active:
+                raise ValueError("This skip rule compares the gradient norm with a threshold; pass grad_norm.")
+            return None if loss_finite else "non_finite"
         if not loss_finite or not math.isfinite(grad_norm):
             return "non_finite"
         limit = self.last_threshold = self.current_threshold()

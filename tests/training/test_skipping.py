@@ -23,6 +23,12 @@ def test_a_fixed_threshold_skips_exactly_the_norms_above_it():
     assert rule.cause(loss_finite=False, grad_norm=1.0) == "non_finite"
     assert rule.cause(loss_finite=True, grad_norm=math.inf) == "non_finite"
     assert SkipRule(0.0).cause(loss_finite=True, grad_norm=1e30) is None  # 0 = off
+    # Without a threshold the norm need not be measured: the finiteness alone decides.
+    assert SkipRule(0.0).cause(loss_finite=True, grad_norm=None) is None
+    assert SkipRule(0.0).cause(loss_finite=False, grad_norm=None) == "non_finite"
+    for active in (SkipRule(5.0), SkipRule("auto")):
+        with pytest.raises(ValueError, match="pass grad_norm"):
+            active.cause(loss_finite=True, grad_norm=None)
 
 
 def test_auto_waits_for_history_then_uses_a_multiple_of_the_quantile():

@@ -16,6 +16,7 @@ from pyro_lvae.training.steps import (
     TrainingStep,
     clip_gradients,
     loss_and_grad_norm,
+    loss_and_gradients_finite,
     model_buffers,
     trainable_parameters,
 )
@@ -345,6 +346,39 @@ def test_the_gradient_norm_ignores_missing_gradients_and_is_zero_without_any():
     assert loss_and_grad_norm(loss, grads) == (2.5, 5.0)  # sqrt(9 + 16), the None skipped
     assert loss_and_grad_norm(loss, [None, None]) == (2.5, 0.0)
     assert math.isnan(loss_and_grad_norm(loss, [torch.tensor([float("nan")])])[1])
+
+
+def test_the_finiteness_check_finds_any_nan_or_infinity_and_leaves_the_gradients_as_they_were():
+    loss = torch.tensor(2.5)
+    grads = [torch.tensor([3.0, -0.0, 1e-45]), None, torch.tensor([[4.0]], dtype=torch.float64)]
+    kept = [g.clone() for g in grads if g is not None]
+    assert loss_and_gradients_finite(loss, grads) == (2.5, True)
+    assert all(torch.equal(a, b) for a, b in zip(kept, [g for g in grads if g is not None], strict=True))
+    assert loss_and_gradients_finite(loss, [None, None]) == (2.5, True)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        grads[2][0, 0] = bad
+        assert loss_and_gradients_finite(loss, grads) == (2.5, False)
+
+
+@pytest.mark.parametrize("engine", ["fast", "svi"])
+def test_a_non_finite_gradient_under_a_finite_loss_is_skipped_without_a_threshold(engine):
+    """The cheaper check, taken where the skip rule has no threshold, still refuses a NaN in
+    one gradient entry: the parameters and batch-norm statistics stay as they were."""
+    cfg = ModelConfig(input_dim=6, latent_sizes=(3, 2), hidden_sizes=(8, 4), batch_norm=True)
+    model = GenerativeModel(cfg)
+    guide = LadderGuide(model)
+    step = TrainingStep(model, guide, learning_rate=1e-2, engine=engine)
+    x = torch.bernoulli(torch.full((5, 6), 0.5))
+    step(x, torch.tensor(1.0))  # one real step, so that every parameter exists
+    params = [p.detach().clone() for p in trainable_parameters(model, guide)]
+    buffers = [b.clone() for b in model_buffers(model, guide)]
+    poisoned = model.decoder_head.weight
+    hook = poisoned.register_hook(lambda g: g.index_put((torch.tensor([0]), torch.tensor([0])), torch.tensor(math.nan)))
+    loss = step(x, torch.tensor(1.0))
+    hook.remove()
+    assert torch.isfinite(loss) and step.skip_cause == "non_finite" and math.isnan(step.grad_norm)
+    assert all(torch.equal(a, p) for a, p in zip(params, trainable_parameters(model, guide), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model_buffers(model, guide), strict=True))
 
 
 def test_a_clip_threshold_below_one_still_clips():
