@@ -139,7 +139,7 @@ def loss_and_gradients_finite(loss: torch.Tensor, grads: list[torch.Tensor | Non
         # torch's private check behind GradScaler (whose public API also unscales): it sets
         # `found` where an entry is NaN or infinite, and multiplies every gradient by the
         # scale, 1 here, which leaves each one exactly as it was.
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones((), device=loss.device))
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones((), device=loss.device).float())
     value, bad = torch.stack([loss.detach().float(), found]).tolist()
     return value, bad == 0
 

@@ -348,7 +348,10 @@ def test_the_gradient_norm_ignores_missing_gradients_and_is_zero_without_any():
     assert math.isnan(loss_and_grad_norm(loss, [torch.tensor([float("nan")])])[1])
 
 
-def test_the_finiteness_check_finds_any_nan_or_infinity_and_leaves_the_gradients_as_they_were():
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64])
+def test_the_finiteness_check_finds_any_nan_or_infinity_and_leaves_the_gradients_as_they_were(default_dtype):
+    """Also under a float64 default dtype (torch's check wants its scale in float32)."""
+    torch.set_default_dtype(default_dtype)
     loss = torch.tensor(2.5)
     grads = [torch.tensor([3.0, -0.0, 1e-45]), None, torch.tensor([[4.0]], dtype=torch.float64)]
     kept = [g.clone() for g in grads if g is not None]
