@@ -56,8 +56,10 @@ Both engines skip an update whose loss or gradients are not finite (a NaN in a
 batch, an overflow), and, with ``skip_threshold``, one whose gradient norm explodes
 (:class:`~pyro_lvae.training.skipping.SkipRule`): the parameters, the batch-norm
 statistics and the optimizer state are left as they were, and
-:attr:`TrainingStep.skip_cause` says why. The check reads the loss and the gradient
-norm from the device together (one host synchronization per step on a GPU).
+:attr:`TrainingStep.skip_cause` says why. Without a threshold one multi-tensor check says
+whether every gradient entry is finite (:func:`loss_and_gradients_finite`); with one, the
+gradient norm is computed. Either is read from the device with the loss (one host
+synchronization per step on a GPU).
 """
 
 from __future__ import annotations
