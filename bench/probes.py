@@ -51,7 +51,7 @@ from pyro.infer import JitTrace_ELBO, JitTraceMeanField_ELBO, Trace_ELBO, TraceM
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import _build, _median_ms  # noqa: E402
+from run import _build, _median_ms, _traced_weights  # noqa: E402
 
 from pyro_lvae import get_preset  # noqa: E402
 from pyro_lvae.inference.objectives import MeanFieldELBO, elbo_for  # noqa: E402
@@ -308,19 +308,6 @@ def _baseline_step(config, x: torch.Tensor, beta: torch.Tensor):
         opt.zero_grad(set_to_none=True)
 
     return baseline
-
-
-@contextlib.contextmanager
-def _traced_weights():
-    """Inside, the fine-tuning loss weighs its particles with Pyro's traces (the closed form off)."""
-    from pyro_lvae.inference import closed_form
-
-    original = closed_form.closed_form_applies
-    closed_form.closed_form_applies = lambda model, guide: False
-    try:
-        yield
-    finally:
-        closed_form.closed_form_applies = original
 
 
 def _finetune(config, x: torch.Tensor, rounds: int) -> None:

@@ -250,13 +250,16 @@ def _time_lk(model, guide, test: torch.Tensor, num_samples: int, device: torch.d
 
 @contextlib.contextmanager
 def _traced_weights():
-    """Evaluate on the traced path: the closed form switched off."""
-    original = evaluation.closed_form_applies
-    evaluation.closed_form_applies = lambda *args: False
+    """Weigh on Pyro's traced path: the closed form switched off, both where the evaluation
+    reads it (imported by name) and where the objectives read it (looked up at call time)."""
+    from pyro_lvae.inference import closed_form
+
+    originals = evaluation.closed_form_applies, closed_form.closed_form_applies
+    evaluation.closed_form_applies = closed_form.closed_form_applies = lambda *args: False
     try:
         yield
     finally:
-        evaluation.closed_form_applies = original
+        evaluation.closed_form_applies, closed_form.closed_form_applies = originals
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -280,8 +280,7 @@ def _log_weights(
     # All the noise, one (particles, batch, units) block per layer in the guide's sampling
     # order: the traced path's draws, whatever the slices below.
     sizes = model.config.latent_sizes[::-1] if ladder else model.config.latent_sizes
-    dtype = next(model.parameters()).dtype
-    noise = [standard_normal((num_particles, x.shape[0], units), dtype, x.device) for units in sizes]
+    noise = [standard_normal((num_particles, x.shape[0], units), parameter_dtype(model), x.device) for units in sizes]
     draw = _ladder if ladder else _bottom_up
     step = num_particles if grad else _slice_size(model, guide, x, num_particles)
     totals, reconstructions, layer_kls = [], [], []

@@ -268,18 +268,18 @@ def test_elbo_for_refuses_a_lean_flag_that_is_not_a_bool():
         elbo_for(LadderGuide(_model()), lean="yes")
 
 
-def _closed_form_spy(monkeypatch) -> list:
-    """Record the calls of the closed-form loss (the objectives import it at call time)."""
+def _closed_form_spy(monkeypatch, name: str = "closed_form_loss") -> list:
+    """Record the calls of the closed-form function ``name`` (the objectives import it at call time)."""
     from pyro_lvae.inference import closed_form
 
     calls: list = []
-    real = closed_form.closed_form_loss
+    real = getattr(closed_form, name)
 
     def spy(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(closed_form, "closed_form_loss", spy)
+    monkeypatch.setattr(closed_form, name, spy)
     return calls
 
 
@@ -384,12 +384,9 @@ def test_the_iwae_loss_in_closed_form_is_the_traced_one_with_its_gradients(guide
     batch-norm statistics equal the traced path's on the same draws, in float64."""
     import copy
 
-    from pyro_lvae.inference import closed_form
     from pyro_lvae.training.steps import model_buffers
 
-    calls = []
-    real = closed_form.closed_form_particle_log_weights
-    monkeypatch.setattr(closed_form, "closed_form_particle_log_weights", lambda *a: calls.append(a) or real(*a))
+    calls = _closed_form_spy(monkeypatch, "closed_form_particle_log_weights")
     model = _model(batch_norm=True).double()
     guide = guide_cls(model).double()
     pair_ref = copy.deepcopy((model, guide))
