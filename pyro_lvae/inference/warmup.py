@@ -67,12 +67,17 @@ def kl_mask_and_scale(beta: float | torch.Tensor | None) -> tuple[torch.Tensor, 
         raise ValueError(f"beta must be a scalar, got shape {tuple(beta.shape)}.")
     if not beta.is_floating_point():
         beta = beta.to(torch.get_default_dtype())
-    # A CUDA graph capture cannot read a device tensor on the host: there β is not checked
-    # (the CUDA-graph engine's replays take it as given; training's schedule keeps it in [0, 1]).
-    capturing = beta.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing and not torch.jit.is_tracing() and not bool(beta >= 0):
+    if _sign_readable(beta) and not bool(beta >= 0):
         raise ValueError(f"beta must be a non-negative number, got {beta.item()!r}.")
     return beta > 0, beta.clamp(min=torch.finfo(beta.dtype).tiny)
+
+
+def _sign_readable(beta: torch.Tensor) -> bool:
+    """Whether β's value may be read on the host: not under ``torch.jit`` tracing, nor while
+    a CUDA graph is being recorded on β's device, which forbids host reads (the CUDA-graph
+    engine's replays take β as given; training's schedule keeps it in [0, 1])."""
+    recording = beta.is_cuda and torch.cuda.is_current_stream_capturing()
+    return not recording and not torch.jit.is_tracing()
 
 
 @contextlib.contextmanager

@@ -19,7 +19,8 @@ then (:func:`host_reads_deferred`).
 
 It takes the same updates as :class:`~pyro_lvae.training.steps.FastStep` on the same
 random draws (``tests/training/test_cuda_graph.py`` seeds both and compares the
-parameters), with these differences in how, not what:
+parameters; the recorded body, :func:`update_on_device`, is also checked on the CPU for
+equality and for host reads), with these differences in how, not what:
 
 * Adam is built with ``capturable=True`` and its learning rate as a device tensor, so that
   :meth:`~GraphStep.set_learning_rate` reaches the recorded kernels;
@@ -207,31 +208,11 @@ class GraphStep(FastStep):
     def _capture(self, x: torch.Tensor) -> _Graph:
         """Record one whole update for minibatches of ``x``'s shape."""
         static_x = x.detach().clone()
-        params = self._params()
-        groups = _state_groups(params, self.optimizer, model_buffers(self.model, self.guide))
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         capture = torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream)
         with _garbage_collection_paused(), capture, host_reads_deferred():
-            # Snapshot the state a skipped update must leave as it was.
-            with torch.no_grad():
-                saved = [torch.cat([t.reshape(-1) for t in group]) for group in groups]
-            # Forward and backward.
-            loss = self.loss(static_x, self._beta)
-            loss.backward()
-            # Decide on the device: finite loss and norm, and the norm within the threshold.
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).to(loss.dtype)
-            ok = torch.isfinite(loss) & torch.isfinite(norm) & (norm.double() <= self._threshold)
-            # Clip and update, then put the snapshot back where the update is skipped.
-            clip_gradients(params, **self.clip)
-            self.optimizer.step()
-            with torch.no_grad():
-                for group, old in zip(groups, saved):
-                    kept = torch.where(ok, torch.cat([t.reshape(-1) for t in group]), old)
-                    pieces = kept.split([t.numel() for t in group])
-                    # torch's private multi-tensor copy: one launch for the group, not one per tensor.
-                    torch._foreach_copy_(group, [k.view_as(t) for k, t in zip(pieces, group)])
-            readout = torch.stack([loss.detach(), norm])
+            readout = update_on_device(self, static_x, self._beta, threshold=self._threshold)
         return _Graph(graph, static_x, readout)
 
     def _storage_fingerprint(self) -> tuple[int, ...]:
@@ -292,6 +273,48 @@ def _device_learning_rate(learning_rate: float | torch.Tensor, device: torch.dev
     """The learning rate as a float32 tensor on ``device``: CUDA's fused Adam reads a tensor
     rate as float32, whatever the parameters' dtype."""
     return torch.tensor(float(learning_rate), device=device, dtype=torch.float32)
+
+
+def update_on_device(step: FastStep, x: torch.Tensor, beta: torch.Tensor, *, threshold: torch.Tensor) -> torch.Tensor:
+    """One whole update of ``step`` that reads no value on the host: the body that
+    :class:`GraphStep` records (see the module docstring for the data flow).
+
+    The update is kept where the loss and the gradient norm are finite and the norm is at most
+    ``threshold``; elsewhere the parameters, Adam's state and the batch-norm statistics are
+    written back as they were. Nothing here is specific to CUDA, so that the tests run this
+    body on the CPU (``tests/training/test_cuda_graph.py``): there it must equal the fast
+    step's eager update, and make no host read (which a capture forbids).
+
+    :param step: A fast step whose Adam is ``capturable`` and already has its state (one
+        eager step has run), with no gradients left from an earlier step.
+    :param x: The minibatch, shape ``(batch, input_dim)``.
+    :param beta: The warm-up weight, a 0-dim tensor on ``x``'s device; read only inside the
+        objective.
+    :param threshold: The skip rule's gradient-norm threshold, a 0-dim float64 tensor
+        (``inf`` for none).
+    :returns: ``(loss, gradient norm)``, stacked, as computed before the decision.
+    """
+    params = [p for group in step.optimizer.param_groups for p in group["params"]]
+    groups = _state_groups(params, step.optimizer, model_buffers(step.model, step.guide))
+    # Snapshot the state a skipped update must leave as it was.
+    with torch.no_grad():
+        saved = [torch.cat([t.reshape(-1) for t in group]) for group in groups]
+    # Forward and backward.
+    loss = step.loss(x, beta)
+    loss.backward()
+    # Decide on the device: finite loss and norm, and the norm within the threshold.
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).to(loss.dtype)
+    ok = torch.isfinite(loss) & torch.isfinite(norm) & (norm.double() <= threshold)
+    # Clip and update, then put the snapshot back where the update is skipped.
+    clip_gradients(params, **step.clip)
+    step.optimizer.step()
+    with torch.no_grad():
+        for group, old in zip(groups, saved):
+            kept = torch.where(ok, torch.cat([t.reshape(-1) for t in group]), old)
+            pieces = kept.split([t.numel() for t in group])
+            # torch's private multi-tensor copy: one launch for the group, not one per tensor.
+            torch._foreach_copy_(group, [k.view_as(t) for k, t in zip(pieces, group)])
+    return torch.stack([loss.detach(), norm])
 
 
 def _state_groups(

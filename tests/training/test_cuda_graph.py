@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 
 import pyro
 import pyro.infer.trace_elbo
@@ -11,28 +12,31 @@ import pyro.infer.trace_mean_field_elbo
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig
 from pyro_lvae.config import ExperimentConfig, TrainConfig
+from pyro_lvae.inference import warmup
+from pyro_lvae.inference.closed_form import closed_form_applies
 from pyro_lvae.models.families import make_guide, make_model
 from pyro_lvae.training import train
-from pyro_lvae.training.cuda_graph import GraphStep, host_reads_deferred
+from pyro_lvae.training.cuda_graph import GraphStep, host_reads_deferred, update_on_device
 from pyro_lvae.training.distributed import DistributedContext
 from pyro_lvae.training.skipping import SkipRule
-from pyro_lvae.training.steps import TrainingStep, model_buffers, trainable_parameters
+from pyro_lvae.training.steps import FastStep, TrainingStep, model_buffers, trainable_parameters
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 GUIDES = [LadderGuide, BottomUpGuide]
 CFG = ModelConfig(input_dim=12, latent_sizes=(5, 4, 3), hidden_sizes=(16, 12, 8), batch_norm=True)
 
 
-def _pair(guide_cls, dtype=torch.float64):
-    """Two identical (model, guide) pairs on the GPU."""
-    model = GenerativeModel(CFG, name="a").to("cuda", dtype)
-    guide = guide_cls(model).to("cuda", dtype)
+def _pair(guide_cls, dtype=torch.float64, device="cuda"):
+    """Two identical (model, guide) pairs, on the GPU unless said otherwise."""
+    model = GenerativeModel(CFG, name="a").to(device, dtype)
+    guide = guide_cls(model).to(device, dtype)
     model_b = copy.deepcopy(model)
     model_b.name = "b"
-    guide_b = guide_cls(model_b).to("cuda", dtype)
+    guide_b = guide_cls(model_b).to(device, dtype)
     guide_b.load_state_dict(guide.state_dict())
     return (model, guide), (model_b, guide_b)
 
@@ -49,9 +53,9 @@ def _assert_same_state(a: GraphStep, b: GraphStep) -> None:
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
 
 
-def _batch(seed: int, dtype=torch.float64) -> torch.Tensor:
+def _batch(seed: int, dtype=torch.float64, device="cuda") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.bernoulli(torch.full((9, 12), 0.4, dtype=dtype), generator=g).cuda()
+    return torch.bernoulli(torch.full((9, 12), 0.4, dtype=dtype), generator=g).to(device)
 
 
 def _state(step: TrainingStep) -> list[torch.Tensor]:
@@ -320,3 +324,105 @@ def test_the_storage_fingerprint_changes_with_new_storage_only():
     assert step._storage_fingerprint() == before
     model.double()
     assert step._storage_fingerprint() != before
+
+
+# The recorded body on the CPU. update_on_device is what a capture records; it names nothing
+# specific to CUDA, so its logic runs here with the graph engine's own Adam: it must take the
+# fast step's update, skip as the fast step does, and read no value on the host (a capture
+# forbids that, and fails on the GPU only when it happens).
+
+
+class _CapturableFastStep(FastStep):
+    """The fast step with the graph engine's Adam (fused, capturable, a tensor learning rate),
+    which runs on the CPU too."""
+
+    _adam = GraphStep._adam
+
+
+class _HostReads(TorchDispatchMode):
+    """Records each operation that reads a tensor's value on the host: ``item``, ``float``
+    and ``bool`` of a tensor (``_local_scalar_dense``) and the data-dependent shapes."""
+
+    READS = (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero, torch.ops.aten.masked_select)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.READS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _cpu_pair(guide_cls, **options):
+    """A graph engine's step on the CPU (float64), after one eager update so that Adam's state
+    exists, and the plain fast step on an identical copy of the same model."""
+    (model, guide), (model_f, guide_f) = _pair(guide_cls, device="cpu")
+    # The graph engine's Adam reads its learning rate as a float32 tensor: both take that value.
+    learning_rate = float(torch.tensor(1e-2, dtype=torch.float32))
+    recorded = _CapturableFastStep(model, guide, learning_rate=learning_rate, **options)
+    fast = TrainingStep(model_f, guide_f, learning_rate=learning_rate, engine="fast", **options)
+    for step in (recorded, fast):
+        pyro.set_rng_seed(0)
+        step(_batch(0, device="cpu"), torch.tensor(0.5, dtype=torch.float64))
+    recorded.optimizer.zero_grad(set_to_none=True)
+    return recorded, fast
+
+
+def _recorded_update(step, x, beta, threshold=math.inf) -> tuple[float, float]:
+    loss, norm = update_on_device(step, x, beta, threshold=torch.tensor(threshold, dtype=torch.float64)).tolist()
+    step.optimizer.zero_grad(set_to_none=True)  # a capture starts with no gradients, as the next call must
+    return loss, norm
+
+
+@pytest.mark.parametrize("guide_cls", GUIDES)
+@pytest.mark.parametrize("objective", ["closed form", "traced"])
+def test_the_recorded_update_reads_no_value_on_the_host(guide_cls, objective, monkeypatch):
+    recorded, _ = _cpu_pair(guide_cls, grad_clip=1.0, grad_clip_value=0.1)  # the clips record too
+    if objective == "traced":  # a forward hook keeps Pyro's traced ELBO (see closed_form_applies)
+        recorded.guide.register_forward_hook(lambda module, args, out: None)
+    assert closed_form_applies(recorded.model, recorded.guide) == (objective == "closed form")
+    x, beta = _batch(1, device="cpu"), torch.tensor(0.5, dtype=torch.float64)
+    with _HostReads() as reads, host_reads_deferred():
+        recorded.loss(x, beta)
+    # β's sign, checked as on an eager step: once by the closed form, or by the model and the guide.
+    assert reads.seen == ["aten._local_scalar_dense.default"] * (1 if objective == "closed form" else 2)
+    # While recording on β's device the check is left out, and then nothing reads the host.
+    monkeypatch.setattr(warmup, "_sign_readable", lambda beta: False)
+    with _HostReads() as reads, host_reads_deferred():
+        update_on_device(recorded, x, beta, threshold=torch.tensor(math.inf, dtype=torch.float64))
+    assert reads.seen == []
+
+
+@pytest.mark.parametrize("guide_cls", GUIDES)
+@pytest.mark.parametrize("clip", [{}, {"grad_clip": 1.0, "grad_clip_value": 0.1}])
+def test_the_recorded_update_takes_the_fast_steps_update(guide_cls, clip):
+    recorded, fast = _cpu_pair(guide_cls, skip_threshold=1e6, **clip)  # a threshold: the fast step's norm
+    for seed, beta in [(1, 0.5), (2, 0.75), (3, 0.0), (4, 1.0)]:
+        x, beta = _batch(seed, device="cpu"), torch.tensor(beta, dtype=torch.float64)
+        pyro.set_rng_seed(seed)
+        loss, norm = _recorded_update(recorded, x, beta, threshold=1e6)
+        pyro.set_rng_seed(seed)
+        assert loss == pytest.approx(fast(x, beta).item(), rel=1e-12)
+        # The fast step reads its norm back as a float32 number.
+        assert norm == pytest.approx(fast.grad_norm, rel=1e-7) and not fast.skipped
+    # Capturable Adam forms its bias correction as a tensor, the fused one as a number.
+    for a, b in zip(_state(recorded), _state(fast), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("guide_cls", GUIDES)
+@pytest.mark.parametrize("cause", ["non_finite", "threshold"])
+def test_a_skipped_recorded_update_leaves_everything_as_it_was(guide_cls, cause):
+    recorded, _ = _cpu_pair(guide_cls)
+    x = _batch(1, device="cpu")
+    if cause == "non_finite":
+        x[0, 0] = math.nan  # NaN through the batch-norm statistics, the loss and every gradient
+    before = _state(recorded)
+    loss, norm = _recorded_update(recorded, x, torch.tensor(1.0, dtype=torch.float64), threshold=1e-9)
+    assert math.isnan(loss) if cause == "non_finite" else 1e-9 < norm < math.inf
+    for a, b in zip(before, _state(recorded), strict=True):
+        assert torch.equal(a, b)
+    _recorded_update(recorded, _batch(2, device="cpu"), torch.tensor(1.0, dtype=torch.float64))
+    assert not any(torch.equal(a, b) for a, b in zip(before, _state(recorded)) if a.is_floating_point())
