@@ -5,10 +5,12 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pyro_lvae.analysis.plots import DPI
 from pyro_lvae.cli import main
+from pyro_lvae.inference.comparison import khat_threshold
 
 # figsize of each figure, in inches (see pyro_lvae.analysis.plots)
 EXPECTED = {
@@ -89,10 +91,14 @@ def test_report_writes_every_figure(two_runs, shared_data_root, capsys):
         cells = [
             c.strip() for c in next(line for line in report.splitlines() if line.startswith(f"| {run} |")).split("|")
         ]
-        elbo, lk, share, share_inf = (float(c) for c in cells[4:8])
-        stored = az.from_netcdf(str(out / f"{run}_importance.nc")).observed_data["log_likelihood"].values.mean()
-        assert elbo <= lk and lk == pytest.approx(stored, abs=0.006)
-        assert 0 <= share_inf <= share <= 1
+        elbo, lk, share, share_inf, median = (float(c) for c in cells[4:9])
+        observed = az.from_netcdf(str(out / f"{run}_importance.nc")).observed_data
+        assert elbo <= lk and lk == pytest.approx(observed["log_likelihood"].values.mean(), abs=0.006)
+        # The k̂ columns are the stored k̂'s shares above the K-dependent threshold and above 1.
+        khat = observed["khat"].values
+        assert share == pytest.approx((khat > khat_threshold(30)).mean(), abs=5e-4)
+        assert share_inf == pytest.approx((khat > 1).mean(), abs=5e-4)
+        assert median == pytest.approx(np.median(khat), abs=5e-3)
         for counts in (cells[9], cells[10]):
             pairs = [tuple(int(n) for n in c.split("/")) for c in counts.split(" / ")]
             assert [total for _, total in pairs] == [8, 4] and all(0 <= k <= total for k, total in pairs)

@@ -31,8 +31,10 @@ def test_the_committed_results_page_regenerates_identically(tmp_path, monkeypatc
     assert sweeps, "experiments/ holds the runs behind docs/results.md"
     page = write_results_page(sweeps, tmp_path / "results.md")
     assert page.read_text() == (REPO / "docs" / "results.md").read_text()
-    for figure in (tmp_path / "results_figures").iterdir():
-        assert (REPO / "docs" / "results_figures" / figure.name).exists()
+    # The same figures (their content is checked on runs of known numbers below: the bytes of
+    # a PNG depend on matplotlib's version).
+    generated = {figure.name for figure in (tmp_path / "results_figures").iterdir()}
+    assert generated and generated == {figure.name for figure in (REPO / "docs" / "results_figures").iterdir()}
 
 
 def _fake_run(sweep: Path, preset: str, l_k: float, *, active=None, epochs=5, seed=0) -> Path:
@@ -66,10 +68,27 @@ def _fake_run(sweep: Path, preset: str, l_k: float, *, active=None, epochs=5, se
     return run
 
 
+def _figures_drawn(monkeypatch) -> dict[str, object]:
+    """Every figure the results page saves from now on, by file name."""
+    from pyro_lvae.repro import results_page
+
+    drawn: dict[str, object] = {}
+    save = results_page._save
+
+    def spy(fig, path):
+        drawn[Path(path).name] = fig
+        save(fig, path)
+
+    monkeypatch.setattr(results_page, "_save", spy)
+    return drawn
+
+
 def test_page_content_claims_and_determinism(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    drawn = _figures_drawn(monkeypatch)
     sweep = Path("fig3")
     values = {"vae": -100.0, "vae-bn": -98.0, "vae-bn-wu": -97.0, "lvae-bn-wu": -96.0}
+    l_k: dict[str, list[float]] = {}
     for variant, base in values.items():
         for depth in range(1, 6):
             # The LVAE wins at depths 3 and 4 but not at 5; BN helps everywhere. At depth 1 the
@@ -78,6 +97,7 @@ def test_page_content_claims_and_determinism(tmp_path, monkeypatch):
             value = -97.1 if (variant, depth) == ("lvae-bn-wu", 1) else value
             active = [10, 8, 5, 2, 1] if variant == "lvae-bn-wu" else [10, 6, 2, 0, 0]
             _fake_run(sweep, f"{variant}-{depth}", value, active=active[:depth])
+            l_k.setdefault(variant, []).append(value)
     omni = Path("table2-omniglot")
     _fake_run(omni, "omniglot-vae-bn-wu-2", -110.0)
     _fake_run(omni, "omniglot-lvae-bn-wu-2", -108.0)
@@ -102,6 +122,18 @@ def test_page_content_claims_and_determinism(tmp_path, monkeypatch):
     assert "Hardware: cpu (test, 1 threads)." in text
     figures = sorted(p.name for p in Path("page/results_figures").iterdir())
     assert figures == ["mnist_layers.png", "mnist_units.png", "omniglot_layers.png"]
+    # What the figures plot: Fig. 3's L1 and L_K per depth (the fake runs' ELBO is L_K − 5),
+    # and the 5-layer runs' KL and active units per layer.
+    elbo_axes, lk_axes = drawn["mnist_layers.png"].axes
+    assert len(lk_axes.get_lines()) == len(values)
+    for elbo_line, lk_line, variant in zip(elbo_axes.get_lines(), lk_axes.get_lines(), values, strict=True):
+        assert list(lk_line.get_xdata()) == [1, 2, 3, 4, 5]
+        assert list(lk_line.get_ydata()) == pytest.approx(l_k[variant])
+        assert list(elbo_line.get_ydata()) == pytest.approx([v - 5.0 for v in l_k[variant]])
+    kl_axes, units_axes, _ = drawn["mnist_units.png"].axes
+    heights = [[bar.get_height() for bar in bars] for bars in units_axes.containers]
+    assert heights == [[10, 6, 2, 0, 0], [10, 8, 5, 2, 1]]
+    assert [[bar.get_height() for bar in bars] for bars in kl_axes.containers] == [[1.0] * 5] * 2
     first = {name: Path("page/results_figures", name).read_bytes() for name in figures}
     assert main(["results-page", "fig3", "table2-omniglot", "--out", "page/results.md"]) == 0
     assert Path("page/results.md").read_text() == text

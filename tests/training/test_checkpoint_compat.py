@@ -44,7 +44,16 @@ def test_an_old_checkpoint_reproduces_its_own_results(old_run, shared_data_root)
     assert results["test_kl_per_layer"] == pytest.approx(written["test_kl_per_layer"], abs=1e-5)
 
 
+def _adam_steps(checkpoint: dict) -> set[float]:
+    return {float(state["step"]) for state in checkpoint["optimizer"]["optimizer"]["state"].values()}
+
+
 def test_an_old_checkpoint_resumes(old_run, shared_data_root):
+    """Its weights, statistics and Adam's state are where training goes on from: one more
+    epoch (4 steps of 32 of the 128 examples) moves no weight by more than Adam's largest step
+    per update, lr (1 − β1) / √(1 − β2) = 3.2 lr, and Adam's count goes on from 8."""
+    old = load_checkpoint(old_run)
+    assert _adam_steps(old) == {8.0}
     _, _, config, _ = load_run(old_run)
     old_lines = (old_run / "metrics.jsonl").read_text().splitlines()
     result = train(
@@ -60,3 +69,9 @@ def test_an_old_checkpoint_resumes(old_run, shared_data_root):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
     assert [json.loads(line) for line in lines[:2]] == [json.loads(line) for line in old_lines]  # kept as written
     assert result.metrics[-1]["skipped_steps"] == 0
+    new = load_checkpoint(old_run)
+    assert _adam_steps(new) == {12.0}
+    for owner in ("model", "guide"):
+        for name, value in new[owner].items():
+            if value.is_floating_point() and "running" not in name:
+                assert (value - old[owner][name]).abs().max() <= 4 * 3.2 * config.train.learning_rate, name

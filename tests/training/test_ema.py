@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from pyro_lvae import ExperimentConfig, GenerativeModel, LadderGuide, ModelConfig, TrainConfig
+from pyro_lvae.inference.evaluation import evaluate
 from pyro_lvae.training import train
+from pyro_lvae.training.batches import epoch_seed
 from pyro_lvae.training.ema import ExponentialMovingAverage, ema_decay_at
 from pyro_lvae.training.run_dir import load_run
 
@@ -94,6 +96,14 @@ def test_every_evaluation_uses_the_average_and_says_so(tmp_path, make_synthetic)
     for key, value in result.model.state_dict().items():
         assert torch.equal(value, ckpt["ema"]["model"][key]), key
     assert any(not torch.equal(ckpt["model"][k], ckpt["ema"]["model"][k]) for k in ckpt["model"])
+    # The last periodic evaluation is the average's own number, on the same draws; the raw
+    # weights give another.
+    tc = _config(ema=0.9).train
+    options = {"num_samples": tc.eval_particles, "seed": epoch_seed(tc.seed, tc.epochs - 1)}
+    averaged = evaluate(result.model, result.guide, result.data.test, **options)["elbo"]
+    assert result.metrics[-1]["test_elbo"] == pytest.approx(averaged, rel=1e-6)
+    raw_model, raw_guide, _, _ = load_run(run, weights="raw")
+    assert evaluate(raw_model, raw_guide, result.data.test, **options)["elbo"] != pytest.approx(averaged, rel=1e-4)
     # evaluate / report / export load the average by default, the raw weights on request.
     model, _, _, loaded = load_run(run)
     assert loaded["weights"] == "ema"

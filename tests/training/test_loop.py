@@ -11,6 +11,7 @@ from pyro_lvae import ExperimentConfig, ModelConfig, TrainConfig
 from pyro_lvae.inference.evaluation import evaluate
 from pyro_lvae.training import load_run, train
 from pyro_lvae.training.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, load_checkpoint
+from pyro_lvae.training.steps import FastStep
 
 
 def _tiny(guide: str, **train_kw) -> ExperimentConfig:
@@ -111,11 +112,26 @@ def test_batch_size_larger_than_data(make_synthetic):
         train(config, dataset=make_synthetic(), progress=False)
 
 
-def test_finetuning_phase_schedule_and_resume(tmp_path, make_synthetic):
+def _updates_seen(monkeypatch) -> list[tuple[str, float]]:
+    """For every update the fast step takes from now on: its objective's class and Adam's
+    learning rate, as the update reads them."""
+    seen: list[tuple[str, float]] = []
+    update = FastStep._update
+
+    def spy(self, x, beta):
+        seen.append((type(self.elbo).__name__, float(self.optimizer.param_groups[0]["lr"])))
+        return update(self, x, beta)
+
+    monkeypatch.setattr(FastStep, "_update", spy)
+    return seen
+
+
+def test_finetuning_phase_schedule_and_resume(tmp_path, make_synthetic, monkeypatch):
     """Training epochs, then fine-tuning on the IWAE bound with β = 1 and the learning
     rate × decay every ``finetune_decay_every`` epochs; resuming in the middle of
     fine-tuning gives the uninterrupted run's parameters."""
     data = make_synthetic()
+    updates = _updates_seen(monkeypatch)
     config = ExperimentConfig(
         model=ModelConfig(input_dim=12, latent_sizes=(3, 2), hidden_sizes=(16, 8), batch_norm=True),
         train=TrainConfig(
@@ -138,10 +154,18 @@ def test_finetuning_phase_schedule_and_resume(tmp_path, make_synthetic):
     assert [line.get("phase") for line in lines] == [None, None, "finetune", "finetune", "finetune"]
     assert [line.get("learning_rate") for line in lines[2:]] == [1e-3, 1e-3, 5e-4]
     assert straight.results["epochs"] == 5 and "test_elbo" in lines[-1]
+    # What the optimizer did, not only what the metric lines say: two epochs on the ELBO at
+    # the base rate, then the importance-weighted loss, its rate halved for the fifth epoch.
+    per_epoch = len(updates) // 5
+    assert len(updates) == 5 * per_epoch > 0
+    elbo, iwae = "ClosedFormMeanFieldELBO", "ImportanceWeightedLoss"  # the fast engine's, ladder guide
+    assert updates == [(elbo, 1e-3)] * 2 * per_epoch + [(iwae, 1e-3)] * 2 * per_epoch + [(iwae, 5e-4)] * per_epoch
 
-    # Stop after the first fine-tuning epoch, then resume.
+    # Stop after the first fine-tuning epoch, then resume: the objective and rate come back too.
     train(config.replace(finetune_epochs=1), out_dir=tmp_path / "b", dataset=data, progress=False)
+    updates.clear()
     resumed = train(config, out_dir=tmp_path / "b", dataset=data, progress=False, resume=True)
+    assert updates == [(iwae, 1e-3)] * per_epoch + [(iwae, 5e-4)] * per_epoch
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
     # A trained run may be fine-tuned with any settings; a fine-tuning run keeps its own.

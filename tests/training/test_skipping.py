@@ -33,12 +33,15 @@ def test_a_fixed_threshold_skips_exactly_the_norms_above_it():
 
 def test_auto_waits_for_history_then_uses_a_multiple_of_the_quantile():
     rule = SkipRule("auto", window=100, quantile=0.9, factor=2.0, min_history=20)
-    for i in range(19):
-        assert rule.cause(loss_finite=True, grad_norm=1e6 if i == 5 else 1.0) is None  # no history yet
+    # Distinct norms, so that the quantile falls between two different order statistics.
+    norms = [1e6 if i == 5 else float(i + 1) for i in range(19)] + [20.0]
+    for norm in norms[:19]:
+        assert rule.cause(loss_finite=True, grad_norm=norm) is None  # no history yet, even for 1e6
     assert rule.current_threshold() == math.inf
-    rule.cause(loss_finite=True, grad_norm=1.0)
-    norms = [1e6 if i == 5 else 1.0 for i in range(19)] + [1.0]
+    rule.cause(loss_finite=True, grad_norm=norms[19])
     expected = 2.0 * float(torch.quantile(torch.tensor(norms, dtype=torch.float64), 0.9))
+    # Sorted, the norms are 1…5, 7…20, 1e6: position 0.9 × 19 = 17.1 lies between 19 and 20.
+    assert expected == pytest.approx(2.0 * 19.1)
     assert rule.current_threshold() == pytest.approx(expected, rel=1e-12)
 
 
