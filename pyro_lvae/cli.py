@@ -118,6 +118,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("configuration overrides (default: the preset's value, or the run's on --resume)")
     docs = param_docs(ModelConfig) | param_docs(TrainConfig)
     for f in _config_fields():
+        # A switch alone means true (--compile), as well as --compile true / false.
+        switch = {"nargs": "?", "const": True} if field_type(f.name) is bool else {}
         group.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
@@ -125,6 +127,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             default=None,
             metavar=_metavar(f),
             help=docs.get(f.name, "").replace("%", "%%"),
+            **switch,
         )
 
 

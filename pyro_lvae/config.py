@@ -326,6 +326,11 @@ class TrainConfig:
         fast engine runs the networks under bfloat16 autocast, while the log-densities, the KL, the
         merge and the loss stay in fp32 (the Gaussian heads and the likelihood return fp32). The
         evaluations always run in fp32.
+    :param compile: Compile the fast engine's closed-form loss with ``torch.compile``
+        (:mod:`pyro_lvae.inference.compiled`): the same loss on the same draws, to rounding, with
+        the elementwise work fused. The first step compiles (about a minute on two CPU cores,
+        docs/performance.md); the fast engine only, fp32, one process, no free bits, the LVAE
+        family. Fine-tuning's loss is not compiled.
     :param valid_size: Hold out this many training images (chosen with a fixed seed, the same for every
         run on the same training set, taken after ``train_subset``) for the periodic evaluation, which
         is then labelled ``valid``; the test set is used once, at the end. 0 (the paper's protocol):
@@ -361,6 +366,7 @@ class TrainConfig:
     ema: float = 0.0
     valid_size: int = 0
     precision: str = "fp32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("dataset", self.dataset, DATASETS)
@@ -407,6 +413,7 @@ class TrainConfig:
                 "or dequantize=False for binary data."
             )
         check_free_bits(self.free_bits, self.free_bits_mode)
+        check_compile(self.compile, engine=self.engine, precision=self.precision, free_bits=self.free_bits)
         if self.engine == "cuda-graph" and self.free_bits > 0:
             raise ValueError("engine 'cuda-graph' does not support free bits; set engine='fast' or free_bits=0.")
         if self.engine == "cuda-graph" and self.finetune_epochs > 0:
@@ -420,6 +427,33 @@ class TrainConfig:
             )
         if self.dataset == "binarized_mnist" and self.binarization != "static":
             raise ValueError("binarized_mnist is already binary; set binarization='static' for it.")
+
+
+def check_compile(compile: Any, *, engine: str, precision: str, free_bits: float, data_parallel: bool = False) -> None:
+    """Refuse a ``compile`` (:mod:`pyro_lvae.inference.compiled`) that training could not honour,
+    in one sentence naming the clash; the training step also checks the model and the guide.
+
+    :param compile: The option, ``True`` or ``False``.
+    :param engine: The training engine.
+    :param precision: ``"fp32"`` or ``"bf16"``.
+    :param free_bits: λ of free bits (0 = off).
+    :param data_parallel: Whether training runs in several processes.
+    :raises ValueError: if ``compile`` is not a bool, or is ``True`` with another engine than
+        ``"fast"``, bf16, free bits or several processes.
+    """
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False, got {compile!r}.")
+    if not compile:
+        return
+    if engine != "fast":
+        raise ValueError(f"compile runs on the fast engine, not {engine!r}; set engine='fast' or compile=False.")
+    for clash, what in (
+        (precision != "fp32", "in fp32 (bf16 has not been checked compiled)"),
+        (free_bits > 0, "without free bits (their loss goes through Pyro's traces)"),
+        (data_parallel, "in one process (not data-parallel)"),
+    ):
+        if clash:
+            raise ValueError(f"compile runs {what}; set compile=False.")
 
 
 @dataclass(frozen=True)
@@ -449,6 +483,11 @@ class ExperimentConfig:
             raise ValueError(
                 "engine 'cuda-graph' has run recorded for the LVAE family with MLP networks only; "
                 "set engine='fast' for this model."
+            )
+        if self.train.compile and self.model.family != "lvae":
+            raise ValueError(
+                f"compile applies to the closed-form loss of the LVAE family, not {self.model.family!r}; "
+                "set compile=False."
             )
         if self.train.finetune_epochs and self.model.family == "vqvae":
             raise ValueError(

@@ -103,6 +103,30 @@ def test_bad_cli_input(args, match, capsys, tmp_path):
     assert match in capsys.readouterr().err
 
 
+def test_compile_from_the_cli_reaches_the_training_step(tmp_path, shared_data_root, monkeypatch):
+    """``--compile`` alone switches it on, and the step then runs the compiled loss (torch.compile
+    is replaced by a recorder here: tests/inference/test_compiled.py compiles for real)."""
+    from pyro_lvae.inference import compiled
+
+    calls = []
+
+    def recorder(fn, **options):
+        def run(*args, **kwargs):
+            calls.append(fn.__name__)
+            return fn(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(compiled.torch, "compile", recorder)
+    run = tmp_path / "run"
+    args = ["train", "--preset", "lvae-bn-wu-2", "--epochs", "1", "--train-subset", "300", "--test-subset", "50"]
+    args += ["--num-importance-samples", "2", "--latent-sizes", "4,2", "--hidden-sizes", "16,8", "--compile"]
+    args += ["--data-root", str(shared_data_root), "--no-download", "--no-progress", "--out", str(run)]
+    assert main(args) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["compile"] is True
+    assert calls == ["negative_elbo"] * 2  # 300 examples: two minibatches of 256 and 44
+
+
 def test_console_script_entry_point():
     from importlib.metadata import entry_points
 

@@ -41,6 +41,13 @@ def test_invalid_model_config(kwargs, match):
         (dict(finetune_iw_samples=0), "finetune_iw_samples"),
         (dict(finetune_lr_decay=1.5), "finetune_lr_decay"),
         (dict(finetune_decay_every=0), "finetune_decay_every"),
+        (dict(compile="yes"), r"^compile must be True or False, got 'yes'\.$"),
+        (
+            dict(compile=True, engine="cuda-graph"),
+            r"^compile runs on the fast engine, not 'cuda-graph'; set engine='fast' or compile",
+        ),
+        (dict(compile=True, precision="bf16"), r"^compile runs in fp32"),
+        (dict(compile=True, free_bits=1.0), r"^compile runs without free bits"),
     ],
 )
 def test_invalid_train_config(kwargs, match):
@@ -53,6 +60,12 @@ def test_likelihood_and_binarization_must_agree():
         ExperimentConfig(model=ModelConfig(likelihood="bernoulli"), train=TrainConfig(binarization="none"))
     with pytest.raises(ValueError, match="Gaussian likelihood"):
         ExperimentConfig(model=ModelConfig(likelihood="gaussian"), train=TrainConfig(binarization="dynamic"))
+
+
+def test_compile_is_refused_for_a_family_without_the_closed_form():
+    with pytest.raises(ValueError, match=r"^compile applies to the closed-form loss of the LVAE family, not 'vlae'"):
+        ExperimentConfig(model=ModelConfig(family="vlae", guide="vae"), train=TrainConfig(compile=True))
+    assert ExperimentConfig(train=TrainConfig(compile=True)).train.compile
 
 
 def test_presets():

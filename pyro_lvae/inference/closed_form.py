@@ -35,7 +35,9 @@ analytic KL per layer (as :class:`~pyro.infer.TraceMeanField_ELBO`) or the Monte
 
 It draws its noise in the traced path's order and shapes too, so on the same seed its
 value and gradients are those of Pyro's estimator (``tests/inference/test_closed_form.py``);
-:mod:`pyro_lvae.inference.objectives` hands training to it where it applies.
+:mod:`pyro_lvae.inference.objectives` hands training to it where it applies. Its deterministic
+part given the noise, :func:`negative_elbo`, is what ``compile=True`` compiles
+(:mod:`pyro_lvae.inference.compiled`).
 """
 
 from __future__ import annotations
@@ -276,11 +278,10 @@ def _log_weights(
         raise ValueError(f"num_particles must be positive, got {num_particles}.")
     ladder = isinstance(guide, LadderGuide)
     # What depends on x alone, once for every slice, before the first draw as in the guide.
-    given_x = guide.upward(x) if ladder else guide.heads[0](guide.mlps[0](x))
+    given_x = upward_pass(guide, x)
     # All the noise, one (particles, batch, units) block per layer in the guide's sampling
     # order: the traced path's draws, whatever the slices below.
-    sizes = model.config.latent_sizes[::-1] if ladder else model.config.latent_sizes
-    noise = [standard_normal((num_particles, x.shape[0], units), parameter_dtype(model), x.device) for units in sizes]
+    noise = latent_noise(model, guide, x, num_particles)
     draw = _ladder if ladder else _bottom_up
     step = num_particles if grad else _slice_size(model, guide, x, num_particles)
     totals, reconstructions, layer_kls = [], [], []
@@ -302,6 +303,7 @@ def closed_form_loss(
     beta: float | torch.Tensor | None = None,
     *,
     analytic_kl: bool,
+    compiled: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     r"""The negative β-weighted ELBO of one draw per example, summed over the batch, in
     closed form (see the module docstring):
@@ -320,6 +322,9 @@ def closed_form_loss(
     :param x: A minibatch, shape ``(batch, input_dim)``.
     :param beta: The warm-up weight, or ``None`` for the plain ELBO.
     :param analytic_kl: The mean-field estimator's analytic KL rather than the Monte Carlo term.
+    :param compiled: :func:`negative_elbo` compiled by ``torch.compile``
+        (:class:`~pyro_lvae.inference.compiled.CompiledLoss`), to run instead of the eager one; the
+        noise is then drawn before the networks run, the same draws where they draw nothing.
     :raises ValueError: for ``analytic_kl`` with a guide that is not the ladder guide, or bad
         β or data.
     """
@@ -327,17 +332,71 @@ def closed_form_loss(
     if analytic_kl and not ladder:
         raise ValueError("The analytic KL is exact for the ladder guide only; use analytic_kl=False.")
     check_input_width(x, model.config.input_dim, dtype=parameter_dtype(model))
-    weight = kl_mask_and_scale(beta)
+    mask, scale = kl_mask_and_scale(beta) or (None, None)
     _register(model, guide)
+    if compiled is not None:
+        return compiled(model, guide, x, latent_noise(model, guide, x), mask, scale, analytic_kl=analytic_kl)
     # What depends on x alone, before the first draw as in the guide (an encoder may draw too).
-    given_x = guide.upward(x) if ladder else guide.heads[0](guide.mlps[0](x))
-    # The noise, one (batch, units) block per layer in the guide's sampling order.
-    sizes = model.config.latent_sizes[::-1] if ladder else model.config.latent_sizes
-    noise = [standard_normal((x.shape[0], units), parameter_dtype(model), x.device) for units in sizes]
+    given_x = upward_pass(guide, x)
+    noise = latent_noise(model, guide, x)
+    return negative_elbo(model, guide, x, noise, mask, scale, analytic_kl=analytic_kl, given_x=given_x)
+
+
+def upward_pass(guide: torch.nn.Module, x: torch.Tensor) -> list | tuple:
+    """What the guide computes from ``x`` alone: the ladder guide's deterministic upward pass
+    (one ``(loc, variance)`` estimate per layer), or the bottom-up guide's q(z1|x).
+
+    :param guide: The ladder or bottom-up guide.
+    :param x: A minibatch, shape ``(batch, input_dim)``.
+    """
+    return guide.upward(x) if isinstance(guide, LadderGuide) else guide.heads[0](guide.mlps[0](x))
+
+
+def latent_noise(
+    model: GenerativeModel, guide: torch.nn.Module, x: torch.Tensor, *particles: int
+) -> list[torch.Tensor]:
+    """The standard normal noise of the draws: one ``(*particles, batch, units)`` block per layer,
+    in the guide's sampling order (top first for the ladder guide, z1 first for the bottom-up one).
+
+    :param model: The paper's model.
+    :param guide: Its ladder or bottom-up guide.
+    :param x: A minibatch, shape ``(batch, input_dim)``.
+    :param particles: The particle shape, e.g. ``num_particles``; none for one draw per example.
+    """
+    sizes = model.config.latent_sizes[::-1] if isinstance(guide, LadderGuide) else model.config.latent_sizes
+    return [standard_normal((*particles, x.shape[0], units), parameter_dtype(model), x.device) for units in sizes]
+
+
+def negative_elbo(
+    model: GenerativeModel,
+    guide: torch.nn.Module,
+    x: torch.Tensor,
+    noise: list[torch.Tensor],
+    mask: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    *,
+    analytic_kl: bool,
+    given_x: list | tuple | None = None,
+) -> torch.Tensor:
+    """:func:`closed_form_loss` given its noise: a deterministic function of the parameters, ``x``
+    and ``noise`` (the part that ``torch.compile`` may compile), without checks.
+
+    :param model: The paper's model.
+    :param guide: Its ladder or bottom-up guide.
+    :param x: A minibatch, shape ``(batch, input_dim)``.
+    :param noise: :func:`latent_noise`'s blocks.
+    :param mask: Where β > 0 (:func:`~pyro_lvae.inference.warmup.kl_mask_and_scale`), or ``None``
+        for no warm-up weight.
+    :param scale: β, clamped above 0, or ``None``.
+    :param analytic_kl: The analytic KL per layer rather than the Monte Carlo term (ladder guide).
+    :param given_x: :func:`upward_pass` of ``x``, if already computed.
+    """
+    if given_x is None:
+        given_x = upward_pass(guide, x)
     # The draws and each layer's term, then the likelihood of x given z1. The top-down priors
     # run twice, for the guide's merge and for the model, as on the traced path, unless the
     # caller shares them (model.shared_priors(), as the fast engine does).
-    if ladder:
+    if isinstance(guide, LadderGuide):
         term = _analytic_kl_term if analytic_kl else _monte_carlo_term
         z1, layer_terms = _ladder(model, guide, noise, given_x, term)
     else:
@@ -345,7 +404,6 @@ def closed_form_loss(
     reconstruction = _log_likelihood(model, z1, x, total=True)
     # β on the latent terms, masked where it is 0, as Pyro's scale_and_mask.
     kl = torch.stack(layer_terms).sum(0)
-    if weight is not None:
-        mask, scale = weight
+    if mask is not None:
         kl = torch.where(mask, kl * scale, kl.new_zeros(()))
     return kl.sum() - reconstruction

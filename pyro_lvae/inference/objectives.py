@@ -96,6 +96,9 @@ class ClosedFormWhereItApplies:
 
     #: Whether the closed form takes the analytic KL per layer (the mean-field estimator).
     analytic_kl: bool
+    #: The closed form compiled by ``torch.compile``
+    #: (:class:`~pyro_lvae.inference.compiled.CompiledLoss`), or ``None``: eager.
+    compiled: Any = None
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         """The loss to differentiate, in closed form where it applies (see the class docstring).
@@ -109,7 +112,7 @@ class ClosedFormWhereItApplies:
             return super().differentiable_loss(model, guide, *args, **kwargs)
         from .closed_form import closed_form_loss  # it imports the models, which import this package
 
-        return closed_form_loss(model, guide, *args, analytic_kl=self.analytic_kl)
+        return closed_form_loss(model, guide, *args, analytic_kl=self.analytic_kl, compiled=self.compiled)
 
     def _closed_form_covers(self, model: Any, guide: Any, args: tuple, kwargs: dict) -> bool:
         from .closed_form import closed_form_applies
@@ -148,6 +151,7 @@ def elbo_for(
     free_bits: float = 0.0,
     free_bits_mode: str = "layer",
     lean: bool = False,
+    compile: bool = False,
     **kwargs: Any,
 ) -> ELBO:
     """The ELBO estimator to train ``guide`` with.
@@ -162,6 +166,8 @@ def elbo_for(
         applies (:class:`ClosedFormMeanFieldELBO`, :class:`ClosedFormTraceELBO`), and
         otherwise without the log-densities it does not read (:class:`MeanFieldELBO`) or as
         ``Trace_ELBO``. The free-bits estimators are built on Pyro's classes either way.
+    :param compile: With ``lean``: the closed form compiled by ``torch.compile``
+        (:mod:`pyro_lvae.inference.compiled`), the same loss on the same draws.
     :param kwargs: Passed to the ELBO (e.g. ``num_particles``, ``vectorize_particles``).
 
     >>> from pyro_lvae import GenerativeModel, LadderGuide, BottomUpGuide, ModelConfig
@@ -175,6 +181,7 @@ def elbo_for(
     check_free_bits(free_bits, free_bits_mode)
     if not isinstance(lean, bool):
         raise ValueError(f"lean must be True or False, got {lean!r}.")
+    _check_compile(compile, lean=lean, free_bits=free_bits)
     particles = kwargs.get("num_particles", 1)
     if not is_count(particles):
         raise ValueError(f"num_particles must be a positive integer, got {particles!r} (0 would give a zero loss).")
@@ -182,9 +189,25 @@ def elbo_for(
     if free_bits > 0:
         estimator = FreeBitsMeanFieldELBO if mean_field else FreeBitsTraceELBO
         return estimator(free_bits=free_bits, mode=free_bits_mode, **kwargs)
-    if mean_field:
-        return ClosedFormMeanFieldELBO(**kwargs) if lean else TraceMeanField_ELBO(**kwargs)
-    return ClosedFormTraceELBO(**kwargs) if lean else Trace_ELBO(**kwargs)
+    if not lean:
+        return TraceMeanField_ELBO(**kwargs) if mean_field else Trace_ELBO(**kwargs)
+    estimator = ClosedFormMeanFieldELBO(**kwargs) if mean_field else ClosedFormTraceELBO(**kwargs)
+    if compile:
+        from .compiled import CompiledLoss  # it imports the models, which import this package
+
+        estimator.compiled = CompiledLoss()
+    return estimator
+
+
+def _check_compile(compile: Any, *, lean: bool, free_bits: float) -> None:
+    """Refuse a ``compile`` of :func:`elbo_for` that has nothing to compile."""
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False, got {compile!r}.")
+    if compile and (not lean or free_bits > 0):
+        raise ValueError(
+            "compile applies to the lean closed-form ELBO without free bits; pass lean=True and free_bits=0, "
+            "or compile=False."
+        )
 
 
 def importance_weighted_loss(

@@ -38,9 +38,9 @@ equality and for host reads), with these differences in how, not what:
   in [0, 1]).
 
 Not supported (a ``ValueError`` says so when the step is built): a model not on a CUDA
-device, data-parallel runs, free bits (their floor reads a mask on the host), bf16, the
-VLAE and VQ-VAE families and the convolutional networks (not yet run recorded; the VQ-VAE's
-codebook update reads the host).
+device, data-parallel runs, free bits (their floor reads a mask on the host), bf16,
+``compile``, the VLAE and VQ-VAE families and the convolutional networks (none has run
+recorded; the VQ-VAE's codebook update reads the host).
 A restored optimizer state discards the recorded graphs, which are recaptured after new
 warm-up calls; a new objective (:meth:`~GraphStep.use_objective`, fine-tuning's) makes every
 later step eager.

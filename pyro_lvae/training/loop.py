@@ -276,7 +276,10 @@ class _Trainer:
             free_bits_mode=tc.free_bits_mode,
             skip_threshold=tc.skip_threshold,
             precision=tc.precision,
+            compile=tc.compile,
         )
+        if tc.compile:
+            logger.info("compile: the first step compiles the loss with torch.compile (about a minute on a CPU).")
         #: The moving average of the weights (``ema`` > 0), what every evaluation uses.
         self.ema = ExponentialMovingAverage(self.model, self.guide, decay=tc.ema) if tc.ema else None
         if ctx.rank > 0:

@@ -77,7 +77,8 @@ from pyro.infer.util import zero_grads
 from pyro.optim import Adam as PyroAdam
 from torch import nn
 
-from ..config import ENGINES, PRECISIONS
+from ..config import ENGINES, PRECISIONS, check_compile
+from ..inference.compiled import check_compilable
 from ..inference.objectives import elbo_for
 from ..models.registration import registered_once
 from .distributed import SINGLE_PROCESS, DistributedContext, all_true, max_over_processes
@@ -193,6 +194,9 @@ class TrainingStep:
     :param precision: ``"fp32"`` or ``"bf16"`` (fast engine only): the networks run under
         bfloat16 autocast; the Gaussian heads and the likelihood return the parameters'
         precision, so that the log-densities, the KL, the merge and the loss stay in fp32.
+    :param compile: Fast engine only, fp32, one process, no free bits: the closed-form loss
+        compiled by ``torch.compile`` (:mod:`pyro_lvae.inference.compiled`; the first step
+        compiles, about a minute on a CPU). The same loss on the same draws, to rounding.
 
     Call it as ``step(x, beta)``; it returns the minibatch loss (the negative
     β-weighted ELBO summed over the batch) as a 0-dim tensor on the
@@ -238,19 +242,27 @@ class TrainingStep:
         free_bits_mode: str = "layer",
         skip_threshold: float | str = 0.0,
         precision: str = "fp32",
+        compile: bool = False,
     ) -> None:
         if engine is not None and engine != self.engine:
             raise ValueError(f"{type(self).__name__} is the {self.engine!r} engine, not {engine!r}; use make_step.")
         _check_options(learning_rate, adam_eps, grad_clip, grad_clip_value)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+        check_compile(
+            compile, engine=self.engine, precision=precision, free_bits=free_bits, data_parallel=distributed.enabled
+        )
+        if compile:
+            check_compilable(model, guide)
         self.precision = precision
         self.model = model
         self.guide = guide
         self.distributed = distributed
         self.clip = {"max_norm": float(grad_clip), "max_value": float(grad_clip_value)}
         #: The objective minimized (:func:`~pyro_lvae.inference.objectives.elbo_for` of the guide).
-        self.elbo = elbo_for(guide, free_bits=free_bits, free_bits_mode=free_bits_mode, lean=self.lean_objective)
+        self.elbo = elbo_for(
+            guide, free_bits=free_bits, free_bits_mode=free_bits_mode, lean=self.lean_objective, compile=compile
+        )
         #: Decides which updates are skipped, and why.
         self.skip_rule = SkipRule(skip_threshold)
         #: Why the last call skipped its update (``"non_finite"`` or ``"threshold"``), or ``None``.

@@ -39,11 +39,12 @@ def _pair(guide_cls, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("guide_cls", [LadderGuide, BottomUpGuide])
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
-def test_fast_loss_and_gradients_equal_reference_elbo(guide_cls, beta, device):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_fast_loss_and_gradients_equal_reference_elbo(guide_cls, beta, device, compile):
     (model, guide), (model_ref, guide_ref) = _pair(guide_cls, device)
     x = torch.bernoulli(torch.full((9, 12), 0.4, dtype=torch.float64)).to(device)
     b = torch.tensor(beta, dtype=torch.float64, device=device)
-    step = TrainingStep(model, guide, learning_rate=1e-3)
+    step = TrainingStep(model, guide, learning_rate=1e-3, compile=compile)
 
     pyro.set_rng_seed(3)
     loss = step.loss(x, b)
