@@ -9,6 +9,7 @@
     python bench/probes.py lean-mc --guide vae  # a Monte Carlo ELBO without Trace_ELBO's per-site .item()
     python bench/probes.py float-beta --guide vae  # β as a Python float in the handlers (0 < β ≤ 1 only)
     python bench/probes.py op-count --guide vae # ATen operations dispatched by one fast-engine step
+    python bench/probes.py kernel-count --guide vae # operations a CUDA graph would replay: engine against baseline
     python bench/probes.py combined --guide vae  # every small change at once, beside the baseline
     python bench/probes.py closed-form --guide vae  # the closed-form objective, beside the baseline
     python bench/probes.py finetune --guide vae  # a fine-tuning step (10 × 1 IW samples): traced against closed form
@@ -20,7 +21,10 @@ both (or the error that stopped the variant). ``trace-mean-field``, ``stacked-he
 engine step with all the small changes together (heads built stacked, β as a float, a merge in
 fewer operations, the lean Monte Carlo ELBO for the bottom-up guide), timed beside the fast
 engine and ``bench/baseline.py``'s step; ``op-count``
-counts operations and times nothing; the others time loss, backward and update without the
+counts operations and times nothing; ``kernel-count`` counts, on the CPU, the operations that
+are not views (each launches a kernel on a GPU) in the body that the ``cuda-graph`` engine
+records (:func:`~pyro_lvae.training.cuda_graph.update_on_device`) and in the baseline's step
+with capturable Adam, which ``bench/run.py`` records on a GPU; the others time loss, backward and update without the
 engine's finiteness check. docs/performance.md reports them.
 
 Since 2026-11-25 the fast engine computes its objective in closed form for the paper's model
@@ -207,11 +211,81 @@ def count_operations(fn) -> int:
     return Count.calls
 
 
+#: ATen operations that only make views or read metadata: no kernel on a GPU.
+VIEW_OPERATIONS = frozenset(
+    "aten." + name
+    for name in (
+        "view _unsafe_view t transpose expand split split_with_sizes unsqueeze squeeze detach slice select "
+        "alias as_strided permute reshape _reshape_alias unbind chunk lift_fresh"
+    ).split()
+)
+
+
+def kernel_count(fn) -> int:
+    """How many ATen operations other than views ``fn()`` dispatches, backward and optimizer included."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += str(func.overloadpacket) not in VIEW_OPERATIONS
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.calls
+
+
+def _recorded_bodies(config, x: torch.Tensor, beta: torch.Tensor) -> dict[str, int]:
+    """Kernels of the update the cuda-graph engine records, and of the baseline's step as
+    ``bench/run.py`` records it, both with capturable fused Adam, on the CPU."""
+    import math
+
+    from baseline import CompactLVAE, compact_loss
+
+    from pyro_lvae.inference import warmup
+    from pyro_lvae.training.cuda_graph import GraphStep, update_on_device
+    from pyro_lvae.training.steps import FastStep
+
+    class Capturable(FastStep):  # the graph engine's Adam, on the CPU
+        _adam = GraphStep._adam
+
+    step = Capturable(*_build(config, x.device, "recorded"), learning_rate=1e-3)
+    step(x, beta)  # Adam's state first, as the engine's eager warm-up calls make it
+    step.optimizer.zero_grad(set_to_none=True)
+    threshold = torch.tensor(math.inf, dtype=torch.float64)
+    sign_readable, warmup._sign_readable = warmup._sign_readable, lambda beta: False  # as while recording
+    try:
+        engine = kernel_count(lambda: update_on_device(step, x, beta, threshold=threshold))
+    finally:
+        warmup._sign_readable = sign_readable
+    compact = CompactLVAE(*_build(config, x.device, "baseline"))
+    opt = torch.optim.Adam(list(compact.parameters()), lr=torch.tensor(1e-3), fused=True, capturable=True)
+
+    def baseline():
+        compact_loss(compact, x, beta).backward()
+        opt.step()
+
+    baseline()
+    opt.zero_grad(set_to_none=True)
+    return {"cuda-graph engine's recorded update": engine, "baseline's recorded step": kernel_count(baseline)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "probe",
-        choices=("jit", "jit-fixed", "compile", "compile-networks", "op-count", "finetune", *ENGINE_VARIANTS),
+        choices=(
+            "jit",
+            "jit-fixed",
+            "compile",
+            "compile-networks",
+            "op-count",
+            "kernel-count",
+            "finetune",
+            *ENGINE_VARIANTS,
+        ),
     )
     parser.add_argument("--guide", choices=("ladder", "vae"), default="ladder")
     parser.add_argument("--rounds", type=int, default=5)
@@ -225,6 +299,10 @@ def main() -> None:
     fns = {"fast engine, traced": lambda: fast(x, beta)}
     if args.probe == "finetune":
         _finetune(config, x, args.rounds)
+        return
+    if args.probe == "kernel-count":
+        for label, count in _recorded_bodies(config, x, beta).items():
+            print(f"kernel-count ({args.guide}): {count} operations other than views in the {label}")
         return
     if args.probe == "op-count":
         closed = TrainingStep(*_build(config, x.device, "closed"), learning_rate=1e-3)

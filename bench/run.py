@@ -92,7 +92,9 @@ def _build(config, device: torch.device, name: str):
     return model, guide
 
 
-def step_functions(config, x: torch.Tensor, beta: torch.Tensor) -> dict[str, Callable[[], Any]]:
+def step_functions(
+    config, x: torch.Tensor, beta: torch.Tensor, *, compiled: bool = False
+) -> dict[str, Callable[[], Any]]:
     """The step variants to time, each on its own copy of the networks.
 
     From the textbook loop to the library's fast engine, one change at a time:
@@ -102,7 +104,9 @@ def step_functions(config, x: torch.Tensor, beta: torch.Tensor) -> dict[str, Cal
     per-call ``pyro.module``); ``fast engine`` (the library's engine, which also
     shares the top-down priors between the ladder guide and the model);
     ``plain, library modules`` (the loss in plain PyTorch on the library's modules) and
-    ``baseline`` (the compact plain-PyTorch step of ``bench/baseline.py``).
+    ``baseline`` (the compact plain-PyTorch step of ``bench/baseline.py``); with ``compiled``
+    also ``fast engine, compiled`` (``compile=True``: the closed form compiled by
+    ``torch.compile``, compiled already by :func:`compile_seconds` in the same process).
     """
     device, lr = x.device, config.train.learning_rate
     fns: dict[str, Callable[[], Any]] = {}
@@ -131,6 +135,9 @@ def step_functions(config, x: torch.Tensor, beta: torch.Tensor) -> dict[str, Cal
     model, guide = _build(config, device, "fast")
     fast = TrainingStep(model, guide, learning_rate=lr, engine="fast")
     fns["fast engine"] = lambda: fast(x, beta)
+    if compiled:
+        compiled_step = TrainingStep(*_build(config, device, "compiled"), learning_rate=lr, compile=True)
+        fns["fast engine, compiled"] = lambda: compiled_step(x, beta)
 
     model, guide = _build(config, device, "plain")
     opt = _fused_adam(trainable_parameters(model, guide), lr)
@@ -192,11 +199,25 @@ def _graphed_baseline(compact, x: torch.Tensor, beta: torch.Tensor, lr: float) -
     return replay
 
 
-def head_to_head(config, x: torch.Tensor, beta: torch.Tensor, *, rounds: int, per_round: int) -> dict[str, float]:
-    """The fast engine and the baseline alone, interleaved: the ratio of the goal, without the
-    other five variants' networks and optimizer states competing for the cache between rounds."""
-    fns = {k: v for k, v in step_functions(config, x, beta).items() if k in ("fast engine", "baseline")}
+def head_to_head(
+    config, x: torch.Tensor, beta: torch.Tensor, *, rounds: int, per_round: int, compiled: bool = False
+) -> dict[str, float]:
+    """The fast engine and the baseline alone (and the compiled fast engine, with ``compiled``),
+    interleaved: the ratio of the goal, without the other variants' networks and optimizer
+    states competing for the cache between rounds."""
+    alone = ("fast engine", "baseline", "fast engine, compiled")
+    fns = {k: v for k, v in step_functions(config, x, beta, compiled=compiled).items() if k in alone}
     return _median_ms(fns, device=x.device, rounds=rounds, per_round=per_round, warmup=3)
+
+
+def compile_seconds(config, x: torch.Tensor, beta: torch.Tensor) -> float:
+    """Seconds of the first step with ``compile=True`` (torch.compile of the closed form), which
+    compiles; TorchInductor's on-disk cache of an earlier process shortens it."""
+    step = TrainingStep(*_build(config, x.device, "compiling"), learning_rate=config.train.learning_rate, compile=True)
+    start = time.perf_counter()
+    step(x, beta)
+    _sync(x.device)
+    return time.perf_counter() - start
 
 
 def check_baseline(config, x: torch.Tensor, beta: torch.Tensor) -> float:
@@ -320,14 +341,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pyro.clear_param_store()
         rel = check_baseline(config, x, beta)
         flops = step_flops(config, x, beta)
-        ms = _median_ms(step_functions(config, x, beta), device=device, rounds=rounds, per_round=per_round, warmup=3)
+        # The compiled variant is left out of the quick mode: it compiles for about a minute.
+        compiled = not quick
+        compiling = compile_seconds(config, x, beta) if compiled else None
+        fns = step_functions(config, x, beta, compiled=compiled)
+        ms = _median_ms(fns, device=device, rounds=rounds, per_round=per_round, warmup=3)
         results["guides"][guide_name] = {
             "step_ms": ms,
             "ratio_to_baseline": {k: v / ms["baseline"] for k, v in ms.items()},
             "baseline_loss_rel_diff": rel,
             "step_flops": flops,
             "achieved_flops": {k: flops / (v / 1e3) for k, v in ms.items() if k in ("fast engine", "baseline")},
-            "head_to_head_ms": head_to_head(config, x, beta, rounds=2 * rounds, per_round=per_round),
+            "head_to_head_ms": head_to_head(config, x, beta, rounds=2 * rounds, per_round=per_round, compiled=compiled),
+            "compile_seconds": compiling,
         }
         if device.type == "cuda":
             graphs = graph_step_functions(config, x, beta)
@@ -342,6 +368,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         svi_epoch = train(
             epoch_cfg.replace(engine="svi"), dataset=mnist, device=device, progress=False, final_evaluation=False
         )
+        if compiled:  # compiled already, for this batch and any other size (the last minibatch)
+            compiled_epoch = train(
+                epoch_cfg.replace(compile=True), dataset=mnist, device=device, progress=False, final_evaluation=False
+            )
+            results["guides"][guide_name]["epoch_seconds_compiled"] = compiled_epoch.metrics[0]["seconds"]
         if device.type == "cuda":
             # Two epochs: the first records the graphs after its warm-up steps.
             graph_epochs = train(
@@ -403,10 +434,12 @@ def format_table(results: dict[str, Any]) -> str:
             )
     for guide, r in results["guides"].items():
         pair = r["head_to_head_ms"]
-        lines.append(
-            f"| {guide} | fast engine, timed alone with the baseline ({pair['baseline']:.2f} ms) "
-            f"| {pair['fast engine']:.2f} | {pair['fast engine'] / pair['baseline']:.2f} |"
-        )
+        for variant in ("fast engine", "fast engine, compiled"):
+            if variant in pair:
+                lines.append(
+                    f"| {guide} | {variant}, timed alone with the baseline ({pair['baseline']:.2f} ms) "
+                    f"| {pair[variant]:.2f} | {pair[variant] / pair['baseline']:.2f} |"
+                )
     lines += [
         "",
         "| guide | s/epoch fast (svi engine) (steps) | L_K: K, examples, s (traced path), pairs/s | peak memory "
@@ -426,6 +459,12 @@ def format_table(results: dict[str, Any]) -> str:
             f"| {fast / results['matmul_roofline_flops']:.0%} |"
         )
     for guide, r in results["guides"].items():
+        if r.get("compile_seconds") is not None:
+            epoch = r.get("epoch_seconds_compiled")
+            lines.append(
+                f"\n{guide}: compile=True: the first step compiles in {r['compile_seconds']:.1f} s"
+                + (f"; s/epoch compiled {epoch:.2f}" if epoch is not None else "")
+            )
         if "epoch_seconds_cuda_graph" in r:
             epochs = ", ".join(f"{s:.2f}" for s in r["epoch_seconds_cuda_graph"])
             lines.append(f"\n{guide}: s/epoch, cuda-graph engine (first epoch records the graphs): {epochs}")

@@ -161,6 +161,19 @@ def test_count_operations_counts_what_a_step_dispatches():
     assert 0 < counts[0] < counts[1]  # a second layer dispatches more
 
 
+def test_the_kernel_count_leaves_out_views_and_counts_both_recorded_bodies():
+    from probes import _recorded_bodies, kernel_count
+
+    from pyro_lvae import ExperimentConfig
+
+    x = torch.ones(3)
+    assert kernel_count(lambda: (x + 1).view(3, 1).t() * 2) == 2
+    config = ExperimentConfig(model=ModelConfig(input_dim=4, latent_sizes=(3, 2), hidden_sizes=(8, 8), batch_norm=True))
+    counts = _recorded_bodies(config, torch.bernoulli(torch.full((6, 4), 0.5)), torch.tensor(0.3))
+    # The engine's update adds the snapshot, the skip decision and the write-back to a step.
+    assert counts["cuda-graph engine's recorded update"] > counts["baseline's recorded step"] > 50
+
+
 def test_the_float_beta_probe_takes_the_same_step_as_the_engine():
     from probes import engine_variant
 
