@@ -19,7 +19,9 @@ OUT=${OUT:?set OUT to a folder for the logs}
 STAGES=${STAGES:-tests epochs lk bench suite}
 export PYRO_LVAE_DATA=$PWD/.devdata MPLBACKEND=Agg PYTHONUNBUFFERED=1
 start=$(date +%s)
-left() { echo $(( ${BUDGET:-540} - ($(date +%s) - start) )); }
+left() { echo $(( ${BUDGET:-530} - ($(date +%s) - start) )); }
+# A stage's limit: at most N seconds and what is left (never 0, which would mean no limit to timeout).
+lim() { local l; l=$(left); [ "$l" -lt "$1" ] && echo $(( l > 5 ? l : 5 )) || echo "$1"; }
 stage() { echo "== $1 ($(date +%T), $(left) s left)"; }
 
 if [ "${REHEARSAL:-0}" = 1 ]; then
@@ -39,32 +41,32 @@ for s in $STAGES; do
   case $s in
   tests)
     stage tests
-    timeout $(( $(left) < 240 ? $(left) : 240 )) python3 -m pytest "${pytest_opts[@]}" \
+    timeout $(lim 180) python3 -m pytest "${pytest_opts[@]}" \
       tests/training/test_cuda_graph.py tests/training/test_steps.py tests/training/test_batches.py \
       tests/training/test_run_dir.py tests/inference/test_closed_form.py tests/inference/test_compiled.py \
       > "$OUT/tests.log" 2>&1
     echo "tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -20 ;;
   epochs)
     stage epochs
-    timeout $(( $(left) < 90 ? $(left) : 90 )) python3 -m pyro_lvae train --preset lvae-bn-wu-5 \
-      --engine $graph_engine --epochs 4 --warmup-epochs 2 --device $device $epochs_subset --out /tmp/ep-graph \
+    timeout $(lim 90) python3 -m pyro_lvae train --preset lvae-bn-wu-5 \
+      --engine $graph_engine --epochs 4 --warmup-epochs 2 --device $device $epochs_subset --out /tmp/ep-graph --overwrite \
       --data-root "$PYRO_LVAE_DATA" --no-download --no-progress --final-eval-subset 1000 \
       --num-importance-samples 100 > "$OUT/epochs-graph.log" 2>&1
     echo "graph epochs rc=$?"; cp /tmp/ep-graph/metrics.jsonl "$OUT/epochs-graph-metrics.jsonl" 2>/dev/null
     grep -v Warning "$OUT/epochs-graph.log" | tail -8
-    timeout $(( $(left) < 120 ? $(left) : 120 )) python3 -m pyro_lvae train --preset lvae-bn-wu-5 --compile \
-      --epochs 3 --warmup-epochs 2 --device $device $epochs_subset --out /tmp/ep-compiled \
+    timeout $(lim 120) python3 -m pyro_lvae train --preset lvae-bn-wu-5 --compile \
+      --epochs 3 --warmup-epochs 2 --device $device $epochs_subset --out /tmp/ep-compiled --overwrite \
       --data-root "$PYRO_LVAE_DATA" --no-download --no-progress --no-final-eval > "$OUT/epochs-compiled.log" 2>&1
     echo "compiled epochs rc=$?"; cp /tmp/ep-compiled/metrics.jsonl "$OUT/epochs-compiled-metrics.jsonl" 2>/dev/null
     grep -v Warning "$OUT/epochs-compiled.log" | tail -5 ;;
   bench)
     stage bench
-    timeout $(( $(left) < 180 ? $(left) : 180 )) python3 bench/run.py --device $device --steps-only $bench_size \
+    timeout $(lim 180) python3 bench/run.py --device $device --steps-only $bench_size \
       --data-root "$PYRO_LVAE_DATA" --json "$OUT/bench-steps.json" > "$OUT/bench.log" 2>&1
     echo "bench rc=$?"; grep -v Warning "$OUT/bench.log" | tail -30 ;;
   lk)
     stage lk
-    timeout $(( $(left) < 60 ? $(left) : 60 )) python3 bench/lk_pretrained.py --device $device \
+    timeout $(lim 60) python3 bench/lk_pretrained.py --device $device \
       $lk --data-root "$PYRO_LVAE_DATA" --json "$OUT/lk5000.json" > "$OUT/lk.log" 2>&1
     echo "lk rc=$?"; grep -v Warning "$OUT/lk.log" | tail -6 ;;
   suite)

@@ -224,6 +224,8 @@ def _start_processes(config: ExperimentConfig, device: str | torch.device) -> tu
     ctx = init_from_environment(device)
     if config.train.engine == "cuda-graph" and ctx.enabled:
         raise ValueError("engine 'cuda-graph' runs in one process; use --engine fast for data-parallel training.")
+    if config.train.compile and ctx.enabled:  # before --overwrite clears anything
+        raise ValueError("compile runs in one process (not data-parallel); drop --compile for data-parallel training.")
     if ctx.enabled and config.train.batch_size < ctx.world_size:
         raise ValueError(
             f"batch_size {config.train.batch_size} is the global minibatch and cannot be split over "
