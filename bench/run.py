@@ -106,7 +106,9 @@ def step_functions(
     ``plain, library modules`` (the loss in plain PyTorch on the library's modules) and
     ``baseline`` (the compact plain-PyTorch step of ``bench/baseline.py``); with ``compiled``
     also ``fast engine, compiled`` (``compile=True``: the closed form compiled by
-    ``torch.compile``, compiled already by :func:`compile_seconds` in the same process).
+    ``torch.compile``; the warm-up calls trace it and take the code from TorchInductor's caches,
+    which :func:`compile_seconds` filled), ``fast engine, bf16`` and ``fast engine, bf16, compiled``
+    (``precision="bf16"``, eager and compiled).
     """
     device, lr = x.device, config.train.learning_rate
     fns: dict[str, Callable[[], Any]] = {}
@@ -136,8 +138,13 @@ def step_functions(
     fast = TrainingStep(model, guide, learning_rate=lr, engine="fast")
     fns["fast engine"] = lambda: fast(x, beta)
     if compiled:
-        compiled_step = TrainingStep(*_build(config, device, "compiled"), learning_rate=lr, compile=True)
-        fns["fast engine, compiled"] = lambda: compiled_step(x, beta)
+        for label, precision, compile in (
+            ("fast engine, compiled", "fp32", True),
+            ("fast engine, bf16", "bf16", False),
+            ("fast engine, bf16, compiled", "bf16", True),
+        ):
+            step = TrainingStep(*_build(config, device, label), learning_rate=lr, precision=precision, compile=compile)
+            fns[label] = lambda step=step: step(x, beta)
 
     model, guide = _build(config, device, "plain")
     opt = _fused_adam(trainable_parameters(model, guide), lr)
@@ -210,10 +217,11 @@ def head_to_head(
     return _median_ms(fns, device=x.device, rounds=rounds, per_round=per_round, warmup=3)
 
 
-def compile_seconds(config, x: torch.Tensor, beta: torch.Tensor) -> float:
+def compile_seconds(config, x: torch.Tensor, beta: torch.Tensor, *, precision: str = "fp32") -> float:
     """Seconds of the first step with ``compile=True`` (torch.compile of the closed form), which
     compiles; TorchInductor's on-disk cache of an earlier process shortens it."""
-    step = TrainingStep(*_build(config, x.device, "compiling"), learning_rate=config.train.learning_rate, compile=True)
+    lr = config.train.learning_rate
+    step = TrainingStep(*_build(config, x.device, "compiling"), learning_rate=lr, precision=precision, compile=True)
     start = time.perf_counter()
     step(x, beta)
     _sync(x.device)
@@ -344,6 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # The compiled variant is left out of the quick mode: it compiles for about a minute.
         compiled = not quick
         compiling = compile_seconds(config, x, beta) if compiled else None
+        compiling_bf16 = compile_seconds(config, x, beta, precision="bf16") if compiled else None
         fns = step_functions(config, x, beta, compiled=compiled)
         ms = _median_ms(fns, device=device, rounds=rounds, per_round=per_round, warmup=3)
         results["guides"][guide_name] = {
@@ -354,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "achieved_flops": {k: flops / (v / 1e3) for k, v in ms.items() if k in ("fast engine", "baseline")},
             "head_to_head_ms": head_to_head(config, x, beta, rounds=2 * rounds, per_round=per_round, compiled=compiled),
             "compile_seconds": compiling,
+            "compile_seconds_bf16": compiling_bf16,
         }
         if device.type == "cuda":
             graphs = graph_step_functions(config, x, beta)
@@ -368,11 +378,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         svi_epoch = train(
             epoch_cfg.replace(engine="svi"), dataset=mnist, device=device, progress=False, final_evaluation=False
         )
-        if compiled:  # compiled already, for this batch and any other size (the last minibatch)
+        if compiled:  # the second epoch: the first step of the first traces the loss again (2 s)
             compiled_epoch = train(
-                epoch_cfg.replace(compile=True), dataset=mnist, device=device, progress=False, final_evaluation=False
+                epoch_cfg.replace(compile=True, epochs=2),
+                dataset=mnist,
+                device=device,
+                progress=False,
+                final_evaluation=False,
             )
-            results["guides"][guide_name]["epoch_seconds_compiled"] = compiled_epoch.metrics[0]["seconds"]
+            results["guides"][guide_name]["epoch_seconds_compiled"] = compiled_epoch.metrics[1]["seconds"]
         if device.type == "cuda":
             # Two epochs: the first records the graphs after its warm-up steps.
             graph_epochs = train(
@@ -462,7 +476,8 @@ def format_table(results: dict[str, Any]) -> str:
         if r.get("compile_seconds") is not None:
             epoch = r.get("epoch_seconds_compiled")
             lines.append(
-                f"\n{guide}: compile=True: the first step compiles in {r['compile_seconds']:.1f} s"
+                f"\n{guide}: compile=True: the first step compiles in {r['compile_seconds']:.1f} s "
+                f"(under bf16 {r['compile_seconds_bf16']:.1f} s)"
                 + (f"; s/epoch compiled {epoch:.2f}" if epoch is not None else "")
             )
         if "epoch_seconds_cuda_graph" in r:

@@ -329,8 +329,8 @@ class TrainConfig:
     :param compile: Compile the fast engine's closed-form loss with ``torch.compile``
         (:mod:`pyro_lvae.inference.compiled`): the same loss on the same draws, to rounding, with
         the elementwise work fused. The first step compiles (about a minute on two CPU cores,
-        docs/performance.md); the fast engine only, fp32, one process, no free bits, the LVAE
-        family. Fine-tuning's loss is not compiled.
+        docs/performance.md); the fast engine only, fp32 or bf16, one process, no free bits, the
+        LVAE family. Fine-tuning's loss is not compiled.
     :param valid_size: Hold out this many training images (chosen with a fixed seed, the same for every
         run on the same training set, taken after ``train_subset``) for the periodic evaluation, which
         is then labelled ``valid``; the test set is used once, at the end. 0 (the paper's protocol):
@@ -413,7 +413,7 @@ class TrainConfig:
                 "or dequantize=False for binary data."
             )
         check_free_bits(self.free_bits, self.free_bits_mode)
-        check_compile(self.compile, engine=self.engine, precision=self.precision, free_bits=self.free_bits)
+        check_compile(self.compile, engine=self.engine, free_bits=self.free_bits)
         if self.engine == "cuda-graph" and self.free_bits > 0:
             raise ValueError("engine 'cuda-graph' does not support free bits; set engine='fast' or free_bits=0.")
         if self.engine == "cuda-graph" and self.finetune_epochs > 0:
@@ -429,17 +429,16 @@ class TrainConfig:
             raise ValueError("binarized_mnist is already binary; set binarization='static' for it.")
 
 
-def check_compile(compile: Any, *, engine: str, precision: str, free_bits: float, data_parallel: bool = False) -> None:
+def check_compile(compile: Any, *, engine: str, free_bits: float, data_parallel: bool = False) -> None:
     """Refuse a ``compile`` (:mod:`pyro_lvae.inference.compiled`) that training could not honour,
     in one sentence naming the clash; the training step also checks the model and the guide.
 
     :param compile: The option, ``True`` or ``False``.
     :param engine: The training engine.
-    :param precision: ``"fp32"`` or ``"bf16"``.
     :param free_bits: λ of free bits (0 = off).
     :param data_parallel: Whether training runs in several processes.
     :raises ValueError: if ``compile`` is not a bool, or is ``True`` with another engine than
-        ``"fast"``, bf16, free bits or several processes.
+        ``"fast"``, free bits or several processes.
     """
     if not isinstance(compile, bool):
         raise ValueError(f"compile must be True or False, got {compile!r}.")
@@ -448,7 +447,6 @@ def check_compile(compile: Any, *, engine: str, precision: str, free_bits: float
     if engine != "fast":
         raise ValueError(f"compile runs on the fast engine, not {engine!r}; set engine='fast' or compile=False.")
     for clash, what in (
-        (precision != "fp32", "in fp32 (bf16 has not been checked compiled)"),
         (free_bits > 0, "without free bits (their loss goes through Pyro's traces)"),
         (data_parallel, "in one process (not data-parallel)"),
     ):

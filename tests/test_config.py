@@ -46,7 +46,6 @@ def test_invalid_model_config(kwargs, match):
             dict(compile=True, engine="cuda-graph"),
             r"^compile runs on the fast engine, not 'cuda-graph'; set engine='fast' or compile",
         ),
-        (dict(compile=True, precision="bf16"), r"^compile runs in fp32"),
         (dict(compile=True, free_bits=1.0), r"^compile runs without free bits"),
     ],
 )

@@ -21,8 +21,10 @@ import torch
 from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
-from pyro.poutine.runtime import am_i_wrapped
+from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.util import prune_subsample_sites
+from pyro.util import warn_if_nan
 from torch.distributions import Independent, Normal
 
 from ..config import is_count
@@ -84,14 +86,17 @@ class MeanFieldELBO(TraceMeanField_ELBO):
 
 
 class ClosedFormWhereItApplies:
-    """Mixin for a Pyro ELBO class: ``differentiable_loss`` computed in closed form
+    """Mixin for a Pyro ELBO class: ``differentiable_loss`` and ``loss_and_grads`` (what
+    :class:`~pyro.infer.SVI` calls) computed in closed form
     (:func:`~pyro_lvae.inference.closed_form.closed_form_loss`) where that is exactly what the
     traced estimator would compute, and the ELBO's own otherwise. The closed form applies with
     one particle, Pyro's validation off (its checks live in the traced path), no effect handler
-    around the call (a caller's ``poutine.scale`` or ``condition`` acts on traced sites only;
-    Pyro's ``am_i_wrapped`` says whether one is active), and the library's model with its
-    ladder guide (analytic KL) or either guide (Monte Carlo), called as ``(x)`` or
-    ``(x, beta)`` (:func:`~pyro_lvae.inference.closed_form.closed_form_applies`).
+    around the call but ``SVI.step``'s parameter capture (a caller's ``poutine.scale`` or
+    ``condition`` acts on traced sites only), and the library's model with its ladder guide
+    (analytic KL) or either guide (Monte Carlo), called as ``(x)`` or ``(x, beta)``
+    (:func:`~pyro_lvae.inference.closed_form.closed_form_applies`). Compiled (``compile=True``
+    of :func:`elbo_for`), a call the closed form does not cover raises instead, in one sentence
+    naming the reason: it would otherwise run uncompiled without a word.
     """
 
     #: Whether the closed form takes the analytic KL per layer (the mean-field estimator).
@@ -107,19 +112,68 @@ class ClosedFormWhereItApplies:
         :param guide: The guide.
         :param args: The model's and guide's arguments, ``(x)`` or ``(x, beta)``.
         :param kwargs: Their keyword arguments (none for the closed form).
+        :raises ValueError: compiled, for a call the closed form does not cover.
         """
-        if not self._closed_form_covers(model, guide, args, kwargs):
+        if not self._takes_closed_form(model, guide, args, kwargs):
             return super().differentiable_loss(model, guide, *args, **kwargs)
         from .closed_form import closed_form_loss  # it imports the models, which import this package
 
         return closed_form_loss(model, guide, *args, analytic_kl=self.analytic_kl, compiled=self.compiled)
 
-    def _closed_form_covers(self, model: Any, guide: Any, args: tuple, kwargs: dict) -> bool:
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        """SVI's call: the loss as a float, its gradients accumulated; in closed form where it
+        applies, as :meth:`differentiable_loss` (``Trace_ELBO``'s own would trace instead).
+
+        :param model: The model.
+        :param guide: The guide.
+        :param args: The model's and guide's arguments, ``(x)`` or ``(x, beta)``.
+        :param kwargs: Their keyword arguments (none for the closed form).
+        """
+        if not self._takes_closed_form(model, guide, args, kwargs):
+            return super().loss_and_grads(model, guide, *args, **kwargs)
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if loss.requires_grad:
+            loss.backward()
+        value = loss.item()
+        warn_if_nan(value, "loss")
+        return value
+
+    def _takes_closed_form(self, model: Any, guide: Any, args: tuple, kwargs: dict) -> bool:
+        """Whether this call takes the closed form; compiled, a call it does not cover raises."""
+        refusal = self._why_not_closed_form(model, guide, args, kwargs)
+        if refusal is not None and self.compiled is not None:
+            raise ValueError(f"compile=True cannot compile this call: {refusal}, or build the ELBO with compile=False.")
+        return refusal is None
+
+    def _why_not_closed_form(self, model: Any, guide: Any, args: tuple, kwargs: dict) -> str | None:
+        """Why the closed form does not cover this call, with the way to make it, or ``None``."""
         from .closed_form import closed_form_applies
 
-        if is_validation_enabled() or am_i_wrapped() or self.num_particles != 1 or kwargs or not 1 <= len(args) <= 2:
-            return False
-        return closed_form_applies(model, guide) and (guide.mean_field_compatible or not self.analytic_kl)
+        if is_validation_enabled():
+            return "Pyro's validation is on and its checks run in the traced loss; call pyro.enable_validation(False)"
+        if _caller_handler_active():
+            return "an effect handler is active and acts on traced sites only; call it outside the handler"
+        if self.num_particles != 1:
+            return f"num_particles is {self.num_particles} and the closed form draws one particle; set num_particles=1"
+        if kwargs or not 1 <= len(args) <= 2:
+            return "the closed form takes the arguments (x) or (x, beta), none by keyword; pass them so"
+        if not closed_form_applies(model, guide):
+            return (
+                f"the closed form covers the paper's model with its ladder or bottom-up guide, not "
+                f"{type(model).__name__} with {type(guide).__name__}; use those"
+            )
+        if self.analytic_kl and not guide.mean_field_compatible:
+            return "the analytic KL is exact for the ladder guide only; use the Monte Carlo estimator"
+        return None
+
+
+def _caller_handler_active() -> bool:
+    """Whether an effect handler other than ``SVI.step``'s parameter capture is active."""
+    # Pyro keeps its active handlers on the internal stack pyro.poutine.runtime._PYRO_STACK
+    # (am_i_wrapped() only says whether it is empty). SVI.step wraps every call in a param-only
+    # trace, which records the pyro.param calls and no sample site; the closed form makes the same
+    # pyro.param calls, so that handler, and only that one, leaves the closed form exact.
+    return any(not (isinstance(m, TraceMessenger) and m.param_only) for m in _PYRO_STACK)
 
 
 class ClosedFormMeanFieldELBO(ClosedFormWhereItApplies, MeanFieldELBO):
@@ -166,8 +220,10 @@ def elbo_for(
         applies (:class:`ClosedFormMeanFieldELBO`, :class:`ClosedFormTraceELBO`), and
         otherwise without the log-densities it does not read (:class:`MeanFieldELBO`) or as
         ``Trace_ELBO``. The free-bits estimators are built on Pyro's classes either way.
-    :param compile: With ``lean``: the closed form compiled by ``torch.compile``
-        (:mod:`pyro_lvae.inference.compiled`), the same loss on the same draws.
+    :param compile: With ``lean``, one particle and no free bits: the closed form compiled by
+        ``torch.compile`` (:mod:`pyro_lvae.inference.compiled`), the same loss on the same draws.
+        It needs Pyro's validation off; a call the closed form does not cover raises
+        (:class:`ClosedFormWhereItApplies`).
     :param kwargs: Passed to the ELBO (e.g. ``num_particles``, ``vectorize_particles``).
 
     >>> from pyro_lvae import GenerativeModel, LadderGuide, BottomUpGuide, ModelConfig
@@ -181,10 +237,10 @@ def elbo_for(
     check_free_bits(free_bits, free_bits_mode)
     if not isinstance(lean, bool):
         raise ValueError(f"lean must be True or False, got {lean!r}.")
-    _check_compile(compile, lean=lean, free_bits=free_bits)
     particles = kwargs.get("num_particles", 1)
     if not is_count(particles):
         raise ValueError(f"num_particles must be a positive integer, got {particles!r} (0 would give a zero loss).")
+    _check_compile(compile, lean=lean, free_bits=free_bits, particles=particles)
     mean_field = isinstance(guide, HierarchicalGuide) and guide.mean_field_compatible
     if free_bits > 0:
         estimator = FreeBitsMeanFieldELBO if mean_field else FreeBitsTraceELBO
@@ -199,14 +255,14 @@ def elbo_for(
     return estimator
 
 
-def _check_compile(compile: Any, *, lean: bool, free_bits: float) -> None:
+def _check_compile(compile: Any, *, lean: bool, free_bits: float, particles: int) -> None:
     """Refuse a ``compile`` of :func:`elbo_for` that has nothing to compile."""
     if not isinstance(compile, bool):
         raise ValueError(f"compile must be True or False, got {compile!r}.")
-    if compile and (not lean or free_bits > 0):
+    if compile and (not lean or free_bits > 0 or particles != 1):
         raise ValueError(
-            "compile applies to the lean closed-form ELBO without free bits; pass lean=True and free_bits=0, "
-            "or compile=False."
+            "compile applies to the lean closed-form ELBO of one particle without free bits; pass lean=True, "
+            "free_bits=0 and num_particles=1, or compile=False."
         )
 
 

@@ -194,9 +194,9 @@ class TrainingStep:
     :param precision: ``"fp32"`` or ``"bf16"`` (fast engine only): the networks run under
         bfloat16 autocast; the Gaussian heads and the likelihood return the parameters'
         precision, so that the log-densities, the KL, the merge and the loss stay in fp32.
-    :param compile: Fast engine only, fp32, one process, no free bits: the closed-form loss
-        compiled by ``torch.compile`` (:mod:`pyro_lvae.inference.compiled`; the first step
-        compiles, about a minute on a CPU). The same loss on the same draws, to rounding.
+    :param compile: Fast engine only, one process, no free bits: the closed-form loss compiled
+        by ``torch.compile`` (:mod:`pyro_lvae.inference.compiled`; the first step compiles, about
+        a minute on a CPU), in fp32 or under bf16. The same loss on the same draws, to rounding.
 
     Call it as ``step(x, beta)``; it returns the minibatch loss (the negative
     β-weighted ELBO summed over the batch) as a 0-dim tensor on the
@@ -249,9 +249,7 @@ class TrainingStep:
         _check_options(learning_rate, adam_eps, grad_clip, grad_clip_value)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
-        check_compile(
-            compile, engine=self.engine, precision=precision, free_bits=free_bits, data_parallel=distributed.enabled
-        )
+        check_compile(compile, engine=self.engine, free_bits=free_bits, data_parallel=distributed.enabled)
         if compile:
             check_compilable(model, guide)
         self.precision = precision
