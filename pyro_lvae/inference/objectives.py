@@ -116,13 +116,12 @@ class ClosedFormWhereItApplies:
         """
         if not self._takes_closed_form(model, guide, args, kwargs):
             return super().differentiable_loss(model, guide, *args, **kwargs)
-        from .closed_form import closed_form_loss  # it imports the models, which import this package
-
-        return closed_form_loss(model, guide, *args, analytic_kl=self.analytic_kl, compiled=self.compiled)
+        return self._closed_form_loss(model, guide, args)
 
     def loss_and_grads(self, model, guide, *args, **kwargs):
         """SVI's call: the loss as a float, its gradients accumulated; in closed form where it
-        applies, as :meth:`differentiable_loss` (``Trace_ELBO``'s own would trace instead).
+        applies, as :meth:`differentiable_loss` (``Trace_ELBO``'s own would trace instead), the
+        coverage checked once.
 
         :param model: The model.
         :param guide: The guide.
@@ -131,12 +130,18 @@ class ClosedFormWhereItApplies:
         """
         if not self._takes_closed_form(model, guide, args, kwargs):
             return super().loss_and_grads(model, guide, *args, **kwargs)
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss = self._closed_form_loss(model, guide, args)
         if loss.requires_grad:
             loss.backward()
         value = loss.item()
         warn_if_nan(value, "loss")
         return value
+
+    def _closed_form_loss(self, model: Any, guide: Any, args: tuple) -> torch.Tensor:
+        """The closed form, for a call :meth:`_takes_closed_form` admitted."""
+        from .closed_form import closed_form_loss  # it imports the models, which import this package
+
+        return closed_form_loss(model, guide, *args, analytic_kl=self.analytic_kl, compiled=self.compiled)
 
     def _takes_closed_form(self, model: Any, guide: Any, args: tuple, kwargs: dict) -> bool:
         """Whether this call takes the closed form; compiled, a call it does not cover raises."""
