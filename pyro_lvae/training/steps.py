@@ -67,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from typing import Any, ClassVar
 
 import pyro
@@ -162,6 +163,29 @@ def clip_gradients(params: list[torch.Tensor], *, max_norm: float, max_value: fl
         torch.nn.utils.clip_grad_value_(params, max_value)
 
 
+def cpu_has_bf16_instructions() -> bool:
+    """Whether this CPU computes bfloat16 matrix products natively (AVX512-BF16 or AMX)."""
+    # torch.cpu exposes the CPU's instruction sets only as private functions (torch 2.14).
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def warn_if_bf16_is_emulated(model: nn.Module) -> None:
+    """Warn, once per step built, that ``precision="bf16"`` is slow on a CPU without bfloat16
+    instructions, where oneDNN emulates the bfloat16 matrix products: on the 2-core AMD EPYC
+    (Zen 3, AVX2) of docs/performance.md, the fast step of ``lvae-bn-wu-5`` took 16–19× its
+    fp32 time, against 0.84–0.85× on a CPU with AVX512-BF16.
+
+    :param model: The generative model; only its parameters' device is read.
+    """
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if on_cpu and not cpu_has_bf16_instructions():
+        warnings.warn(
+            "precision='bf16' is 15-20x slower than fp32 on this CPU, which has no bfloat16 "
+            "instructions (AVX512-BF16 or AMX); use precision='fp32' here.",
+            stacklevel=3,
+        )
+
+
 def _check_options(learning_rate: float, adam_eps: float, grad_clip: float, grad_clip_value: float) -> None:
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be positive, got {learning_rate!r}.")
@@ -249,6 +273,8 @@ class TrainingStep:
         _check_options(learning_rate, adam_eps, grad_clip, grad_clip_value)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+        if precision == "bf16":
+            warn_if_bf16_is_emulated(model)
         check_compile(compile, engine=self.engine, free_bits=free_bits, data_parallel=distributed.enabled)
         if compile:
             check_compilable(model, guide)

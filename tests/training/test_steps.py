@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import re
+import warnings
 
 import pyro
 import pytest
@@ -11,6 +13,7 @@ import torch
 
 from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig
 from pyro_lvae.inference.objectives import elbo_for
+from pyro_lvae.training import steps as steps_module
 from pyro_lvae.training.skipping import SkipRule
 from pyro_lvae.training.steps import (
     TrainingStep,
@@ -339,6 +342,22 @@ def test_bf16_is_refused_on_the_svi_engine():
 
     with pytest.raises(ValueError, match="runs on the fast engine; set engine='fast' or precision='fp32'"):
         TrainConfig(engine="svi", precision="bf16")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_warns_on_a_cpu_without_bfloat16_instructions_and_only_there(native, monkeypatch):
+    monkeypatch.setattr(steps_module, "cpu_has_bf16_instructions", lambda: native)
+    model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
+    sentence = (
+        r"^precision='bf16' is 15-20x slower than fp32 on this CPU, which has no bfloat16 "
+        r"instructions \(AVX512-BF16 or AMX\); use precision='fp32' here\.$"
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TrainingStep(model, LadderGuide(model), learning_rate=1e-3, precision="bf16")
+        TrainingStep(model, LadderGuide(model), learning_rate=1e-3)  # fp32 never warns
+    bf16_warnings = [w for w in caught if re.match(sentence, str(w.message))]
+    assert len(bf16_warnings) == (0 if native else 1)
 
 
 def test_the_gradient_norm_ignores_missing_gradients_and_is_zero_without_any():
