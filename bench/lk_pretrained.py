@@ -19,6 +19,7 @@ import time
 
 import pyro
 import torch
+from machine import machine, provenance  # bench/machine.py, beside this script
 
 from pyro_lvae.inference.evaluation import DEFAULT_MEMORY_BUDGET, evaluate
 from pyro_lvae.pretrained import available, config_of, load_pretrained, read_manifest
@@ -48,7 +49,7 @@ def measure(name: str, *, device: torch.device, num_samples: int, data_root: str
     entry = read_manifest()[name]
     return {
         "model": name,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        **machine(device),
         "num_samples": num_samples,
         "num_examples": int(data.test.shape[0]),
         "seconds": seconds,
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             num_samples=args.num_samples,
             data_root=args.data_root,
             budget=int(args.memory_budget_gib * 2**30),
-        )
+        ) | provenance("bench/lk_pretrained.py", argv)
         logger.info(
             "%s on %s: L_%d %.4f (manifest %.4f), L1 %.4f (manifest %.4f), %.1f s",
             name,

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
-import platform
 import resource
 import statistics
 import sys
@@ -44,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baseline import CompactLVAE, compact_loss, plain_loss  # noqa: E402
+from machine import machine, provenance  # noqa: E402
 
 from pyro_lvae import get_preset  # noqa: E402
 from pyro_lvae.data import load_dataset  # noqa: E402
@@ -221,7 +220,9 @@ def compile_seconds(config, x: torch.Tensor, beta: torch.Tensor, *, precision: s
     """Seconds of the first step with ``compile=True`` (torch.compile of the closed form), which
     compiles; TorchInductor's on-disk cache of an earlier process shortens it."""
     lr = config.train.learning_rate
-    step = TrainingStep(*_build(config, x.device, "compiling"), learning_rate=lr, precision=precision, compile=True)
+    step = TrainingStep(
+        *_build(config, x.device, f"compiling-{precision}"), learning_rate=lr, precision=precision, compile=True
+    )
     start = time.perf_counter()
     step(x, beta)
     _sync(x.device)
@@ -298,7 +299,7 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     parser.add_argument("--preset", default="lvae-bn-wu-5")
@@ -311,115 +312,113 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps-only", action="store_true", help="time the training steps only (no epoch, no L_K)")
     parser.add_argument("--json", default=None, help="where to write the results (default bench/results/<device>.json)")
     args = parser.parse_args(argv)
+    # The quick mode's sizes: a smoke test of every code path, in seconds.
+    args.rounds = args.rounds or (2 if args.quick else 10)
+    args.per_round = 2 if args.quick else 10
+    args.num_samples = 50 if args.quick else args.num_samples
+    args.lk_examples = args.lk_examples or (16 if args.quick else 200)
+    args.epoch_subset = 1024 if args.quick else args.epoch_subset
+    return args
 
+
+def measure_steps(config, x: torch.Tensor, beta: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    """Every step variant in interleaved rounds, the head-to-head pair, the baseline's check, the
+    FLOPs and, outside the quick mode (it compiles for about a minute), the compile times."""
+    device, rounds, per_round = x.device, args.rounds, args.per_round
+    rel = check_baseline(config, x, beta)
+    flops = step_flops(config, x, beta)
+    compiled = not args.quick
+    compiling = compile_seconds(config, x, beta) if compiled else None
+    compiling_bf16 = compile_seconds(config, x, beta, precision="bf16") if compiled else None
+    fns = step_functions(config, x, beta, compiled=compiled)
+    ms = _median_ms(fns, device=device, rounds=rounds, per_round=per_round, warmup=3)
+    measured = {
+        "step_ms": ms,
+        "ratio_to_baseline": {k: v / ms["baseline"] for k, v in ms.items()},
+        "baseline_loss_rel_diff": rel,
+        "step_flops": flops,
+        "achieved_flops": {k: flops / (v / 1e3) for k, v in ms.items() if k in ("fast engine", "baseline")},
+        "head_to_head_ms": head_to_head(config, x, beta, rounds=2 * rounds, per_round=per_round, compiled=compiled),
+        "compile_seconds": compiling,
+        "compile_seconds_bf16": compiling_bf16,
+    }
+    if device.type == "cuda":
+        graphs = graph_step_functions(config, x, beta)
+        measured["graph_step_ms"] = _median_ms(graphs, device=device, rounds=rounds, per_round=per_round, warmup=5)
+    return measured
+
+
+def _epoch_seconds(config, mnist, device: torch.device, *, epochs: int = 1, **options: Any) -> list[float]:
+    """Seconds of each epoch of :func:`~pyro_lvae.training.loop.train` with ``options`` set."""
+    run = train(
+        config.replace(epochs=epochs, **options), dataset=mnist, device=device, progress=False, final_evaluation=False
+    )
+    return [m["seconds"] for m in run.metrics]
+
+
+def measure_epochs_and_lk(config, mnist, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    """Epoch seconds of each engine, then L_K on the fast engine's model, closed form and traced."""
+    epoch_cfg = config.replace(train_subset=args.epoch_subset)
+    epoch = train(epoch_cfg.replace(epochs=1), dataset=mnist, device=device, progress=False, final_evaluation=False)
+    measured: dict[str, Any] = {
+        "epoch_seconds": epoch.metrics[0]["seconds"],
+        "epoch_seconds_svi_engine": _epoch_seconds(epoch_cfg, mnist, device, engine="svi")[0],
+        "epoch_steps": -(-len(epoch.data.train) // config.train.batch_size),
+    }
+    if not args.quick:  # the second epoch: the first step of the first traces the loss again (2 s)
+        measured["epoch_seconds_compiled"] = _epoch_seconds(epoch_cfg, mnist, device, epochs=2, compile=True)[1]
+    if device.type == "cuda":  # two epochs: the first records the graphs after its warm-up steps
+        measured["epoch_seconds_cuda_graph"] = _epoch_seconds(epoch_cfg, mnist, device, epochs=2, engine="cuda-graph")
+
+    test = epoch.data.test[: args.lk_examples]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    lk_seconds = _time_lk(epoch.model, epoch.guide, test, args.num_samples, device)
+    # The same evaluation on the traced path (Pyro traces and distribution objects), for the ratio.
+    with _traced_weights():
+        lk_seconds_traced = _time_lk(epoch.model, epoch.guide, test, args.num_samples, device)
+    return measured | {
+        "lk_num_samples": args.num_samples,
+        "lk_examples": len(test),
+        "lk_seconds": lk_seconds,
+        "lk_seconds_traced": lk_seconds_traced,
+        "lk_pairs_per_second": len(test) * args.num_samples / lk_seconds,
+        "peak_memory_bytes": peak_memory_bytes(device),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parse_args(argv)
     device = torch.device(args.device)
-    quick = args.quick
-    rounds = args.rounds or (2 if quick else 10)
-    per_round = 2 if quick else 10
-    num_samples = 50 if quick else args.num_samples
-    lk_examples = args.lk_examples or (16 if quick else 200)
-    epoch_subset = 1024 if quick else args.epoch_subset
     base = get_preset(args.preset)
-    if quick:
+    if args.quick:
         base = base.replace(latent_sizes=(8, 4), hidden_sizes=(32, 16), batch_size=64)
     batch = base.train.batch_size
 
+    # One fixed binarized minibatch and β for every step timing.
     pyro.set_rng_seed(0)
     mnist = load_dataset("mnist", root=args.data_root, download=False)
     x = torch.bernoulli(mnist.train_x[:batch]).to(device)
     beta = torch.tensor(0.5, device=device)
-    roofline = matmul_roofline(base, batch, device, rounds=rounds)
 
     results: dict[str, Any] = {
         "preset": args.preset,
-        "quick": quick,
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "quick": args.quick,
+        **machine(device),
+        **provenance("bench/run.py", argv),
         "batch_size": batch,
-        "matmul_roofline_flops": roofline,
+        "matmul_roofline_flops": matmul_roofline(base, batch, device, rounds=args.rounds),
         "guides": {},
     }
     for guide_name in GUIDES:
         config = base.replace(guide=guide_name)
         pyro.clear_param_store()
-        rel = check_baseline(config, x, beta)
-        flops = step_flops(config, x, beta)
-        # The compiled variant is left out of the quick mode: it compiles for about a minute.
-        compiled = not quick
-        compiling = compile_seconds(config, x, beta) if compiled else None
-        compiling_bf16 = compile_seconds(config, x, beta, precision="bf16") if compiled else None
-        fns = step_functions(config, x, beta, compiled=compiled)
-        ms = _median_ms(fns, device=device, rounds=rounds, per_round=per_round, warmup=3)
-        results["guides"][guide_name] = {
-            "step_ms": ms,
-            "ratio_to_baseline": {k: v / ms["baseline"] for k, v in ms.items()},
-            "baseline_loss_rel_diff": rel,
-            "step_flops": flops,
-            "achieved_flops": {k: flops / (v / 1e3) for k, v in ms.items() if k in ("fast engine", "baseline")},
-            "head_to_head_ms": head_to_head(config, x, beta, rounds=2 * rounds, per_round=per_round, compiled=compiled),
-            "compile_seconds": compiling,
-            "compile_seconds_bf16": compiling_bf16,
-        }
-        if device.type == "cuda":
-            graphs = graph_step_functions(config, x, beta)
-            gms = _median_ms(graphs, device=device, rounds=rounds, per_round=per_round, warmup=5)
-            results["guides"][guide_name]["graph_step_ms"] = gms
-        if args.steps_only:
-            continue
-
-        epoch_cfg = config.replace(epochs=1, train_subset=epoch_subset)
-        epoch = train(epoch_cfg, dataset=mnist, device=device, progress=False, final_evaluation=False)
-        epoch_seconds = epoch.metrics[0]["seconds"]
-        svi_epoch = train(
-            epoch_cfg.replace(engine="svi"), dataset=mnist, device=device, progress=False, final_evaluation=False
-        )
-        if compiled:  # the second epoch: the first step of the first traces the loss again (2 s)
-            compiled_epoch = train(
-                epoch_cfg.replace(compile=True, epochs=2),
-                dataset=mnist,
-                device=device,
-                progress=False,
-                final_evaluation=False,
-            )
-            results["guides"][guide_name]["epoch_seconds_compiled"] = compiled_epoch.metrics[1]["seconds"]
-        if device.type == "cuda":
-            # Two epochs: the first records the graphs after its warm-up steps.
-            graph_epochs = train(
-                epoch_cfg.replace(engine="cuda-graph", epochs=2),
-                dataset=mnist,
-                device=device,
-                progress=False,
-                final_evaluation=False,
-            )
-            results["guides"][guide_name]["epoch_seconds_cuda_graph"] = [m["seconds"] for m in graph_epochs.metrics]
-        steps_per_epoch = -(-len(epoch.data.train) // batch)
-
-        test = epoch.data.test[:lk_examples]
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        lk_seconds = _time_lk(epoch.model, epoch.guide, test, num_samples, device)
-        # The same evaluation on the traced path (Pyro traces and distribution objects), for the ratio.
-        with _traced_weights():
-            lk_seconds_traced = _time_lk(epoch.model, epoch.guide, test, num_samples, device)
-        results["guides"][guide_name] |= {
-            "epoch_seconds": epoch_seconds,
-            "epoch_seconds_svi_engine": svi_epoch.metrics[0]["seconds"],
-            "epoch_steps": steps_per_epoch,
-            "lk_num_samples": num_samples,
-            "lk_examples": len(test),
-            "lk_seconds": lk_seconds,
-            "lk_seconds_traced": lk_seconds_traced,
-            "lk_pairs_per_second": len(test) * num_samples / lk_seconds,
-            "peak_memory_bytes": peak_memory_bytes(device),
-        }
+        results["guides"][guide_name] = measure_steps(config, x, beta, args)
+        if not args.steps_only:
+            results["guides"][guide_name] |= measure_epochs_and_lk(config, mnist, device, args)
 
     print(format_table(results))
-    suffix = ("-quick" if quick else "") + ("-steps" if args.steps_only else "")
+    suffix = ("-quick" if args.quick else "") + ("-steps" if args.steps_only else "")
     out = Path(args.json) if args.json else Path(__file__).resolve().parent / "results" / f"{device.type}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
@@ -430,7 +429,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def format_table(results: dict[str, Any]) -> str:
     """The results as a Markdown table, one row per guide and step variant."""
     lines = [
-        f"device: {results['device']}; torch {results['torch']}, pyro {results['pyro']}; {results['date']}",
+        f"device: {results['device']}"
+        + (
+            f", {results['cpu_capability']}, native bf16: {results['cpu_native_bf16']}"
+            if "cpu_capability" in results
+            else ""
+        )
+        + f"; torch {results['torch']}, pyro {results['pyro']}; {results['date']}",
         f"preset {results['preset']}{' (quick sizes)' if results['quick'] else ''}, batch {results['batch_size']}; "
         f"matmul roofline {results['matmul_roofline_flops'] / 1e9:.1f} GFLOP/s",
         "",

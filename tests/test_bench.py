@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig
-from pyro_lvae.training.steps import TrainingStep
+from pyro_lvae.training.steps import TrainingStep, cpu_has_bf16_instructions
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -90,6 +90,9 @@ def test_bench_quick_runs_and_writes_every_measurement(shared_data_root, tmp_pat
     assert "| vae | fast engine, timed alone with the baseline (" in proc.stdout
     results = json.loads(out.read_text())
     assert results["quick"] is True and results["matmul_roofline_flops"] > 0
+    if not torch.cuda.is_available():  # the CPU's instruction level: without bfloat16 ones bf16 is emulated
+        assert results["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        assert results["cpu_native_bf16"] is cpu_has_bf16_instructions()
     for guide in ("ladder", "vae"):
         r = results["guides"][guide]
         assert set(r["step_ms"]) == {
