@@ -325,7 +325,8 @@ class TrainConfig:
     :param precision: ``"fp32"`` (the default; every reproduction number is fp32) or ``"bf16"``: the
         fast engine runs the networks under bfloat16 autocast, while the log-densities, the KL, the
         merge and the loss stay in fp32 (the Gaussian heads and the likelihood return fp32). The
-        evaluations always run in fp32.
+        evaluations always run in fp32. On a CPU without bfloat16 instructions (AVX512-BF16 or
+        AMX) the step warns: its matrix products are emulated, 15–20× slower than fp32.
     :param compile: Compile the fast engine's closed-form loss with ``torch.compile``
         (:mod:`pyro_lvae.inference.compiled`): the same loss on the same draws, to rounding, with
         the elementwise work fused. The first step compiles (about a minute on two CPU cores,

@@ -217,7 +217,8 @@ class TrainingStep:
         see :class:`~pyro_lvae.training.skipping.SkipRule`.
     :param precision: ``"fp32"`` or ``"bf16"`` (fast engine only): the networks run under
         bfloat16 autocast; the Gaussian heads and the likelihood return the parameters'
-        precision, so that the log-densities, the KL, the merge and the loss stay in fp32.
+        precision, so that the log-densities, the KL, the merge and the loss stay in fp32. On a
+        CPU without bfloat16 instructions it warns (:func:`warn_if_bf16_is_emulated`).
     :param compile: Fast engine only, one process, no free bits: the closed-form loss compiled
         by ``torch.compile`` (:mod:`pyro_lvae.inference.compiled`; the first step compiles, about
         a minute on a CPU), in fp32 or under bf16. The same loss on the same draws, to rounding.
