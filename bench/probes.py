@@ -272,21 +272,13 @@ def _recorded_bodies(config, x: torch.Tensor, beta: torch.Tensor) -> dict[str, i
     return {"cuda-graph engine's recorded update": engine, "baseline's recorded step": kernel_count(baseline)}
 
 
+LOSS_VARIANTS = ("jit", "jit-fixed", "compile", "compile-networks")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "probe",
-        choices=(
-            "jit",
-            "jit-fixed",
-            "compile",
-            "compile-networks",
-            "op-count",
-            "kernel-count",
-            "finetune",
-            *ENGINE_VARIANTS,
-        ),
-    )
+    counts = ("op-count", "kernel-count", "finetune")
+    parser.add_argument("probe", choices=(*LOSS_VARIANTS, *counts, *ENGINE_VARIANTS))
     parser.add_argument("--guide", choices=("ladder", "vae"), default="ladder")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
@@ -294,83 +286,98 @@ def main() -> None:
     config = get_preset("lvae-bn-wu-5").replace(guide=args.guide)
     x = torch.bernoulli(torch.rand(config.train.batch_size, config.model.input_dim))
     beta = torch.tensor(0.5)
+    if args.probe == "finetune":
+        _finetune(config, x, args.rounds)
+    elif args.probe == "kernel-count":
+        for label, count in _recorded_bodies(config, x, beta).items():
+            print(f"kernel-count ({args.guide}): {count} operations other than views in the {label}")
+    elif args.probe == "op-count":
+        _op_counts(config, x, beta, args.guide)
+    else:
+        _timed_probe(args.probe, config, x, beta, guide_name=args.guide, rounds=args.rounds)
+
+
+def _op_counts(config, x: torch.Tensor, beta: torch.Tensor, guide_name: str) -> None:
+    """ATen operations of one step of the fast engine, traced and in closed form."""
+    fast = traced(TrainingStep(*_build(config, x.device, "fast"), learning_rate=1e-3))
+    closed = TrainingStep(*_build(config, x.device, "closed"), learning_rate=1e-3)
+    for label, step in (("traced", fast), ("closed form", closed)):
+        step(x, beta)  # registration and optimizer state first
+        operations = count_operations(lambda step=step: step(x, beta))
+        print(f"op-count ({guide_name}, {label}): {operations} ATen operations in one step")
+
+
+def _timed_probe(probe: str, config, x: torch.Tensor, beta: torch.Tensor, *, guide_name: str, rounds: int) -> None:
+    """Time the variant ``probe`` against the fast engine's traced step, in interleaved rounds."""
     model, guide = _build(config, x.device, "fast")
     fast = traced(TrainingStep(model, guide, learning_rate=1e-3))
     fns = {"fast engine, traced": lambda: fast(x, beta)}
-    if args.probe == "finetune":
-        _finetune(config, x, args.rounds)
-        return
-    if args.probe == "kernel-count":
-        for label, count in _recorded_bodies(config, x, beta).items():
-            print(f"kernel-count ({args.guide}): {count} operations other than views in the {label}")
-        return
-    if args.probe == "op-count":
-        closed = TrainingStep(*_build(config, x.device, "closed"), learning_rate=1e-3)
-        for label, step in (("traced", fast), ("closed form", closed)):
-            step(x, beta)  # registration and optimizer state first
-            operations = count_operations(lambda step=step: step(x, beta))
-            print(f"op-count ({args.guide}, {label}): {operations} ATen operations in one step")
-        return
-
     model2, guide2 = _build(config, x.device, "probe")
-    if args.probe == "combined":  # the same parameter values, heads stacked
+    if probe == "combined":  # the same parameter values, heads stacked
         model2.load_state_dict(model.state_dict())
         guide2.load_state_dict(guide.state_dict())
         stack_heads(model2, guide2)
     probe_step = traced(TrainingStep(model2, guide2, learning_rate=1e-3))
-    opt = probe_step.optimizer
-    if args.probe in ENGINE_VARIANTS:
-        fns[args.probe] = engine_variant(args.probe, probe_step, x, beta)
-        if args.probe == "combined":
+    if probe in ENGINE_VARIANTS:
+        fns[probe] = engine_variant(probe, probe_step, x, beta)
+        if probe == "combined":
             print(
-                f"combined ({args.guide}): loss relative to the fast engine's on the same draws "
+                f"combined ({guide_name}): loss relative to the fast engine's on the same draws "
                 f"{check_combined_loss(fast, probe_step, x, beta):.1e}"
             )
-        if args.probe in ("combined", "closed-form"):
+        if probe in ("combined", "closed-form"):
             fns["baseline"] = _baseline_step(config, x, beta)
-        _report(fns, args.rounds, x)
+        _report(fns, rounds, x)
         return
-    if args.probe == "jit":
-        elbo = (JitTraceMeanField_ELBO if guide2.mean_field_compatible else JitTrace_ELBO)(ignore_jit_warnings=True)
-        loss_fn = lambda: elbo.differentiable_loss(model2, guide2, x, beta)  # noqa: E731
-    elif args.probe == "jit-fixed":
+    step = _loss_variant(probe, probe_step, x, beta)
+    t0 = time.perf_counter()
+    try:
+        step()
+    except Exception as exc:  # the probe's outcome is what we report
+        print(
+            f"{probe} ({guide_name}): the first step failed after {time.perf_counter() - t0:.1f} s: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        )
+        return
+    print(f"{probe} ({guide_name}): first step (compilation included) {time.perf_counter() - t0:.1f} s")
+    fns[probe] = step
+    _report(fns, rounds, x)
+
+
+def _loss_variant(probe: str, step: TrainingStep, x: torch.Tensor, beta: torch.Tensor):
+    """A step of loss, backward and update with the loss of ``probe`` (one of
+    :data:`LOSS_VARIANTS`), on ``step``'s networks and optimizer, without the engine's
+    finiteness check."""
+    model, guide, opt = step.model, step.guide, step.optimizer
+    if probe == "jit":
+        elbo = (JitTraceMeanField_ELBO if guide.mean_field_compatible else JitTrace_ELBO)(ignore_jit_warnings=True)
+        loss_fn = lambda: elbo.differentiable_loss(model, guide, x, beta)  # noqa: E731
+    elif probe == "jit-fixed":
         # Pyro 1.9's JitTraceMeanField_ELBO checks for its compiled function under
         # `_loss_and_surrogate_loss` but stores it as `_differentiable_loss`, so it
         # recompiles on every call. Compile the same loss once instead.
-        mean_field = TraceMeanField_ELBO() if guide2.mean_field_compatible else Trace_ELBO()
+        mean_field = TraceMeanField_ELBO() if guide.mean_field_compatible else Trace_ELBO()
         compiled_loss = pyro.ops.jit.trace(
-            lambda x, beta: mean_field.differentiable_loss(model2, guide2, x, beta), ignore_warnings=True
+            lambda x, beta: mean_field.differentiable_loss(model, guide, x, beta), ignore_warnings=True
         )
         loss_fn = lambda: compiled_loss(x, beta)  # noqa: E731
-    elif args.probe == "compile":
-        compiled = torch.compile(probe_step.loss)
+    elif probe == "compile":
+        compiled = torch.compile(step.loss)
         loss_fn = lambda: compiled(x, beta)  # noqa: E731
     else:
         # Each MLP and Gaussian head compiled in place (their parameters and state_dict
         # keys stay as they are); Pyro's sample sites and handlers stay in Python.
-        for module in list(model2.modules()) + list(guide2.modules()):
+        for module in list(model.modules()) + list(guide.modules()):
             if isinstance(module, (MLP, GaussianHead)):
                 module.compile()
-        loss_fn = lambda: probe_step.loss(x, beta)  # noqa: E731
+        loss_fn = lambda: step.loss(x, beta)  # noqa: E731
 
-    def probe() -> None:
-        loss = loss_fn()
-        loss.backward()
+    def loss_backward_update() -> None:
+        loss_fn().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    t0 = time.perf_counter()
-    try:
-        probe()
-    except Exception as exc:  # the probe's outcome is what we report
-        print(
-            f"{args.probe} ({args.guide}): the first step failed after {time.perf_counter() - t0:.1f} s: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        )
-        return
-    print(f"{args.probe} ({args.guide}): first step (compilation included) {time.perf_counter() - t0:.1f} s")
-    fns[args.probe] = probe
-    _report(fns, args.rounds, x)
+    return loss_backward_update
 
 
 def _baseline_step(config, x: torch.Tensor, beta: torch.Tensor):

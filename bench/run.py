@@ -348,18 +348,22 @@ def measure_steps(config, x: torch.Tensor, beta: torch.Tensor, args: argparse.Na
     return measured
 
 
+def _train_quietly(config, mnist, device: torch.device, *, epochs: int = 1, **options: Any):
+    """:func:`~pyro_lvae.training.loop.train` for ``epochs`` with ``options`` set, without a
+    progress bar or the final evaluation: the run, for its metrics, model and data."""
+    config = config.replace(epochs=epochs, **options)
+    return train(config, dataset=mnist, device=device, progress=False, final_evaluation=False)
+
+
 def _epoch_seconds(config, mnist, device: torch.device, *, epochs: int = 1, **options: Any) -> list[float]:
-    """Seconds of each epoch of :func:`~pyro_lvae.training.loop.train` with ``options`` set."""
-    run = train(
-        config.replace(epochs=epochs, **options), dataset=mnist, device=device, progress=False, final_evaluation=False
-    )
-    return [m["seconds"] for m in run.metrics]
+    """Seconds of each epoch of :func:`_train_quietly` with ``options`` set."""
+    return [m["seconds"] for m in _train_quietly(config, mnist, device, epochs=epochs, **options).metrics]
 
 
 def measure_epochs_and_lk(config, mnist, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     """Epoch seconds of each engine, then L_K on the fast engine's model, closed form and traced."""
     epoch_cfg = config.replace(train_subset=args.epoch_subset)
-    epoch = train(epoch_cfg.replace(epochs=1), dataset=mnist, device=device, progress=False, final_evaluation=False)
+    epoch = _train_quietly(epoch_cfg, mnist, device)
     measured: dict[str, Any] = {
         "epoch_seconds": epoch.metrics[0]["seconds"],
         "epoch_seconds_svi_engine": _epoch_seconds(epoch_cfg, mnist, device, engine="svi")[0],
