@@ -145,6 +145,9 @@ def test_the_lk_probes_run_and_every_slice_size_gives_the_same_bound(shared_data
     out = _run_lk_probe("elementwise", "--rounds", "1")
     assert "the closed form's term" in out and "log1p" in out
     assert "inference_mode  median" in _run_lk_probe("inference-mode", *tiny)
+    out = _run_lk_probe("folded-batch-norm", *tiny)
+    assert "unfolded     median" in out and "folded       median" in out
+    assert float(out.split("largest difference ", 1)[1].split(" nats")[0]) < 1e-1  # float32 rounding only
 
 
 def test_count_operations_counts_what_a_step_dispatches():

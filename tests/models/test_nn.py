@@ -1,4 +1,4 @@
-"""The building blocks: the variance floor of every Gaussian head."""
+"""The building blocks: the variance floor of every Gaussian head, and batch norm folded for evaluation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from pyro_lvae import GenerativeModel, LadderGuide, ModelConfig, elbo_for
-from pyro_lvae.models.nn import GaussianHead
+from pyro_lvae.models.nn import MLP, GaussianHead, batch_norm_folded
 from pyro_lvae.training.steps import TrainingStep, trainable_parameters
 
 
@@ -85,3 +85,65 @@ def test_batch_norm_in_training_mode_on_one_example_says_to_call_eval():
     model.eval()
     guide.eval()
     assert torch.isfinite(Importance(model, guide, num_samples=5).run(x).get_log_normalizer())
+
+
+def _mlp_with_statistics(**kw) -> MLP:
+    """An MLP in float64 whose batch norms are away from their initial values."""
+    mlp = MLP(6, 9, activation=kw.pop("activation", "leaky_relu"), batch_norm=kw.pop("batch_norm", True)).double()
+    with torch.no_grad():
+        for m in mlp.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.3, 3.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return mlp.eval()
+
+
+@torch.no_grad()
+def test_batch_norm_folded_computes_the_same_function_and_is_undone_on_exit():
+    mlp = _mlp_with_statistics()
+    y = torch.randn(4, 5, 6, dtype=torch.float64)
+    expected = mlp(y)
+    with batch_norm_folded(mlp, mlp):  # one MLP named twice is folded once
+        assert mlp._folded is not None and len(mlp._folded) == 2
+        folded = mlp(y)
+    assert mlp._folded is None
+    assert folded.shape == (4, 5, 9)
+    torch.testing.assert_close(folded, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(mlp(y), expected)  # the unfolded path again, bit for bit
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "kw, training", [({}, True), ({"batch_norm": False}, False), ({"activation": "tanh"}, False)], ids=str
+)
+def test_batch_norm_folded_leaves_training_mode_no_batch_norm_and_other_activations_alone(kw, training):
+    mlp = _mlp_with_statistics(**kw).train(training)
+    y = torch.randn(8, 6, dtype=torch.float64)
+    torch.manual_seed(0)
+    expected = mlp(y)
+    with batch_norm_folded(mlp):
+        assert mlp._folded is None
+        assert torch.equal(mlp(y), expected)
+
+
+def test_batch_norm_folded_refuses_to_run_with_gradients():
+    with pytest.raises(ValueError, match="torch.no_grad"):
+        with batch_norm_folded(_mlp_with_statistics()):
+            pass
+
+
+@torch.no_grad()
+def test_batch_norm_folded_in_float32_is_as_close_to_float64_as_the_unfolded_mlp():
+    exact = _mlp_with_statistics()
+    mlp = MLP(6, 9, activation="leaky_relu", batch_norm=True)
+    mlp.load_state_dict({k: v.float() for k, v in exact.state_dict().items()})
+    mlp.eval()
+    y = torch.randn(500, 6, dtype=torch.float64)
+    reference = exact(y)
+    unfolded_error = (mlp(y.float()).double() - reference).abs().max()
+    with batch_norm_folded(mlp):
+        folded_error = (mlp(y.float()).double() - reference).abs().max()
+    assert 0 < unfolded_error < 1e-5
+    assert folded_error < 3 * unfolded_error
