@@ -8,6 +8,9 @@ directory. Prints, per model, the time, L_K and L1 next to the manifest's values
 Monte Carlo error, not to rounding)::
 
     python bench/lk_pretrained.py --device cuda --num-samples 5000 --data-root DATA
+
+``--precision bf16`` evaluates under bfloat16 autocast (``evaluate``'s ``precision``); the
+manifest's values are fp32, so they then agree to bf16's rounding, not to float32's.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(name: str, *, device: torch.device, num_samples: int, data_root: str | None, budget: int) -> dict:
-    """Time L_K of one shipped model on its whole test set."""
+def measure(
+    name: str, *, device: torch.device, num_samples: int, data_root: str | None, budget: int, precision: str = "fp32"
+) -> dict:
+    """Time L_K of one shipped model on its whole test set, in ``precision`` (``evaluate``'s)."""
     config = config_of(name)
     model, guide = load_pretrained(name, device=device)
     pyro.set_rng_seed(config.train.seed)
@@ -43,7 +48,15 @@ def measure(name: str, *, device: torch.device, num_samples: int, data_root: str
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     start = time.perf_counter()
-    result = evaluate(model, guide, data.test, num_samples=num_samples, memory_budget=budget, seed=config.train.seed)
+    result = evaluate(
+        model,
+        guide,
+        data.test,
+        num_samples=num_samples,
+        memory_budget=budget,
+        seed=config.train.seed,
+        precision=precision,
+    )
     _sync(device)
     seconds = time.perf_counter() - start
     entry = read_manifest()[name]
@@ -52,6 +65,7 @@ def measure(name: str, *, device: torch.device, num_samples: int, data_root: str
         **machine(device),
         "num_samples": num_samples,
         "num_examples": int(data.test.shape[0]),
+        "precision": precision,
         "seconds": seconds,
         "log_likelihood": result["log_likelihood"],
         "elbo": result["elbo"],
@@ -68,6 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--models", default=",".join(available()), help="comma-separated shipped model names")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--memory-budget-gib", type=float, default=DEFAULT_MEMORY_BUDGET / 2**30)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="evaluate()'s precision")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -80,11 +95,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             num_samples=args.num_samples,
             data_root=args.data_root,
             budget=int(args.memory_budget_gib * 2**30),
+            precision=args.precision,
         ) | provenance("bench/lk_pretrained.py", argv)
         logger.info(
-            "%s on %s: L_%d %.4f (manifest %.4f), L1 %.4f (manifest %.4f), %.1f s",
+            "%s on %s in %s: L_%d %.4f (manifest %.4f), L1 %.4f (manifest %.4f), %.1f s",
             name,
             row["device"],
+            args.precision,
             args.num_samples,
             row["log_likelihood"],
             row["manifest_log_likelihood"],

@@ -4,6 +4,7 @@
     python bench/lk_probes.py elementwise                            # the Bernoulli term's operations
     python bench/lk_probes.py inference-mode --data-root /path/to/data  # torch.inference_mode against no_grad
     python bench/lk_probes.py folded-batch-norm --data-root /path/to/data  # batch norm folded into the Linears
+    python bench/lk_probes.py bf16 --data-root /path/to/data         # bfloat16 autocast against fp32
 
 ``slices`` evaluates L_K (K = ``--num-samples``) on the first ``--examples`` MNIST test
 images with the shipped ``lvae-bn-wu-5`` and ``vae-bn-wu-3``, once per value of
@@ -19,6 +20,12 @@ rounding of matrix products of other sizes.
 and folded into the ``Linear`` before it (:func:`~pyro_lvae.models.nn.batch_norm_folded`, what the
 closed form now does), and prints the largest difference of the log weights on the same draws.
 
+``bf16`` times the closed-form weights of the shipped ``lvae-bn-wu-5`` (one call of
+``--num-samples`` particles per round) in fp32 and under the bfloat16 autocast that
+``evaluate(precision="bf16")`` uses (the networks' matrix products in bf16, the densities in
+fp32), and prints how far the bf16 log weights and the per-image L_K are from the fp32 ones on
+the same draws.
+
 ``elementwise`` times, on a 10,000 × 784 float32 tensor of logits, torch's ``log1p``,
 ``exp``, ``log`` and ``F.softplus``, and the Bernoulli term x·ℓ − softplus(ℓ) summed over
 the pixels, written with ``F.softplus`` and as the closed form writes it.
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -38,6 +46,7 @@ from torch.nn import functional as F
 from pyro_lvae.data import binarize, load_dataset
 from pyro_lvae.inference import closed_form
 from pyro_lvae.inference.evaluation import importance_sampled_bounds
+from pyro_lvae.precision import autocast_for
 from pyro_lvae.pretrained import load_pretrained
 
 
@@ -67,21 +76,44 @@ def _test_images(args: argparse.Namespace) -> torch.Tensor:
     return binarize(images.reshape(len(images), -1).float(), generator=torch.Generator().manual_seed(0))
 
 
+def _interleaved_rates(
+    variants: dict[str, Callable[[], torch.Tensor | None]], *, rounds: int, pairs: int
+) -> tuple[dict[str, list[float]], dict[str, torch.Tensor | None]]:
+    """Pairs per second of each variant, one call of each per round on the same seed, and each
+    variant's result of the last round: the loop of the timed probes below.
+
+    :param variants: Name to a call that weighs ``pairs`` (particle, example) pairs.
+    :param rounds: Interleaved rounds.
+    :param pairs: The pairs one call weighs.
+    """
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    results: dict[str, torch.Tensor | None] = {}
+    for _ in range(rounds):
+        for name, call in variants.items():
+            torch.manual_seed(1)
+            t0 = time.perf_counter()
+            results[name] = call()
+            rates[name].append(pairs / (time.perf_counter() - t0))
+    for name, values in rates.items():
+        print(f"{name:15s} median {statistics.median(values):,.0f} pairs/s over {len(values)} rounds")
+    return rates, results
+
+
 def inference_mode(args: argparse.Namespace) -> None:
     """Pairs per second of the closed-form weights under ``inference_mode`` and ``no_grad``."""
     x = _test_images(args)
     model, guide = load_pretrained("lvae-bn-wu-5")
-    rates: dict[str, list[float]] = {"no_grad": [], "inference_mode": []}
-    for _ in range(args.rounds):
-        for name, context in (("no_grad", torch.no_grad), ("inference_mode", torch.inference_mode)):
-            torch.manual_seed(1)
-            t0 = time.perf_counter()
+
+    def three_chunks(context: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], None]:
+        def call() -> None:
             with context():
                 for _ in range(3):
                     closed_form.closed_form_log_weights(model, guide, x, args.num_samples)
-            rates[name].append(3 * len(x) * args.num_samples / (time.perf_counter() - t0))
-    for name, values in rates.items():
-        print(f"{name:15s} median {statistics.median(values):,.0f} pairs/s over {len(values)} rounds")
+
+        return call
+
+    variants = {"no_grad": three_chunks(torch.no_grad), "inference_mode": three_chunks(torch.inference_mode)}
+    _interleaved_rates(variants, rounds=args.rounds, pairs=3 * len(x) * args.num_samples)
 
 
 @contextlib.contextmanager
@@ -103,20 +135,50 @@ def folded(args: argparse.Namespace) -> None:
     x = _test_images(args)
     model, guide = load_pretrained("lvae-bn-wu-5")
     model.eval(), guide.eval()
-    rates: dict[str, list[float]] = {"unfolded": [], "folded": []}
-    weights = {}
-    for _ in range(args.rounds):
-        for name in rates:
-            torch.manual_seed(1)
-            t0 = time.perf_counter()
-            with _unfolded() if name == "unfolded" else contextlib.nullcontext():
-                weights[name] = closed_form.closed_form_log_weights(model, guide, x, args.num_samples)[0]
-            rates[name].append(len(x) * args.num_samples / (time.perf_counter() - t0))
-    for name, values in rates.items():
-        print(f"{name:12s} median {statistics.median(values):,.0f} pairs/s over {len(values)} rounds")
-    difference = (weights["folded"] - weights["unfolded"]).abs()
-    relative = (difference / weights["unfolded"].abs()).max()
+
+    def weights() -> torch.Tensor:
+        return closed_form.closed_form_log_weights(model, guide, x, args.num_samples)[0]
+
+    def unfolded_weights() -> torch.Tensor:
+        with _unfolded():
+            return weights()
+
+    variants = {"unfolded": unfolded_weights, "folded": weights}
+    _, results = _interleaved_rates(variants, rounds=args.rounds, pairs=len(x) * args.num_samples)
+    _print_difference(results["folded"], results["unfolded"])
+
+
+def _print_difference(weights: torch.Tensor, reference: torch.Tensor) -> None:
+    """The largest difference of two sets of log weights on the same draws, in nats and relative."""
+    difference = (weights - reference).abs()
+    relative = (difference / reference.abs()).max()
     print(f"log weights on the same draws: largest difference {difference.max():.2e} nats ({relative:.1e} relative)")
+
+
+@torch.no_grad()
+def bf16(args: argparse.Namespace) -> None:
+    """Pairs per second of the closed-form weights in fp32 and under bfloat16 autocast, and how far
+    the bf16 log weights and L_K are from the fp32 ones on the same draws."""
+    x = _test_images(args)
+    model, guide = load_pretrained("lvae-bn-wu-5")
+    model.eval(), guide.eval()
+
+    def weights() -> torch.Tensor:
+        return closed_form.closed_form_log_weights(model, guide, x, args.num_samples)[0]
+
+    def bf16_weights() -> torch.Tensor:
+        with autocast_for("bf16", x.device):  # what evaluate(precision="bf16") wraps each chunk in
+            return weights()
+
+    variants = {"fp32": weights, "bf16": bf16_weights}
+    _, results = _interleaved_rates(variants, rounds=args.rounds, pairs=len(x) * args.num_samples)
+    _print_difference(results["bf16"], results["fp32"])
+    bounds = {name: torch.logsumexp(w, 0) - math.log(args.num_samples) for name, w in results.items()}
+    gap = bounds["bf16"] - bounds["fp32"]
+    print(
+        f"L_{args.num_samples} on {len(x)} images: fp32 {bounds['fp32'].mean():.4f}, bf16 {bounds['bf16'].mean():.4f}; "
+        f"per image bf16 − fp32 mean {gap.mean():+.4f}, sd {gap.std():.4f}, largest {gap.abs().max():.4f} nats"
+    )
 
 
 def elementwise(args: argparse.Namespace) -> None:
@@ -146,7 +208,7 @@ def elementwise(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=("slices", "elementwise", "inference-mode", "folded-batch-norm"))
+    parser.add_argument("probe", choices=("slices", "elementwise", "inference-mode", "folded-batch-norm", "bf16"))
     parser.add_argument("--data-root", default=None, help="data root (default $PYRO_LVAE_DATA)")
     parser.add_argument("--examples", type=int, default=500)
     parser.add_argument("--num-samples", type=int, default=300)
@@ -158,6 +220,7 @@ def main() -> None:
         "elementwise": elementwise,
         "inference-mode": inference_mode,
         "folded-batch-norm": folded,
+        "bf16": bf16,
     }
     probes[args.probe](args)
 

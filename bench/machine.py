@@ -12,7 +12,7 @@ from typing import Any
 import pyro
 import torch
 
-from pyro_lvae.training.steps import cpu_has_bf16_instructions
+from pyro_lvae.precision import cpu_has_bf16_instructions
 
 
 def machine(device: torch.device) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig
-from pyro_lvae.training.steps import TrainingStep, cpu_has_bf16_instructions
+from pyro_lvae.precision import cpu_has_bf16_instructions
+from pyro_lvae.training.steps import TrainingStep
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -144,10 +146,31 @@ def test_the_lk_probes_run_and_every_slice_size_gives_the_same_bound(shared_data
         assert abs(bounds[0] - bounds[1]) < 1e-3  # float32 rounding of matrix products of other sizes
     out = _run_lk_probe("elementwise", "--rounds", "1")
     assert "the closed form's term" in out and "log1p" in out
-    assert "inference_mode  median" in _run_lk_probe("inference-mode", *tiny)
+    assert re.search(r"^inference_mode +median", _run_lk_probe("inference-mode", *tiny), re.M)
     out = _run_lk_probe("folded-batch-norm", *tiny)
-    assert "unfolded     median" in out and "folded       median" in out
+    assert re.search(r"^unfolded +median", out, re.M) and re.search(r"^folded +median", out, re.M)
     assert float(out.split("largest difference ", 1)[1].split(" nats")[0]) < 1e-1  # float32 rounding only
+    out = _run_lk_probe("bf16", *tiny)
+    assert re.search(r"^fp32 +median", out, re.M) and re.search(r"^bf16 +median", out, re.M)
+    assert float(re.search(r"largest ([0-9.]+) nats", out).group(1)) < 1.0  # bf16 rounding, not another bound
+
+
+def test_lk_pretrained_records_the_precision_it_evaluated_in(shared_data_root, tmp_path):
+    """bench/lk_pretrained.py at K = 2 in bf16: it writes its row with the precision, and an ELBO
+    near the manifest's fp32 one (Monte Carlo error of 10,000 images, and bf16 rounding)."""
+    out = tmp_path / "lk.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "lk_pretrained.py"), "--device", "cpu", "--num-samples", "2"]
+        + ["--models", "lvae-bn-wu-5", "--data-root", str(shared_data_root), "--precision", "bf16", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["precision"] == "bf16" and row["num_samples"] == 2 and row["num_examples"] == 10_000
+    assert abs(row["elbo"] - row["manifest_elbo"]) < 0.5
 
 
 def test_count_operations_counts_what_a_step_dispatches():

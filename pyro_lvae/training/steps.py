@@ -67,7 +67,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import warnings
 from typing import Any, ClassVar
 
 import pyro
@@ -78,10 +77,11 @@ from pyro.infer.util import zero_grads
 from pyro.optim import Adam as PyroAdam
 from torch import nn
 
-from ..config import ENGINES, PRECISIONS, check_compile
+from ..config import ENGINES, check_compile
 from ..inference.compiled import check_compilable
 from ..inference.objectives import elbo_for
 from ..models.registration import registered_once
+from ..precision import autocast_for, check_precision, warn_if_bf16_is_emulated
 from .distributed import SINGLE_PROCESS, DistributedContext, all_true, max_over_processes
 from .skipping import SkipRule
 
@@ -163,29 +163,6 @@ def clip_gradients(params: list[torch.Tensor], *, max_norm: float, max_value: fl
         torch.nn.utils.clip_grad_value_(params, max_value)
 
 
-def cpu_has_bf16_instructions() -> bool:
-    """Whether this CPU computes bfloat16 matrix products natively (AVX512-BF16 or AMX)."""
-    # torch.cpu exposes the CPU's instruction sets only as private functions (torch 2.14).
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def warn_if_bf16_is_emulated(model: nn.Module) -> None:
-    """Warn, once per step built, that ``precision="bf16"`` is slow on a CPU without bfloat16
-    instructions, where oneDNN emulates the bfloat16 matrix products: on the 2-core AMD EPYC
-    (Zen 3, AVX2) of docs/performance.md, the fast step of ``lvae-bn-wu-5`` took 16–19× its
-    fp32 time, against 0.84–0.85× on a CPU with AVX512-BF16.
-
-    :param model: The generative model; only its parameters' device is read.
-    """
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    if on_cpu and not cpu_has_bf16_instructions():
-        warnings.warn(
-            "precision='bf16' is 15-20x slower than fp32 on this CPU, which has no bfloat16 "
-            "instructions (AVX512-BF16 or AMX); use precision='fp32' here.",
-            stacklevel=3,
-        )
-
-
 def _check_options(learning_rate: float, adam_eps: float, grad_clip: float, grad_clip_value: float) -> None:
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be positive, got {learning_rate!r}.")
@@ -218,7 +195,7 @@ class TrainingStep:
     :param precision: ``"fp32"`` or ``"bf16"`` (fast engine only): the networks run under
         bfloat16 autocast; the Gaussian heads and the likelihood return the parameters'
         precision, so that the log-densities, the KL, the merge and the loss stay in fp32. On a
-        CPU without bfloat16 instructions it warns (:func:`warn_if_bf16_is_emulated`).
+        CPU without bfloat16 instructions it warns (:func:`~pyro_lvae.precision.warn_if_bf16_is_emulated`).
     :param compile: Fast engine only, one process, no free bits: the closed-form loss compiled
         by ``torch.compile`` (:mod:`pyro_lvae.inference.compiled`; the first step compiles, about
         a minute on a CPU), in fp32 or under bf16. The same loss on the same draws, to rounding.
@@ -272,8 +249,7 @@ class TrainingStep:
         if engine is not None and engine != self.engine:
             raise ValueError(f"{type(self).__name__} is the {self.engine!r} engine, not {engine!r}; use make_step.")
         _check_options(learning_rate, adam_eps, grad_clip, grad_clip_value)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+        check_precision(precision)
         if precision == "bf16":
             warn_if_bf16_is_emulated(model)
         check_compile(compile, engine=self.engine, free_bits=free_bits, data_parallel=distributed.enabled)
@@ -387,9 +363,7 @@ class TrainingStep:
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         """bfloat16 autocast for ``precision="bf16"``: it lowers the matrix products of the
         networks; the heads hand fp32 back to the densities (see the class docstring)."""
-        if self.precision == "bf16":
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast_for(self.precision, device)
 
     def use_objective(self, objective: Any) -> None:
         """Minimize ``objective`` from now on, with the same optimizer and its state.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pyro
 import pytest
 import torch
@@ -9,6 +11,7 @@ from pyro import poutine
 from pyro.infer import Importance
 
 from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig
+from pyro_lvae import precision as precision_module
 from pyro_lvae.inference.evaluation import evaluate, importance_sampled_bounds, particle_chunk_size
 
 
@@ -69,6 +72,7 @@ def test_lk_bounds_are_ordered_and_shaped():
         ({"x": "one row"}, r"^data must have shape \(N, input_dim\) with N > 0, got \(6,\)"),
         ({"x": "empty"}, r"^data must have shape \(N, input_dim\) with N > 0, got \(0, 6\)"),
         ({"x": "grey"}, r"^x has values other than 0 and 1, which a Bernoulli likelihood cannot score;"),
+        ({"precision": "fp16"}, r"^precision must be one of fp32, bf16, got 'fp16'\.$"),
     ],
 )
 def test_bad_bounds_options_get_one_clear_line_before_any_draw(options, match, monkeypatch):
@@ -298,3 +302,69 @@ def test_a_bound_that_is_not_finite_is_named_with_its_cause(caplog):
     with caplog.at_level(logging.WARNING):
         evaluate(floored, LadderGuide(floored), x, num_samples=3)
     assert "not finite" not in caplog.text
+
+
+def _bf16_pair(guide_cls=LadderGuide) -> tuple[GenerativeModel, torch.nn.Module]:
+    model = GenerativeModel(ModelConfig(input_dim=20, latent_sizes=(4, 3), hidden_sizes=(32, 16), batch_norm=True))
+    return model.eval(), guide_cls(model).eval()
+
+
+@pytest.mark.parametrize("guide_cls", [LadderGuide, BottomUpGuide])
+def test_bf16_bounds_are_the_fp32_bounds_to_bfloat16_rounding_on_the_same_draws(guide_cls, monkeypatch):
+    """precision='bf16' lowers the networks, so the bounds move off the fp32 ones, but on the same
+    draws they move by less than bfloat16's unit of rounding (2^-8) relative, and come back in
+    float32."""
+    monkeypatch.setattr(precision_module, "cpu_has_bf16_instructions", lambda: True)  # no emulation warning
+    model, guide = _bf16_pair(guide_cls)
+    x = torch.bernoulli(torch.full((12, 20), 0.4))
+    fp32 = evaluate(model, guide, x, num_samples=30, seed=5)
+    bf16 = evaluate(model, guide, x, num_samples=30, seed=5, precision="bf16")
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert bf16["log_likelihood_per_example"].dtype == torch.float32
+    reference = fp32["log_likelihood_per_example"]
+    gap = (bf16["log_likelihood_per_example"] - reference).abs()
+    assert gap.max() > 1e-4  # the networks ran in bf16 (measured: 1e-3 or more)
+    assert (gap / reference.abs()).max() < 2**-8  # measured: 3e-4 at most
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_evaluation_warns_once_at_the_callers_line_where_bfloat16_is_emulated(native, monkeypatch):
+    monkeypatch.setattr(precision_module, "cpu_has_bf16_instructions", lambda: native)
+    model, guide = _bf16_pair()
+    x = torch.bernoulli(torch.full((6, 20), 0.4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate(model, guide, x, num_samples=3, batch_size=2, precision="bf16")  # three batches
+        importance_sampled_bounds(model, guide, x, num_samples=3, precision="bf16")
+        evaluate(model, guide, x, num_samples=3, batch_size=2)  # fp32 never warns
+    slow = [w for w in caught if str(w.message).startswith("precision='bf16' is 15-20x slower than fp32")]
+    assert len(slow) == (0 if native else 2)
+    assert all(w.filename == __file__ for w in slow)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ("float64", r"^precision='bf16' lowers float32 networks, but the model's parameters are torch\.float64; "),
+        ("subclass", r"^precision='bf16' evaluates the paper's model with its ladder or bottom-up guide only, not "),
+    ],
+)
+def test_bf16_evaluation_refuses_what_it_cannot_lower_before_any_draw(change, match, monkeypatch):
+    model, guide = _bf16_pair()
+    if change == "float64":
+        model, guide = model.double(), guide.double()
+    else:
+
+        class Tweaked(GenerativeModel):
+            """A user's subclass: the closed forms do not cover it."""
+
+        model = Tweaked(model.config).eval()
+        guide = LadderGuide(model).eval()
+    x = torch.bernoulli(torch.full((4, 20), 0.4)).to(next(model.parameters()).dtype)
+    drawn = []
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: drawn.append(1))
+    with pytest.raises(ValueError, match=match):
+        evaluate(model, guide, x, num_samples=3, precision="bf16")
+    with pytest.raises(ValueError, match=match):
+        importance_sampled_bounds(model, guide, x, num_samples=3, precision="bf16")
+    assert not drawn

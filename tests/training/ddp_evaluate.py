@@ -18,8 +18,8 @@ def main(out: str) -> None:
 
     # Count the batches this process weighs, to show that the work was shared.
     batches = []
-    bounds = evaluation.importance_sampled_bounds
-    evaluation.importance_sampled_bounds = lambda *a, **k: batches.append(a[2].shape[0]) or bounds(*a, **k)
+    bounds = evaluation._bounds  # what evaluate runs per batch, after the batch's checks
+    evaluation._bounds = lambda *a, **k: batches.append(a[2].shape[0]) or bounds(*a, **k)
 
     ctx = init_from_environment(torch.device("cpu"))
     pyro.set_rng_seed(0)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from pyro_lvae import BottomUpGuide, GenerativeModel, LadderGuide, ModelConfig
+from pyro_lvae import precision as precision_module
 from pyro_lvae.inference.objectives import elbo_for
-from pyro_lvae.training import steps as steps_module
 from pyro_lvae.training.skipping import SkipRule
 from pyro_lvae.training.steps import (
     TrainingStep,
@@ -346,7 +346,7 @@ def test_bf16_is_refused_on_the_svi_engine():
 
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_warns_on_a_cpu_without_bfloat16_instructions_and_only_there(native, monkeypatch):
-    monkeypatch.setattr(steps_module, "cpu_has_bf16_instructions", lambda: native)
+    monkeypatch.setattr(precision_module, "cpu_has_bf16_instructions", lambda: native)
     model = GenerativeModel(ModelConfig(input_dim=4, latent_sizes=(2,), hidden_sizes=(8,)))
     sentence = (
         r"^precision='bf16' is 15-20x slower than fp32 on this CPU, which has no bfloat16 "
