@@ -5,6 +5,7 @@
     python bench/lk_probes.py inference-mode --data-root /path/to/data  # torch.inference_mode against no_grad
     python bench/lk_probes.py folded-batch-norm --data-root /path/to/data  # batch norm folded into the Linears
     python bench/lk_probes.py bf16 --data-root /path/to/data         # bfloat16 autocast against fp32
+    python bench/lk_probes.py evaluate-bf16 --data-root /path/to/data  # evaluate() in bf16 against fp32
 
 ``slices`` evaluates L_K (K = ``--num-samples``) on the first ``--examples`` MNIST test
 images with the shipped ``lvae-bn-wu-5`` and ``vae-bn-wu-3``, once per value of
@@ -26,6 +27,12 @@ closed form now does), and prints the largest difference of the log weights on t
 fp32), and prints how far the bf16 log weights and the per-image L_K are from the fp32 ones on
 the same draws.
 
+``evaluate-bf16`` times :func:`~pyro_lvae.inference.evaluation.evaluate` itself (its batches of
+500, particle chunks and seeded draws, as ``pyro-lvae evaluate`` and ``bench/lk_pretrained.py``
+run it) on the first ``--examples`` test images with the shipped ``lvae-bn-wu-5``, with
+``precision="fp32"`` and ``"bf16"`` in interleaved rounds, and prints each one's L_K and L1: the
+whole-test-set ratio, measured in one run rather than across two runs at other moments.
+
 ``elementwise`` times, on a 10,000 × 784 float32 tensor of logits, torch's ``log1p``,
 ``exp``, ``log`` and ``F.softplus``, and the Bernoulli term x·ℓ − softplus(ℓ) summed over
 the pixels, written with ``F.softplus`` and as the closed form writes it.
@@ -45,7 +52,7 @@ from torch.nn import functional as F
 
 from pyro_lvae.data import binarize, load_dataset
 from pyro_lvae.inference import closed_form
-from pyro_lvae.inference.evaluation import importance_sampled_bounds
+from pyro_lvae.inference.evaluation import evaluate, importance_sampled_bounds
 from pyro_lvae.precision import autocast_for
 from pyro_lvae.pretrained import load_pretrained
 
@@ -74,6 +81,19 @@ def slices(args: argparse.Namespace) -> None:
 def _test_images(args: argparse.Namespace) -> torch.Tensor:
     images = load_dataset("mnist", root=args.data_root, download=False).test_x[: args.examples]
     return binarize(images.reshape(len(images), -1).float(), generator=torch.Generator().manual_seed(0))
+
+
+def _shipped_weights(args: argparse.Namespace) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+    """The probes' test images, and a call that weighs ``--num-samples`` particles of each with the
+    shipped ``lvae-bn-wu-5`` in evaluation mode (the closed form's log weights, one call)."""
+    x = _test_images(args)
+    model, guide = load_pretrained("lvae-bn-wu-5")
+    model.eval(), guide.eval()
+
+    def weights() -> torch.Tensor:
+        return closed_form.closed_form_log_weights(model, guide, x, args.num_samples)[0]
+
+    return x, weights
 
 
 def _interleaved_rates(
@@ -132,12 +152,7 @@ def _unfolded():
 @torch.no_grad()
 def folded(args: argparse.Namespace) -> None:
     """Pairs per second of the closed-form weights with batch norm as its own pass and folded."""
-    x = _test_images(args)
-    model, guide = load_pretrained("lvae-bn-wu-5")
-    model.eval(), guide.eval()
-
-    def weights() -> torch.Tensor:
-        return closed_form.closed_form_log_weights(model, guide, x, args.num_samples)[0]
+    x, weights = _shipped_weights(args)
 
     def unfolded_weights() -> torch.Tensor:
         with _unfolded():
@@ -159,12 +174,7 @@ def _print_difference(weights: torch.Tensor, reference: torch.Tensor) -> None:
 def bf16(args: argparse.Namespace) -> None:
     """Pairs per second of the closed-form weights in fp32 and under bfloat16 autocast, and how far
     the bf16 log weights and L_K are from the fp32 ones on the same draws."""
-    x = _test_images(args)
-    model, guide = load_pretrained("lvae-bn-wu-5")
-    model.eval(), guide.eval()
-
-    def weights() -> torch.Tensor:
-        return closed_form.closed_form_log_weights(model, guide, x, args.num_samples)[0]
+    x, weights = _shipped_weights(args)
 
     def bf16_weights() -> torch.Tensor:
         with autocast_for("bf16", x.device):  # what evaluate(precision="bf16") wraps each chunk in
@@ -179,6 +189,26 @@ def bf16(args: argparse.Namespace) -> None:
         f"L_{args.num_samples} on {len(x)} images: fp32 {bounds['fp32'].mean():.4f}, bf16 {bounds['bf16'].mean():.4f}; "
         f"per image bf16 − fp32 mean {gap.mean():+.4f}, sd {gap.std():.4f}, largest {gap.abs().max():.4f} nats"
     )
+
+
+def evaluate_bf16(args: argparse.Namespace) -> None:
+    """Pairs per second of ``evaluate`` with ``precision="fp32"`` and ``"bf16"``, interleaved."""
+    x = _test_images(args)
+    model, guide = load_pretrained("lvae-bn-wu-5")
+    results: dict[str, dict] = {}
+
+    def call(precision: str) -> Callable[[], None]:
+        def run() -> None:
+            results[precision] = evaluate(model, guide, x, num_samples=args.num_samples, seed=0, precision=precision)
+
+        return run
+
+    variants = {precision: call(precision) for precision in ("fp32", "bf16")}
+    rates, _ = _interleaved_rates(variants, rounds=args.rounds, pairs=len(x) * args.num_samples)
+    speedup = statistics.median(rates["bf16"]) / statistics.median(rates["fp32"])
+    print(f"bf16 / fp32, medians: {speedup:.2f}x")
+    for precision, out in results.items():
+        print(f"{precision}: L_{args.num_samples} {out['log_likelihood']:.4f}, L1 {out['elbo']:.4f} on {len(x)} images")
 
 
 def elementwise(args: argparse.Namespace) -> None:
@@ -208,7 +238,9 @@ def elementwise(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=("slices", "elementwise", "inference-mode", "folded-batch-norm", "bf16"))
+    parser.add_argument(
+        "probe", choices=("slices", "elementwise", "inference-mode", "folded-batch-norm", "bf16", "evaluate-bf16")
+    )
     parser.add_argument("--data-root", default=None, help="data root (default $PYRO_LVAE_DATA)")
     parser.add_argument("--examples", type=int, default=500)
     parser.add_argument("--num-samples", type=int, default=300)
@@ -221,6 +253,7 @@ def main() -> None:
         "inference-mode": inference_mode,
         "folded-batch-norm": folded,
         "bf16": bf16,
+        "evaluate-bf16": evaluate_bf16,
     }
     probes[args.probe](args)
 

@@ -153,6 +153,13 @@ def test_the_lk_probes_run_and_every_slice_size_gives_the_same_bound(shared_data
     out = _run_lk_probe("bf16", *tiny)
     assert re.search(r"^fp32 +median", out, re.M) and re.search(r"^bf16 +median", out, re.M)
     assert float(re.search(r"largest ([0-9.]+) nats", out).group(1)) < 1.0  # bf16 rounding, not another bound
+    out = _run_lk_probe("evaluate-bf16", *tiny)
+    assert re.search(r"^bf16 / fp32, medians: [0-9.]+x$", out, re.M)
+    bounds = {
+        p: float(re.search(rf"^{p}: L_5 (-[0-9.]+), L1 -[0-9.]+ on 7 images$", out, re.M).group(1))
+        for p in ("fp32", "bf16")
+    }
+    assert bounds["fp32"] != bounds["bf16"] and abs(bounds["fp32"] - bounds["bf16"]) < 1.0  # bf16 rounding of one bound
 
 
 def test_lk_pretrained_records_the_precision_it_evaluated_in(shared_data_root, tmp_path):
