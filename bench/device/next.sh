@@ -6,10 +6,12 @@
 # Each stage has its own limit and writes its log under $OUT; a stage cut short leaves the rest.
 # STAGES picks stages (default: all, in this order):
 #   tests   the tests that run on CUDA (the CUDA-graph engine, the engines' equality in float64,
-#           the closed form and the compiled loss on the GPU, the test-image draw, the run directory)
+#           the closed form and the compiled loss on the GPU, bf16 evaluation, the test-image draw,
+#           the run directory)
 #   epochs  MNIST epochs through the CLI: the cuda-graph engine (target 0.5 s per epoch), then the
 #           fast engine with --compile
-#   lk      L_5000 of the shipped models on the 10,000 test images (target 60 s)
+#   lk      L_5000 of the shipped models on the 10,000 test images (target 60 s), then of
+#           lvae-bn-wu-5 in bf16 (evaluate(precision="bf16"), never run on CUDA before)
 #   bench   bench/run.py --device cuda --steps-only: every step variant, the CUDA graphs, compiled
 #   suite   the whole suite with CUDA present (docs and notebooks left out), if time is left
 # REHEARSAL=1 runs the same stages on this CPU at tiny sizes (fast engine, --quick), to check the
@@ -44,6 +46,7 @@ for s in $STAGES; do
     timeout $(lim 180) python3 -m pytest "${pytest_opts[@]}" \
       tests/training/test_cuda_graph.py tests/training/test_steps.py tests/training/test_batches.py \
       tests/training/test_run_dir.py tests/inference/test_closed_form.py tests/inference/test_compiled.py \
+      tests/inference/test_evaluation.py \
       > "$OUT/tests.log" 2>&1
     echo "tests rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -20 ;;
   epochs)
@@ -68,7 +71,10 @@ for s in $STAGES; do
     stage lk
     timeout $(lim 60) python3 bench/lk_pretrained.py --device $device \
       $lk --data-root "$PYRO_LVAE_DATA" --json "$OUT/lk5000.json" > "$OUT/lk.log" 2>&1
-    echo "lk rc=$?"; grep -v Warning "$OUT/lk.log" | tail -6 ;;
+    echo "lk rc=$?"; grep -v Warning "$OUT/lk.log" | tail -6
+    timeout $(lim 40) python3 bench/lk_pretrained.py --device $device --precision bf16 --models lvae-bn-wu-5 \
+      $lk --data-root "$PYRO_LVAE_DATA" --json "$OUT/lk5000-bf16.json" > "$OUT/lk-bf16.log" 2>&1
+    echo "lk bf16 rc=$?"; grep -v Warning "$OUT/lk-bf16.log" | tail -3 ;;
   suite)
     stage suite
     [ "$(left)" -gt 60 ] || { echo "suite: no time left"; continue; }

@@ -310,13 +310,14 @@ def _bf16_pair(guide_cls=LadderGuide) -> tuple[GenerativeModel, torch.nn.Module]
 
 
 @pytest.mark.parametrize("guide_cls", [LadderGuide, BottomUpGuide])
-def test_bf16_bounds_are_the_fp32_bounds_to_bfloat16_rounding_on_the_same_draws(guide_cls, monkeypatch):
+def test_bf16_bounds_are_the_fp32_bounds_to_bfloat16_rounding_on_the_same_draws(guide_cls, device, monkeypatch):
     """precision='bf16' lowers the networks, so the bounds move off the fp32 ones, but on the same
     draws they move by less than bfloat16's unit of rounding (2^-8) relative, and come back in
-    float32."""
+    float32, on the CPU and on the GPU (whose autocast lowers another list of operations)."""
     monkeypatch.setattr(precision_module, "cpu_has_bf16_instructions", lambda: True)  # no emulation warning
     model, guide = _bf16_pair(guide_cls)
-    x = torch.bernoulli(torch.full((12, 20), 0.4))
+    model, guide = model.to(device), guide.to(device)
+    x = torch.bernoulli(torch.full((12, 20), 0.4)).to(device)
     fp32 = evaluate(model, guide, x, num_samples=30, seed=5)
     bf16 = evaluate(model, guide, x, num_samples=30, seed=5, precision="bf16")
     assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
